@@ -1,0 +1,431 @@
+"""Turn rows of user data into typed records, detecting each row's format.
+
+Every loader checks all rows and raises one DataError that lists each problem as
+`location: field: problem`. Parsers take `bad(field, problem)` to report problems and
+return None for a value they could not read.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+
+from .io import DataError, iter_rows, json_type
+from .records import (
+    RATINGS,
+    ROLES,
+    SAFETY_LABELS,
+    Message,
+    PreferencePair,
+    Problem,
+    RankedResponses,
+    SFTExample,
+    normalise_rating,
+)
+
+Bad = Callable[[str, str], None]
+Messages = tuple[Message, ...]
+
+SFT_FORMATS = "messages | prompt+completion | text (Anthropic HH) | instruction+output (Alpaca)"
+PREFERENCE_FORMATS = (
+    "prompt+chosen+rejected | chosen+rejected conversations | chosen+rejected Anthropic HH text"
+)
+RANKED_FORMATS = "prompt+responses+scores (or completions, rewards)"
+PROBLEM_FORMATS = "question+answer (GSM8K '####') | problem+answer"
+
+HH_HINT = "expected Anthropic HH text ('\\n\\nHuman: ...\\n\\nAssistant: ...')"
+_HH_TURN = re.compile(r"(?:\A\s*|\n\n)(Human|Assistant):")
+_HH_ASSISTANT = "\n\nAssistant:"
+
+
+def load_sft(path: str, split: str | None = None) -> list[SFTExample]:
+    """Conversations to imitate: messages, prompt/completion, HH text or Alpaca rows."""
+    return _load(path, split, _sft)
+
+
+def load_preferences(path: str, split: str | None = None) -> list[PreferencePair]:
+    """Preference pairs: TRL standard, conversational or implicit-prompt rows, or HH-RLHF text."""
+    return _load(path, split, _pair)
+
+
+def load_ranked(path: str, split: str | None = None) -> list[RankedResponses]:
+    """K scored responses per prompt."""
+    return _load(path, split, _ranked)
+
+
+def load_problems(path: str, split: str | None = None) -> list[Problem]:
+    """Questions with reference answers (GSM8K's 'rationale #### answer' is split)."""
+    return _load(path, split, _problem)
+
+
+def _load(path: str, split: str | None, convert: Callable[[dict, str, Bad], object]) -> list:
+    """Convert every row; raise one DataError listing every problem, in file order."""
+    problems: list[str] = []
+    records = []
+    for loc, row in iter_rows(path, problems, split):
+        before = len(problems)
+
+        def bad(field: str, problem: str, loc: str = loc) -> None:
+            problems.append(f"{loc}: {field}: {problem}")
+
+        record = convert(row, loc, bad)
+        if len(problems) == before:
+            records.append(record)
+    if not records and not problems:
+        problems.append(f"{path}: no rows")
+    if problems:
+        raise DataError(problems, str(path))
+    return records
+
+
+# ---- shared parsers ---------------------------------------------------------------------
+
+
+def parse_text(value: object, field: str, bad: Bad) -> str | None:
+    """A string with some non-space text."""
+    if value is None:
+        bad(field, "missing")
+    elif not isinstance(value, str):
+        bad(field, f"expected a string, got {json_type(value)}")
+    elif not value.strip():
+        bad(field, "empty text")
+    else:
+        return value
+    return None
+
+
+def parse_messages(value: object, field: str, bad: Bad) -> Messages | None:
+    """A non-empty list of {role, content} messages; a system message may only come first."""
+    if value is None:
+        bad(field, "missing")
+        return None
+    if not isinstance(value, list):
+        bad(field, f"expected a list of messages, got {json_type(value)}")
+        return None
+    if not value:
+        bad(field, "empty list of messages")
+        return None
+    out, ok = [], True
+    for i, message in enumerate(value):
+        where = f"{field}[{i}]"
+        if not isinstance(message, dict):
+            bad(where, f"expected an object with role and content, got {json_type(message)}")
+            ok = False
+            continue
+        role = message.get("role")
+        if role is None:
+            bad(f"{where}.role", "missing")
+        elif role not in ROLES:
+            bad(f"{where}.role", f"unknown role {role!r} (expected {', '.join(ROLES)})")
+        elif role == "system" and i > 0:
+            bad(f"{where}.role", "a system message may only come first")
+        content = parse_text(message.get("content"), f"{where}.content", bad)
+        if role in ROLES and (role != "system" or i == 0) and content is not None:
+            out.append(Message(role, content))
+        else:
+            ok = False
+    return tuple(out) if ok else None
+
+
+def parse_hh(value: object, field: str, bad: Bad) -> Messages | None:
+    """The turns of Anthropic HH text '\\n\\nHuman: ...\\n\\nAssistant: ...', stripped."""
+    text = parse_text(value, field, bad)
+    if text is None:
+        return None
+    parts = _HH_TURN.split(text)
+    if len(parts) < 3 or parts[0].strip() or parts[1] != "Human":
+        bad(field, HH_HINT)
+        return None
+    out = []
+    for i, (speaker, content) in enumerate(zip(parts[1::2], parts[2::2], strict=True), start=1):
+        if not content.strip():
+            bad(field, f"turn {i} ({speaker}): empty text")
+        out.append(Message("user" if speaker == "Human" else "assistant", content.strip()))
+    return tuple(out) if all(m.content for m in out) else None
+
+
+def _ends_with(messages: Messages, role: str, field: str, bad: Bad) -> bool:
+    """Report unless the conversation ends with a `role` turn."""
+    if messages[-1].role == role:
+        return True
+    article = "an" if role == "assistant" else "a"
+    bad(field, f"must end with {article} {role} turn (last is {messages[-1].role})")
+    return False
+
+
+def _prompt(value: object, field: str, bad: Bad) -> Messages | None:
+    """A prompt: a user text, or messages ending with a user turn."""
+    if isinstance(value, list):
+        messages = parse_messages(value, field, bad)
+        return messages if messages and _ends_with(messages, "user", field, bad) else None
+    text = parse_text(value, field, bad)
+    return None if text is None else (Message("user", text),)
+
+
+def _reply(value: object, field: str, bad: Bad) -> str | None:
+    """A reply: a text, or a list holding one assistant message."""
+    if not isinstance(value, list):
+        return parse_text(value, field, bad)
+    messages = parse_messages(value, field, bad)
+    if messages is None:
+        return None
+    if len(messages) != 1 or messages[0].role != "assistant":
+        bad(field, "expected a single assistant message")
+        return None
+    return messages[0].content
+
+
+def _with_system(row: dict, messages: Messages | None, bad: Bad) -> Messages | None:
+    """Prepend the row's optional `system` text (an empty one counts as absent)."""
+    system = row.get("system")
+    if system is None or (isinstance(system, str) and not system.strip()):
+        return messages
+    if parse_text(system, "system", bad) is None or messages is None:
+        return None
+    if messages[0].role == "system":
+        bad("system", "the conversation already starts with a system message")
+        return None
+    return (Message("system", system),) + messages
+
+
+def _present(row: dict) -> list[str]:
+    """The fields of a row that hold a value (Parquet and datasets fill absent ones with null)."""
+    return [k for k, v in row.items() if v is not None]
+
+
+def _unknown(row: dict, kind: str, expected: str, bad: Bad) -> None:
+    found = ", ".join(_present(row)) or "none"
+    bad("fields", f"no known {kind} format (found: {found}; expected: {expected})")
+
+
+# ---- SFT --------------------------------------------------------------------------------
+
+
+def _sft(row: dict, loc: str, bad: Bad) -> SFTExample | None:
+    has = _present(row)
+    if "messages" in has:
+        field, messages = "messages", parse_messages(row["messages"], "messages", bad)
+    elif "prompt" in has or "completion" in has:
+        field, messages = "completion", _prompt_completion(row, bad)
+    elif "text" in has or "chosen" in has:
+        field = "text" if "text" in has else "chosen"
+        parse = parse_messages if isinstance(row[field], list) else parse_hh
+        messages = parse(row[field], field, bad)
+    elif "instruction" in has or "output" in has:
+        field, messages = "output", _alpaca(row, bad)
+    else:
+        return _unknown(row, "SFT", SFT_FORMATS, bad)
+    messages = _with_system(row, messages, bad)
+    if messages is None:
+        return None
+    if not any(m.role == "assistant" for m in messages):
+        bad(field, "no assistant turn")
+        return None
+    return SFTExample(messages) if _ends_with(messages, "assistant", field, bad) else None
+
+
+def _prompt_completion(row: dict, bad: Bad) -> Messages | None:
+    prompt = _prompt(row.get("prompt"), "prompt", bad)
+    completion = _reply(row.get("completion"), "completion", bad)
+    if prompt is None or completion is None:
+        return None
+    return prompt + (Message("assistant", completion),)
+
+
+def _alpaca(row: dict, bad: Bad) -> Messages | None:
+    instruction = parse_text(row.get("instruction"), "instruction", bad)
+    extra = row.get("input")
+    if extra is not None and not isinstance(extra, str):
+        bad("input", f"expected a string, got {json_type(extra)}")
+        return None
+    output = parse_text(row.get("output"), "output", bad)
+    if instruction is None or output is None:
+        return None
+    user = f"{instruction}\n\n{extra}" if extra and extra.strip() else instruction
+    return (Message("user", user), Message("assistant", output))
+
+
+# ---- preferences ------------------------------------------------------------------------
+
+
+def _pair(row: dict, loc: str, bad: Bad) -> PreferencePair | None:
+    has = _present(row)
+    if not {"prompt", "chosen", "rejected"} & set(has):
+        return _unknown(row, "preference", PREFERENCE_FORMATS, bad)
+    prompt, chosen, rejected = row.get("prompt"), row.get("chosen"), row.get("rejected")
+    if prompt is None and (_is_hh(chosen) or _is_hh(rejected)):
+        prompt, chosen, rejected = _hh_pair(chosen, rejected, bad)
+    elif prompt is None and (isinstance(chosen, list) or isinstance(rejected, list)):
+        prompt, chosen, rejected = _implicit_pair(chosen, rejected, bad)
+    else:
+        prompt = _prompt(prompt, "prompt", bad)
+        chosen, rejected = _reply(chosen, "chosen", bad), _reply(rejected, "rejected", bad)
+    prompt = _with_system(row, prompt, bad)
+    labels = _labels(row, bad)
+    if chosen is not None and rejected is not None and chosen.strip() == rejected.strip():
+        bad("rejected", "same text as chosen")
+        return None
+    if prompt is None or chosen is None or rejected is None:
+        return None
+    return PreferencePair(prompt, chosen, rejected, **labels)
+
+
+def _is_hh(value: object) -> bool:
+    return isinstance(value, str) and value.lstrip().startswith("Human:")
+
+
+def _hh_pair(chosen: object, rejected: object, bad: Bad) -> tuple:
+    """Split HH-RLHF texts at their last Assistant turn; the prompts must be equal."""
+    split = {}
+    for field, value in (("chosen", chosen), ("rejected", rejected)):
+        text = parse_text(value, field, bad)
+        if text is None:
+            continue
+        cut = text.rfind(_HH_ASSISTANT)
+        if not _is_hh(text) or cut < 0:
+            bad(field, HH_HINT)
+            continue
+        reply = text[cut + len(_HH_ASSISTANT) :].strip()
+        if not reply:
+            bad(field, "empty reply after the last '\\n\\nAssistant:'")
+        split[field] = (text[:cut], reply or None)
+    if len(split) < 2:
+        return None, None, None
+    (prompt_text, chosen), (other_prompt, rejected) = split["chosen"], split["rejected"]
+    if prompt_text.strip() != other_prompt.strip():
+        bad("rejected", "prompt (text before the last '\\n\\nAssistant:') differs from chosen's")
+        return None, None, None
+    prompt = parse_hh(prompt_text, "chosen", bad)
+    if prompt is None or not _ends_with(prompt, "user", "chosen", bad):
+        return None, None, None
+    return prompt, chosen, rejected
+
+
+def _implicit_pair(chosen: object, rejected: object, bad: Bad) -> tuple:
+    """Full conversations that share everything before their last assistant turn."""
+    conversations = {}
+    for field, value in (("chosen", chosen), ("rejected", rejected)):
+        messages = parse_messages(value, field, bad)
+        if messages is None:
+            continue
+        if len(messages) < 2 or messages[-1].role != "assistant":
+            bad(field, "expected a conversation that ends with an assistant reply")
+            continue
+        conversations[field] = messages
+    if len(conversations) < 2:
+        return None, None, None
+    good, worse = conversations["chosen"], conversations["rejected"]
+    if good[:-1] != worse[:-1]:
+        bad("rejected", "conversation before the last assistant turn differs from chosen's")
+        return None, None, None
+    if not _ends_with(good[:-1], "user", "chosen", bad):
+        return None, None, None
+    return good[:-1], good[-1].content, worse[-1].content
+
+
+def _labels(row: dict, bad: Bad) -> dict:
+    """The optional rating, safety label and prompt-unsafe flag of a preference row."""
+    labels = {}
+    rating = row.get("rating")
+    if rating is not None:
+        labels["rating"] = normalise_rating(rating)
+        if labels["rating"] is None:
+            bad("rating", f"unknown rating {rating!r} (expected one of: {', '.join(RATINGS)})")
+    safety = row.get("safety")
+    if safety is not None:
+        labels["safety"] = safety
+        if safety not in SAFETY_LABELS:
+            bad("safety", f"unknown label {safety!r} (expected one of: {', '.join(SAFETY_LABELS)})")
+    key = "prompt_unsafe" if row.get("prompt_unsafe") is not None else "is_unsafe"
+    flag = row.get(key)
+    if flag is not None:
+        labels["prompt_unsafe"] = flag
+        if not isinstance(flag, bool):
+            bad(key, f"expected true or false, got {json_type(flag)}")
+    return labels
+
+
+# ---- ranked responses -------------------------------------------------------------------
+
+
+def _ranked(row: dict, loc: str, bad: Bad) -> RankedResponses | None:
+    has = _present(row)
+    if not {"prompt", "responses", "completions"} & set(has):
+        return _unknown(row, "ranked", RANKED_FORMATS, bad)
+    prompt = _with_system(row, _prompt(row.get("prompt"), "prompt", bad), bad)
+    rkey = "completions" if "completions" in has and "responses" not in has else "responses"
+    skey = "rewards" if "rewards" in has and "scores" not in has else "scores"
+    responses = _list(row.get(rkey), rkey, bad, parse_text)
+    scores = _list(row.get(skey), skey, bad, _number)
+    if responses is not None and len(responses) < 2:
+        bad(rkey, f"expected at least 2 responses, got {len(responses)}")
+        return None
+    if responses is not None and scores is not None and len(scores) != len(responses):
+        bad(skey, f"expected {len(responses)} scores (one per response), got {len(scores)}")
+        return None
+    if prompt is None or responses is None or scores is None:
+        return None
+    return RankedResponses(prompt, responses, scores)
+
+
+def _number(value: object, field: str, bad: Bad) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        bad(field, f"expected a number, got {json_type(value)}")
+    elif not math.isfinite(value):
+        bad(field, f"expected a finite number, got {value}")
+    else:
+        return float(value)
+    return None
+
+
+def _list(value: object, field: str, bad: Bad, parse: Callable) -> tuple | None:
+    """A list whose items each pass `parse`."""
+    if value is None:
+        bad(field, "missing")
+        return None
+    if not isinstance(value, list):
+        bad(field, f"expected a list, got {json_type(value)}")
+        return None
+    items = [parse(item, f"{field}[{i}]", bad) for i, item in enumerate(value)]
+    return None if None in items else tuple(items)
+
+
+# ---- problems with answers --------------------------------------------------------------
+
+
+def _problem(row: dict, loc: str, bad: Bad) -> Problem | None:
+    has = _present(row)
+    if not {"question", "problem", "answer"} & set(has):
+        return _unknown(row, "problem", PROBLEM_FORMATS, bad)
+    qkey = "problem" if "problem" in has and "question" not in has else "question"
+    question = parse_text(row.get(qkey), qkey, bad)
+    answer, rationale = _answer(row.get("answer"), bad)
+    solution = row.get("solution")
+    if solution is not None:
+        solution = parse_text(solution, "solution", bad)
+    ident = row.get("id")
+    if ident is None:
+        ident = loc
+    elif isinstance(ident, bool) or not isinstance(ident, (str, int)):
+        bad("id", f"expected a string or integer, got {json_type(ident)}")
+    if question is None or answer is None:
+        return None
+    return Problem(question, answer, id=str(ident), solution=solution or rationale)
+
+
+def _answer(value: object, bad: Bad) -> tuple[str | None, str]:
+    """The final answer and the rationale; GSM8K's 'rationale #### 1,234' gives '1234'."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(value)
+    text = parse_text(value, "answer", bad)
+    if text is None:
+        return None, ""
+    if "####" not in text:
+        return text.strip(), ""
+    rationale, _, final = text.rpartition("####")
+    final = final.strip().replace(",", "")
+    if not final:
+        bad("answer", "nothing after '####'")
+        return None, ""
+    return final, rationale.strip()

@@ -1,0 +1,156 @@
+"""Read user data files into rows (dicts), each with the location it came from.
+
+Locations read `file:LINE` (JSONL, 1-based), `file:item N` (JSON list, 0-based),
+`file:row N` (Parquet and `datasets` directories, 0-based, so that `ds[N]` finds it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+
+SUPPORTED = ".jsonl, .json, .parquet, or a directory written by datasets' save_to_disk"
+MAX_SHOWN = 50
+
+
+class DataError(ValueError):
+    """Bad input data: every problem found, one `file:line: field: problem` per entry."""
+
+    def __init__(self, problems: list[str], source: str = "data"):
+        self.problems = list(problems)
+        self.source = source
+        n = len(self.problems)
+        lines = [f"{n} problem{'s' if n != 1 else ''} in {source}:", *self.problems[:MAX_SHOWN]]
+        if n > MAX_SHOWN:
+            lines.append(f"... and {n - MAX_SHOWN} more")
+        super().__init__("\n".join(lines))
+
+
+def json_type(value: object) -> str:
+    """The JSON name of a value's type, for messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, (list, tuple)):
+        return "list"
+    if isinstance(value, dict):
+        return "object"
+    return type(value).__name__
+
+
+def read_rows(path: str, split: str | None = None) -> list[tuple[str, dict]]:
+    """All rows of `path` with their locations; raise DataError listing every unreadable row."""
+    problems: list[str] = []
+    rows = list(iter_rows(path, problems, split))
+    if problems:
+        raise DataError(problems, str(path))
+    return rows
+
+
+def iter_rows(path: str, problems: list[str], split: str | None = None) -> Iterator[tuple[str, dict]]:
+    """Yield `(location, row)`; unreadable rows go to `problems` as they are met, in order.
+
+    A source that cannot be read at all raises DataError. `split` picks a split of a
+    DatasetDict directory (default "train"); other sources have no splits.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise DataError([f"{path}: no such file or directory"], path)
+    if os.path.isdir(path):
+        yield from _dataset_rows(path, split)
+        return
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in _READERS:
+        raise DataError([f"{path}: unsupported file type {ext or '(none)'!r} (supported: {SUPPORTED})"], path)
+    if split is not None:
+        raise DataError([f"{path}: split {split!r} given, but a {ext} file has no splits"], path)
+    yield from _READERS[ext](path, problems)
+
+
+def _jsonl_rows(path: str, problems: list[str]) -> Iterator[tuple[str, dict]]:
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            loc = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8-sig")
+            except UnicodeDecodeError as e:
+                problems.append(f"{loc}: invalid UTF-8: {e.reason} at byte {e.start + 1}")
+                continue
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line.rstrip())
+            except json.JSONDecodeError as e:
+                problems.append(f"{loc}: invalid JSON: {e.msg} at column {e.colno}")
+                continue
+            if not isinstance(row, dict):
+                problems.append(f"{loc}: not a JSON object (got {json_type(row)})")
+                continue
+            yield loc, row
+
+
+def _json_rows(path: str, problems: list[str]) -> Iterator[tuple[str, dict]]:
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise DataError([f"{path}:{e.lineno}: invalid JSON: {e.msg} at column {e.colno}"], path) from None
+    except UnicodeDecodeError as e:
+        raise DataError([f"{path}: invalid UTF-8: {e.reason} at byte {e.start + 1}"], path) from None
+    if isinstance(data, dict):
+        lists = [k for k, v in data.items() if isinstance(v, list)]
+        if len(lists) != 1:
+            found = ", ".join(lists) or "none"
+            problem = f"expected a list of objects or an object with one list field (list fields: {found})"
+            raise DataError([f"{path}: {problem}"], path)
+        data = data[lists[0]]
+    if not isinstance(data, list):
+        raise DataError([f"{path}: expected a list of objects, got {json_type(data)}"], path)
+    for i, row in enumerate(data):
+        if isinstance(row, dict):
+            yield f"{path}:item {i}", row
+        else:
+            problems.append(f"{path}:item {i}: not a JSON object (got {json_type(row)})")
+
+
+def _parquet_rows(path: str, problems: list[str]) -> Iterator[tuple[str, dict]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as e:
+        raise DataError([f"{path}: cannot read Parquet: {e}"], path) from None
+    for i, row in enumerate(table.to_pylist()):
+        yield f"{path}:row {i}", row
+
+
+def _dataset_rows(path: str, split: str | None) -> Iterator[tuple[str, dict]]:
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(path)
+    except FileNotFoundError:
+        raise DataError(
+            [f"{path}: a directory, but not one written by datasets' save_to_disk (supported: {SUPPORTED})"],
+            path,
+        ) from None
+    prefix = path
+    if isinstance(ds, datasets.DatasetDict):
+        name = split or "train"
+        if name not in ds:
+            raise DataError([f"{path}: no split {name!r} (splits: {', '.join(ds)})"], path)
+        ds, prefix = ds[name], f"{path}[{name}]"
+    elif split is not None:
+        raise DataError([f"{path}: split {split!r} given, but this dataset has no splits"], path)
+    for i, row in enumerate(ds):
+        yield f"{prefix}:row {i}", row
+
+
+_READERS = {".jsonl": _jsonl_rows, ".json": _json_rows, ".parquet": _parquet_rows}

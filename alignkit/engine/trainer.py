@@ -1,0 +1,222 @@
+"""The one training loop.
+
+Methods hand the engine a step function `step(batch) -> (loss_sum, units, metric_sums)`:
+the loss summed over its units (target tokens for SFT, pairs for DPO...), how many units the
+micro-batch holds, and metrics summed the same way. The engine back-propagates each
+micro-batch's *sum*, then divides the accumulated gradient by the total units of the whole
+step, so N micro-batches of size b give exactly the gradient of one batch of N*b, whatever
+their sizes. It also owns clipping, the schedule, mixed precision, checkpoints and logging.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+from tqdm.auto import tqdm
+
+from alignkit.engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from alignkit.engine.config import TrainConfig
+from alignkit.engine.logging import MetricsLogger, log
+
+StepFn = Callable[[dict], "tuple[torch.Tensor, float, dict[str, float]]"]
+
+
+class NonFiniteError(RuntimeError):
+    """The loss or the gradient stopped being a finite number."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
+    """Linear warmup to the peak, then cosine down to `min_lr_ratio` (or constant)."""
+    warmup = cfg.warmup_steps or int(round(cfg.warmup_ratio * total))
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if cfg.schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    if not decay and not no_decay:
+        raise ValueError("the model has no trainable parameters")
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+
+
+def to_device(batch, device: torch.device):
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+class Engine:
+    """Optimizer, schedule, precision, accumulation, checkpoints and metrics for one model."""
+
+    def __init__(self, model, cfg: TrainConfig, total_steps: int, run_config: dict | None = None):
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        self.model = model.to(self.device)
+        self.total_steps = max(1, total_steps)
+        self.run_dir = Path(cfg.output_dir)
+        self.optimizer = make_optimizer(model, cfg)
+        self.step = 0
+        self.loop_state: dict = {}
+        self._run_config = run_config or {}
+        checkpoint = latest_checkpoint(self.run_dir / "checkpoints") if cfg.resume else None
+        if checkpoint is not None:
+            self.loop_state = load_checkpoint(checkpoint, self.model, self.optimizer)
+            self.step = self.loop_state.pop("step")
+            log.info("resumed from %s at step %d", checkpoint, self.step)
+        elif cfg.resume:
+            log.warning("resume requested but %s has no checkpoint; starting fresh", self.run_dir / "checkpoints")
+        self.metrics = MetricsLogger(self.run_dir, cfg.trackers, self._run_config,
+                                     resume_step=self.step if checkpoint is not None else None)
+        self._bar = None
+
+    def autocast(self):
+        if self.cfg.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def accumulate(self, micro_batches: Iterable[dict], step_fn: StepFn) -> dict | None:
+        """Back-propagate each micro-batch's loss sum, then divide the gradient by the total units.
+
+        Returns the summed statistics, or None when a loss was not finite (gradients cleared).
+        """
+        total_units, loss_sum, tokens = 0.0, 0.0, 0
+        sums: dict[str, float] = {}
+        for batch in micro_batches:
+            batch = to_device(batch, self.device)
+            with self.autocast():
+                loss, units, metric_sums = step_fn(batch)
+            if not torch.isfinite(loss.detach()):
+                self._bad = f"loss is {loss.item()}"
+                return None
+            loss.backward()
+            total_units += units
+            loss_sum += loss.item()
+            tokens += int(batch["input_ids"].numel()) if "input_ids" in batch else 0
+            for k, v in metric_sums.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+        if total_units <= 0:
+            raise ValueError("a training step had no units to learn from (no target tokens or pairs)")
+        for p in self._params():
+            p.grad.div_(total_units)
+        return {"loss": loss_sum / total_units, **{k: v / total_units for k, v in sums.items()},
+                "units": total_units, "tokens": tokens}
+
+    def _params(self) -> list:
+        return [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+
+    def train_step(self, micro_batches: Iterable[dict], step_fn: StepFn) -> dict:
+        """One optimizer step over the micro-batches of an accumulation group."""
+        start = time.perf_counter()
+        self.model.train()
+        stats = self.accumulate(micro_batches, step_fn)
+        if stats is None:
+            return self._nonfinite(self._bad)
+        clip = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(self._params(), clip)
+        if not torch.isfinite(norm):
+            return self._nonfinite(f"gradient norm is {norm.item()}")
+        lr = self.cfg.lr * lr_factor(self.step, self.total_steps, self.cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        seconds = time.perf_counter() - start
+        return {**stats, "lr": lr, "grad_norm": norm.item(), "step_s": seconds,
+                "tokens_per_s": stats["tokens"] / seconds if seconds > 0 else 0.0}
+
+    def _nonfinite(self, what: str) -> dict:
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.cfg.on_nonfinite == "stop":
+            raise NonFiniteError(f"step {self.step + 1}: {what}; stopping (set train.on_nonfinite=skip to skip such steps, or lower train.lr)")
+        log.warning("step %d: %s; step skipped", self.step + 1, what)
+        self.step += 1
+        return {"skipped": 1.0}
+
+    def log(self, metrics: dict, prefix: str = "") -> None:
+        row = {f"{prefix}{k}": v for k, v in metrics.items()}
+        self.metrics.log(self.step, row)
+        if self._bar is not None and "loss" in metrics and not prefix:
+            self._bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics.get('lr', 0):.2e}",
+                                  tok_s=f"{metrics.get('tokens_per_s', 0):.0f}")
+
+    def progress(self):
+        self._bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.cfg.progress, desc="train", dynamic_ncols=True)
+        return self._bar
+
+    def save(self, loop_state: dict) -> None:
+        save_checkpoint(self.run_dir / "checkpoints", self.step, self.model, self.optimizer, loop_state, self.cfg.keep_checkpoints)
+
+    def evaluate(self, eval_fn: Callable | None) -> dict:
+        if eval_fn is None:
+            return {}
+        self.model.eval()
+        with torch.no_grad(), self.autocast():
+            result = eval_fn(self.model)
+        self.model.train()
+        self.log(result, prefix="eval/")
+        return result
+
+
+def steps_for(n_micro_batches: int, cfg: TrainConfig) -> int:
+    """Optimizer steps for `cfg.epochs` passes over `n_micro_batches` (or cfg.max_steps)."""
+    if cfg.max_steps > 0:
+        return cfg.max_steps
+    return max(1, math.ceil(cfg.epochs * n_micro_batches / cfg.grad_accum))
+
+
+def fit(engine: Engine, step_fn: StepFn, epoch_batches: Callable[[int], list[dict]], eval_fn: Callable | None = None) -> dict:
+    """Offline training: walk `epoch_batches(epoch)` (deterministic per epoch) for engine.total_steps.
+
+    The data position (epoch, micro-batch index) is part of every checkpoint, so `--resume`
+    continues exactly where the run stopped.
+    """
+    cfg = engine.cfg
+    epoch = engine.loop_state.get("epoch", 0)
+    index = engine.loop_state.get("index", 0)
+    batches = epoch_batches(epoch)
+    last: dict = {}
+    with engine.progress() as bar:
+        while engine.step < engine.total_steps:
+            group = batches[index: index + cfg.grad_accum]
+            if not group:
+                epoch, index = epoch + 1, 0
+                batches = epoch_batches(epoch)
+                continue
+            last = engine.train_step(group, step_fn)
+            index += len(group)
+            bar.update(1)
+            if engine.step % cfg.log_every == 0 or engine.step == engine.total_steps:
+                engine.log({**last, "epoch": epoch + index / max(1, len(batches))})
+            if cfg.eval_every and engine.step % cfg.eval_every == 0 and engine.step < engine.total_steps:
+                engine.evaluate(eval_fn)
+            if cfg.save_every and engine.step % cfg.save_every == 0 and engine.step < engine.total_steps:
+                engine.save({"epoch": epoch, "index": index})
+    engine.save({"epoch": epoch, "index": index})
+    final_eval = engine.evaluate(eval_fn)
+    return {**last, **{f"eval/{k}": v for k, v in final_eval.items()}}

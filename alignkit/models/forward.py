@@ -1,0 +1,55 @@
+"""Forward passes that pay only for the tokens that carry a loss.
+
+`target_logprobs` runs the decoder, keeps the hidden states at positions whose *next* token is
+a target, and applies the output head there only: no [batch, length, vocab] logits tensor for
+prompt or padding tokens. Works for plain HF causal LMs and peft-wrapped ones.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from alignkit.data.chat import IGNORE
+from alignkit.ops import gather_logprobs
+
+
+def unwrap(model):
+    """The underlying transformers causal LM (through a peft wrapper if there is one)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def decoder_hidden(model, batch: dict) -> torch.Tensor:
+    """Last hidden states [B, L, H] of the decoder stack (no output head)."""
+    lm = unwrap(model)
+    out = lm.get_decoder()(
+        input_ids=batch["input_ids"],
+        attention_mask=batch.get("attention_mask"),
+        position_ids=batch.get("position_ids"),
+        use_cache=False,
+    )
+    return out.last_hidden_state
+
+
+def target_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask over positions 0..L-2 whose next token is a target, the target ids there)."""
+    nxt = labels[:, 1:]
+    mask = nxt != IGNORE
+    return mask, nxt[mask]
+
+
+def target_logprobs(model, batch: dict, chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs of every target token, flat [N], and the [B, L-1] mask that says where they sit."""
+    hidden = decoder_hidden(model, batch)
+    mask, targets = target_positions(batch["labels"])
+    picked = hidden[:, :-1][mask]
+    logits = unwrap(model).get_output_embeddings()(picked)
+    return gather_logprobs(logits, targets, chunk_size=chunk_size), mask
+
+
+def sequence_logprobs(model, batch: dict, segment_ids: torch.Tensor) -> torch.Tensor:
+    """Summed target log-probs per segment: `segment_ids` [B, L] gives each token's sequence index
+    (as in a packed row); returns a tensor [num_segments] (segments with no target get 0)."""
+    logps, mask = target_logprobs(model, batch)
+    seg = segment_ids[:, 1:][mask]
+    total = int(segment_ids.max().item()) + 1
+    return torch.zeros(total, dtype=logps.dtype, device=logps.device).index_add(0, seg, logps)

@@ -1,0 +1,90 @@
+import math
+
+import pytest
+import torch
+
+from alignkit.data.chat import tokenize_prompt_response
+from alignkit.data.collate import epoch_batches_fn, pad_batch
+from alignkit.data.records import Message
+from alignkit.engine.config import TrainConfig
+from alignkit.engine.logging import read_metrics
+from alignkit.engine.trainer import Engine, NonFiniteError, fit, lr_factor
+from alignkit.models.forward import target_logprobs
+from alignkit.models.tiny import tiny_model
+
+
+def nll_step(model):
+    def step(batch):
+        logps, _ = target_logprobs(model, batch)
+        return -logps.sum(), float(logps.numel()), {}
+    return step
+
+
+def _data(tok, n=8):
+    return [tokenize_prompt_response(tok, (Message("user", f"add {i} and {i + 1}"),), str(2 * i + 1) * (1 + i % 3))
+            for i in range(n)]
+
+
+def test_schedule_warmup_cosine_floor():
+    cfg = TrainConfig(warmup_steps=2, min_lr_ratio=0.1)
+    # warmup: (step+1)/2 -> 0.5, 1.0; then cosine from 1.0 down to 0.1 over the remaining 8 steps
+    assert lr_factor(0, 10, cfg) == 0.5 and lr_factor(1, 10, cfg) == 1.0
+    assert lr_factor(2, 10, cfg) == pytest.approx(1.0)
+    # halfway through the decay (step 6 = 2 + 4 of 8): 0.1 + 0.9 * 0.5 * (1 + cos(pi/2)) = 0.55
+    assert lr_factor(6, 10, cfg) == pytest.approx(0.55)
+    assert lr_factor(10, 10, cfg) == pytest.approx(0.1)
+    assert lr_factor(5, 10, TrainConfig(warmup_steps=2, schedule="constant")) == 1.0
+
+
+def test_accumulation_equals_full_batch(tok, tmp_path):
+    data = _data(tok)
+    grads = []
+    for split in (1, 2, 4):  # one batch of 8, two of 4, four of 2
+        model = tiny_model(seed=0)
+        engine = Engine(model, TrainConfig(output_dir=str(tmp_path / str(split)), progress=False), total_steps=1)
+        size = len(data) // split
+        micro = [pad_batch(data[i: i + size], tok.pad_token_id) for i in range(0, len(data), size)]
+        stats = engine.accumulate(micro, nll_step(engine.model))
+        grads.append([p.grad.clone() for p in model.parameters()])
+        assert stats["units"] == sum(e.n_targets for e in data)
+    for other in grads[1:]:
+        for a, b in zip(grads[0], other):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def _train(tok, out, crash_after=None, resume=False):
+    data = _data(tok, 12)
+    cfg = TrainConfig(output_dir=str(out), lr=1e-3, max_steps=6, grad_accum=2, batch_size=2, save_every=2,
+                      progress=False, resume=resume, warmup_steps=1, seed=3)
+    model = tiny_model(seed=1)
+    engine = Engine(model, cfg, total_steps=cfg.max_steps)
+    step, calls = nll_step(engine.model), [0]
+
+    def crashing(batch):
+        calls[0] += 1
+        if crash_after is not None and calls[0] > crash_after:
+            raise KeyboardInterrupt("killed")
+        return step(batch)
+
+    fit(engine, crashing, epoch_batches_fn(data, tok.pad_token_id, cfg.seed, False, cfg.batch_size, 0))
+    return model
+
+
+def test_resume_after_kill_matches_uninterrupted(tok, tmp_path):
+    whole = _train(tok, tmp_path / "whole")
+    with pytest.raises(KeyboardInterrupt):
+        _train(tok, tmp_path / "cut", crash_after=9)  # dies inside step 5, after the step-4 checkpoint
+    resumed = _train(tok, tmp_path / "cut", resume=True)
+    for (name, a), b in zip(whole.named_parameters(), resumed.parameters()):
+        assert torch.equal(a, b), name
+    steps = [row["step"] for row in read_metrics(tmp_path / "cut") if "loss" in row]
+    assert steps == [1, 2, 3, 4, 5, 6]  # rows of the killed attempt past the checkpoint are gone
+    whole_loss = [r["loss"] for r in read_metrics(tmp_path / "whole")]
+    assert [r["loss"] for r in read_metrics(tmp_path / "cut")] == whole_loss
+
+
+def test_nonfinite_loss_stops_with_clear_error(tok, tmp_path):
+    engine = Engine(tiny_model(), TrainConfig(output_dir=str(tmp_path), progress=False), total_steps=1)
+    batch = pad_batch(_data(tok, 2), tok.pad_token_id)
+    with pytest.raises(NonFiniteError, match="step 1: loss is nan"):
+        engine.train_step([batch], lambda b: (torch.tensor(math.nan, requires_grad=True), 1.0, {}))
