@@ -48,9 +48,11 @@ def pack_groups(lengths: list[int], max_tokens: int) -> list[list[int]]:
 
 
 def packed_row(examples: list[Tokenized]) -> dict:
-    """One row of concatenated examples: input_ids, position_ids, labels (shape [1, total])."""
-    ids, pos, labels = [], [], []
-    for e in examples:
+    """One row of concatenated examples: input_ids, position_ids, labels and segment_ids (the
+    index of the example each token belongs to), all of shape [1, total]."""
+    ids, pos, labels, segs = [], [], [], []
+    for k, e in enumerate(examples):
+        segs.extend([k] * len(e.input_ids))
         ids.extend(e.input_ids)
         labels.extend([IGNORE] + e.labels[1:])  # never predict an example's first token from the previous one
         pos.extend(range(len(e.input_ids)))
@@ -58,6 +60,7 @@ def packed_row(examples: list[Tokenized]) -> dict:
         "input_ids": torch.tensor([ids], dtype=torch.long),
         "position_ids": torch.tensor([pos], dtype=torch.long),
         "labels": torch.tensor([labels], dtype=torch.long),
+        "segment_ids": torch.tensor([segs], dtype=torch.long),
     }
 
 
