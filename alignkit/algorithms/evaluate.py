@@ -1,0 +1,82 @@
+"""`alignkit eval` (arithmetic accuracy with the verifier) and `alignkit generate`."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from alignkit.config import opt
+from alignkit.data.chat import prompt_text
+from alignkit.data.records import user_prompt
+from alignkit.data.tasks.arithmetic import ArithmeticConfig, generate_problems
+from alignkit.eval.arithmetic import ArithmeticEvalConfig, evaluate_arithmetic
+from alignkit.models.load import ModelConfig, load_model
+from alignkit.rollout.base import SamplingParams
+from alignkit.rollout.hf import HFGenerator
+
+
+@dataclass
+class EvalConfig:
+    model: ModelConfig = opt(factory=ModelConfig, help="the model to evaluate")
+    eval: ArithmeticEvalConfig = opt(factory=ArithmeticEvalConfig, help="the arithmetic evaluation")
+    min_digits: int = opt(2, "smallest operand size (digits)")
+    max_digits: int = opt(2, "largest operand size (digits)")
+    output_dir: str = opt("runs/eval", "where samples.jsonl and result.json go")
+
+
+def run_eval(cfg: EvalConfig) -> dict:
+    model, tokenizer, path = load_model(cfg.model, train=False)
+    task = ArithmeticConfig(min_digits=cfg.min_digits, max_digits=cfg.max_digits)
+    problems = generate_problems(cfg.eval.problems, seed=cfg.eval.seed, split="heldout", config=task)
+    out = Path(cfg.output_dir)
+    result = evaluate_arithmetic(model, tokenizer, problems, cfg.eval, out / "samples.jsonl")
+    result = {"model": path, "style": cfg.eval.style, **result}
+    (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+@dataclass
+class GenerateConfig:
+    model: ModelConfig = opt(factory=ModelConfig, help="the model to sample from")
+    prompts: list[str] = opt(factory=lambda: ["What is 23 + 19? Answer with only the number."], help="user messages")
+    prompts_file: str = opt("", "a JSONL file with a 'prompt' field per line (used instead of prompts)")
+    n: int = opt(1, "samples per prompt")
+    temperature: float = opt(0.0, "0 = greedy")
+    top_p: float = opt(1.0, "nucleus sampling mass")
+    top_k: int = opt(0, "top-k sampling (0 = off)")
+    max_new_tokens: int = opt(128, "generation budget")
+    seed: int = opt(0, "sampling seed")
+    output: str = opt("runs/generate/samples.jsonl", "where the completions go")
+
+
+def read_prompts(cfg: GenerateConfig) -> list[str]:
+    if not cfg.prompts_file:
+        return list(cfg.prompts)
+    from alignkit.data.io import DataError, read_rows
+
+    rows, problems = read_rows(cfg.prompts_file), []
+    for where, row in rows:
+        if not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
+            problems.append(f"{where}: prompt: missing or not a non-empty string")
+    if problems:
+        raise DataError(problems, cfg.prompts_file)
+    return [row["prompt"] for _, row in rows]
+
+
+def run_generate(cfg: GenerateConfig) -> dict:
+    prompts = read_prompts(cfg)
+    model, tokenizer, _ = load_model(cfg.model, train=False)
+    params = SamplingParams(n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                            max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+    texts = [prompt_text(tokenizer, user_prompt(p)) for p in prompts]
+    completions = HFGenerator(model, tokenizer).generate(texts, params)
+    out = Path(cfg.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w") as f:
+        for c in completions:
+            f.write(json.dumps({"prompt": prompts[c.prompt_index], "sample": c.sample_index,
+                                "response": c.text, "finish_reason": c.finish_reason}) + "\n")
+    for c in completions[: min(len(completions), 8)]:
+        print(f"[{c.prompt_index}.{c.sample_index}] {prompts[c.prompt_index]!r} -> {c.text!r}")
+    return {"completions": len(completions), "output": str(out)}

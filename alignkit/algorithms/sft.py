@@ -1,0 +1,174 @@
+"""Supervised fine-tuning (Llama 2 style): loss on assistant tokens only, packed sequences.
+
+`train_sft` is the SFT stage that rejection sampling, RAFT, RFT and ReST-EM reuse; `run` is
+`alignkit sft`: load the model and data (a file, or the built-in Flan-style mixture), validate,
+train, save a plain HF model, and report held-out loss and arithmetic accuracy.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from alignkit.config import opt
+from alignkit.data.chat import Tokenized, tokenize_conversation, truncate
+from alignkit.data.collate import epoch_batches_fn, pad_batch
+from alignkit.data.formats import load_sft
+from alignkit.data.mixture import MixtureConfig, build_mixture
+from alignkit.data.records import Message, SFTExample, user_prompt
+from alignkit.data.tasks.arithmetic import ArithmeticConfig, generate_problems
+from alignkit.data.tasks.arithmetic import prompt_text as arithmetic_prompt
+from alignkit.data.tasks.arithmetic import target_text
+from alignkit.engine.config import TrainConfig
+from alignkit.engine.trainer import Engine, fit, steps_for
+from alignkit.eval.arithmetic import ArithmeticEvalConfig, evaluate_arithmetic
+from alignkit.losses.sft import sft_loss
+from alignkit.models.forward import target_logprobs
+from alignkit.models.load import ModelConfig, load_model, save_model
+
+log = logging.getLogger("alignkit")
+
+
+@dataclass
+class SFTDataConfig:
+    path: str = opt("", "training data (JSONL, JSON, Parquet or a datasets dir); empty = built-in data")
+    split: str | None = opt(None, "split of a DatasetDict directory")
+    eval_path: str = opt("", "held-out data in the same formats (empty = hold out eval_fraction)")
+    eval_fraction: float = opt(0.05, "fraction held out for eval loss when eval_path is empty")
+    builtin: str = opt("mixture", "built-in data when path is empty: mixture or arithmetic")
+    mixture: MixtureConfig = opt(factory=MixtureConfig, help="the built-in Flan-style mixture")
+    arithmetic_examples: int = opt(512, "examples for builtin=arithmetic")
+    arithmetic_style: str = opt("answer", "target style for builtin=arithmetic: answer or cot")
+    targets: str = opt("all", "assistant turns that are targets: all or last")
+    max_length: int = opt(512, "tokens per example")
+    on_overlong: str = opt("truncate", "truncate (prompt from the left, then response at the right), drop, or error")
+    packing: bool = opt(True, "pack examples into rows of train.max_tokens_per_batch tokens (padding-free)")
+
+
+@dataclass
+class SFTConfig:
+    model: ModelConfig = opt(factory=ModelConfig, help="the model to fine-tune")
+    train: TrainConfig = opt(factory=lambda: TrainConfig(output_dir="runs/sft", epochs=2.0), help="training loop")
+    data: SFTDataConfig = opt(factory=SFTDataConfig, help="training data")
+    eval: ArithmeticEvalConfig = opt(factory=lambda: ArithmeticEvalConfig(problems=100), help="held-out arithmetic accuracy after training")
+
+
+class OverlongError(ValueError):
+    """An example longer than data.max_length with data.on_overlong=error."""
+
+
+def tokenize_examples(tokenizer, examples: list[SFTExample], max_length: int, targets: str = "all",
+                      on_overlong: str = "truncate") -> list[Tokenized]:
+    """Tokenize with assistant-only labels; over-long examples are truncated, dropped or refused,
+    and every one that is changed or dropped is counted in the log (never silently)."""
+    out, cut, dropped = [], 0, []
+    for i, ex in enumerate(examples):
+        tok = tokenize_conversation(tokenizer, ex.messages, targets)
+        if len(tok.input_ids) > max_length:
+            if on_overlong == "error":
+                raise OverlongError(f"example {i + 1}: {len(tok.input_ids)} tokens > data.max_length={max_length}")
+            fitted = truncate(tok, max_length) if on_overlong == "truncate" else None
+            if fitted is None:
+                dropped.append(i + 1)
+                continue
+            cut += 1
+            tok = fitted
+        if tok.n_targets == 0:
+            dropped.append(i + 1)
+            continue
+        out.append(tok)
+    if cut:
+        log.warning("%d example(s) longer than %d tokens were truncated", cut, max_length)
+    if dropped:
+        log.warning("%d example(s) dropped (over-long with no response left, or no target tokens): %s%s",
+                    len(dropped), dropped[:10], " ..." if len(dropped) > 10 else "")
+    if not out:
+        raise ValueError("no usable training examples")
+    return out
+
+
+def sft_step(model, weighted: bool = False):
+    """Step function: summed NLL over target tokens, units = target tokens (or total weight)."""
+
+    def step(batch: dict):
+        logps, mask = target_logprobs(model, batch)
+        weights = batch["weights"][:, 1:][mask] if weighted else None
+        per_token, metrics = sft_loss(logps, weights)
+        units = float(weights.sum()) if weighted else float(logps.numel())
+        return per_token.sum(), units, {"nll": metrics["nll_sum"].item()}
+
+    return step
+
+
+def eval_loss_fn(tokenized: list[Tokenized], pad_id: int, batch_size: int = 8):
+    """Mean NLL per target token on held-out examples."""
+
+    def evaluate(model) -> dict:
+        total, count = 0.0, 0
+        device = next(model.parameters()).device
+        for s in range(0, len(tokenized), batch_size):
+            batch = {k: v.to(device) for k, v in pad_batch(tokenized[s: s + batch_size], pad_id).items()}
+            logps, _ = target_logprobs(model, batch)
+            total -= logps.float().sum().item()
+            count += logps.numel()
+        return {"loss": total / max(1, count)}
+
+    return evaluate
+
+
+def train_sft(model, tokenizer, train: list[Tokenized], cfg: TrainConfig, packing: bool = True,
+              eval_fn=None, run_config: dict | None = None) -> tuple[Engine, dict]:
+    """The SFT stage: fit `model` on tokenized examples with the engine; returns (engine, metrics)."""
+    batches = epoch_batches_fn(train, tokenizer.pad_token_id, cfg.seed, packing, cfg.batch_size, cfg.max_tokens_per_batch)
+    engine = Engine(model, cfg, steps_for(len(batches(0)), cfg), run_config)
+    metrics = fit(engine, sft_step(engine.model), batches, eval_fn)
+    return engine, metrics
+
+
+def builtin_examples(data: SFTDataConfig, seed: int) -> list[SFTExample]:
+    if data.builtin == "mixture":
+        return build_mixture(data.mixture)
+    if data.builtin == "arithmetic":
+        problems = generate_problems(data.arithmetic_examples, seed=seed, split="train", config=ArithmeticConfig())
+        return [SFTExample(user_prompt(arithmetic_prompt(p, data.arithmetic_style))
+                           + (Message("assistant", target_text(p, data.arithmetic_style)),)) for p in problems]
+    raise ValueError(f"data.builtin must be mixture or arithmetic, not {data.builtin!r}")
+
+
+def split_eval(examples: list, fraction: float, seed: int) -> tuple[list, list]:
+    if fraction <= 0 or len(examples) < 2:
+        return examples, []
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
+    n_eval = max(1, int(len(examples) * fraction))
+    return [examples[i] for i in order[n_eval:]], [examples[i] for i in order[:n_eval]]
+
+
+def load_examples(data: SFTDataConfig, seed: int) -> tuple[list[SFTExample], list[SFTExample]]:
+    """Training and held-out examples, all validated before any model is loaded."""
+    examples = load_sft(data.path, data.split) if data.path else builtin_examples(data, seed)
+    if data.eval_path:
+        return examples, load_sft(data.eval_path, data.split)
+    return split_eval(examples, data.eval_fraction, seed)
+
+
+def run(cfg: SFTConfig) -> dict:
+    train_examples, eval_examples = load_examples(cfg.data, cfg.train.seed)
+    torch.manual_seed(cfg.train.seed)
+    model, tokenizer, _ = load_model(cfg.model)
+    tok = lambda exs: tokenize_examples(tokenizer, exs, cfg.data.max_length, cfg.data.targets, cfg.data.on_overlong)
+    train, held_out = tok(train_examples), (tok(eval_examples) if eval_examples else [])
+    log.info("SFT on %d examples (%d target tokens), %d held out", len(train), sum(t.n_targets for t in train), len(held_out))
+    eval_fn = eval_loss_fn(held_out, tokenizer.pad_token_id) if held_out else None
+    engine, metrics = train_sft(model, tokenizer, train, cfg.train, cfg.data.packing, eval_fn, asdict(cfg))
+    run_dir = Path(cfg.train.output_dir)
+    if cfg.eval.problems > 0:
+        problems = generate_problems(cfg.eval.problems, seed=cfg.eval.seed, split="heldout")
+        result = evaluate_arithmetic(engine.model, tokenizer, problems, cfg.eval, run_dir / "eval_samples.jsonl")
+        engine.log({"arithmetic_accuracy": result["accuracy"]}, prefix="eval/")
+        metrics["eval/arithmetic_accuracy"] = result["accuracy"]
+    final = save_model(engine.model, tokenizer, run_dir / "final", merge_lora=cfg.train.merge_lora)
+    metrics["final_model"] = str(final)
+    return metrics

@@ -1,0 +1,90 @@
+"""Command line: `alignkit <command> [recipe.yaml] [key=value ...] [--resume]`."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import sys
+
+from alignkit.config import ConfigError, describe, load_config
+
+# command -> (module, config class, run function, one-line description)
+COMMANDS = {
+    "sft": ("alignkit.algorithms.sft", "SFTConfig", "run", "supervised fine-tuning (Llama 2 style, packed, Flan-style mixtures)"),
+    "eval": ("alignkit.algorithms.evaluate", "EvalConfig", "run_eval", "arithmetic accuracy of a model (greedy, verifier)"),
+    "generate": ("alignkit.algorithms.evaluate", "GenerateConfig", "run_generate", "sample completions for prompts"),
+}
+
+USAGE = """usage: alignkit <command> [recipe.yaml] [key=value ...] [--resume]
+       alignkit <command> --help        list the command's keys with defaults
+       alignkit models prepare          convert the default model (SmolLM2-135M-Instruct) once
+
+commands:
+{commands}
+  models       prepare the default model
+
+Recipes are YAML files of the command's keys (see recipes/); key=value overrides use dotted
+keys, e.g. train.lr=1e-5 model.path=/models/my-sft. Unknown keys are errors."""
+
+
+def _usage() -> str:
+    width = max(len(c) for c in COMMANDS)
+    return USAGE.format(commands="\n".join(f"  {c.ljust(width)}   {d}" for c, (_, _, _, d) in COMMANDS.items()))
+
+
+def _models(args: list[str]) -> int:
+    from alignkit.models.load import prepare_default_model
+
+    if args[:1] != ["prepare"]:
+        print("usage: alignkit models prepare [--force]", file=sys.stderr)
+        return 2
+    print(prepare_default_model(force="--force" in args))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    for noisy in ("httpx", "urllib3", "transformers", "datasets"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command == "models":
+        return _models(rest)
+    if command not in COMMANDS:
+        import difflib
+
+        near = difflib.get_close_matches(command, list(COMMANDS) + ["models"], n=1)
+        print(f"alignkit: unknown command '{command}'" + (f"; did you mean '{near[0]}'?" if near else ""), file=sys.stderr)
+        print(_usage(), file=sys.stderr)
+        return 2
+    module_name, cls_name, fn_name, _ = COMMANDS[command]
+    module = importlib.import_module(module_name)
+    cls = getattr(module, cls_name)
+    if "-h" in rest or "--help" in rest:
+        print(f"alignkit {command} [recipe.yaml] [key=value ...]\n\nkeys:")
+        print("\n".join(describe(cls)))
+        return 0
+    recipe = rest[0] if rest and rest[0].endswith((".yaml", ".yml")) else None
+    overrides = [a for a in rest[1 if recipe else 0:] if a != "--resume"]
+    if "--resume" in rest:
+        overrides.append("train.resume=true")
+    unknown = [a for a in overrides if "=" not in a]
+    if unknown:
+        print(f"alignkit: '{unknown[0]}' is neither a recipe (.yaml) nor a key=value override", file=sys.stderr)
+        return 2
+    try:
+        cfg = load_config(cls, recipe, overrides)
+        result = getattr(module, fn_name)(cfg)
+    except (ConfigError, ValueError, FileNotFoundError) as err:
+        print(f"alignkit {command}: error: {err}", file=sys.stderr)
+        return 1
+    print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

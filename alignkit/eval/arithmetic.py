@@ -1,0 +1,47 @@
+"""Accuracy of a model on arithmetic problems, checked by the verifier (greedy decoding)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from alignkit.config import opt
+from alignkit.data.chat import prompt_text
+from alignkit.data.records import Problem, user_prompt
+from alignkit.data.tasks.arithmetic import prompt_text as task_prompt
+from alignkit.rewards.verifiers import extract_answer, verify
+from alignkit.rollout.base import SamplingParams
+from alignkit.rollout.hf import HFGenerator
+
+
+@dataclass
+class ArithmeticEvalConfig:
+    problems: int = opt(200, "held-out problems to evaluate (0 = skip)")
+    style: str = opt("answer", "prompt style: answer (only the number) or cot (step by step)")
+    max_new_tokens: int = opt(48, "generation budget per problem")
+    batch_size: int = opt(32, "prompts decoded together")
+    seed: int = opt(1234, "seed of the held-out problem set")
+
+
+def prompts_for(tokenizer, problems: list[Problem], style: str) -> list[str]:
+    return [prompt_text(tokenizer, user_prompt(task_prompt(p, style))) for p in problems]
+
+
+def evaluate_arithmetic(model, tokenizer, problems: list[Problem], cfg: ArithmeticEvalConfig,
+                        samples_path: str | Path | None = None) -> dict:
+    """Greedy accuracy; writes one JSON line per problem to `samples_path` when given."""
+    generator = HFGenerator(model, tokenizer, batch_size=cfg.batch_size)
+    params = SamplingParams(n=1, temperature=0.0, max_new_tokens=cfg.max_new_tokens)
+    completions = generator.generate(prompts_for(tokenizer, problems, cfg.style), params)
+    rows, correct = [], 0.0
+    for problem, comp in zip(problems, completions):
+        score = verify(comp.text, problem.answer)
+        correct += score
+        rows.append({"id": problem.id, "question": problem.question, "answer": problem.answer,
+                     "response": comp.text, "extracted": extract_answer(comp.text), "correct": bool(score)})
+    if samples_path is not None:
+        path = Path(samples_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return {"accuracy": correct / max(1, len(problems)), "n": len(problems)}
