@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import os
 import sys
 
 from alignkit.config import ConfigError, describe, load_config
@@ -80,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(cls, recipe, overrides)
         result = getattr(module, fn_name)(cfg)
     except (ConfigError, ValueError, FileNotFoundError) as err:
+        if os.environ.get("ALIGNKIT_DEBUG"):
+            raise
         print(f"alignkit {command}: error: {err}", file=sys.stderr)
         return 1
     print(json.dumps(result, indent=2, default=str))
