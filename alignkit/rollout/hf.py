@@ -1,0 +1,345 @@
+"""Sampling with a plain Hugging Face model: alignkit's own decoding loop over `model(...)`.
+
+What makes it cheaper than `model.generate(num_return_sequences=n)`:
+- each prompt is prefilled once and its KV cache is shared by its n samples
+  (`Cache.batch_repeat_interleave` after the prefill), instead of prefilling n copies;
+- finished rows leave the running batch at once (`Cache.batch_select_indices`), so no compute is
+  spent on padding after eos, and left-padding columns that no running row needs any more are
+  cut from the cache;
+- the lm head runs only on the last prompt position; stop strings are checked on the last few
+  tokens only; optional bf16 autocast (`dtype=torch.bfloat16`).
+
+Conventions:
+- `Completion.token_ids` includes the eos id when generation ended on eos (a policy trained on
+  the completion must learn to stop), and includes the tokens that spell a stop string, while
+  `Completion.text` is cut before the stop string.
+- `Completion.logprobs[i]` is log p(token_i | prefix) under the model's *untempered*
+  distribution (plain log-softmax of the logits, before temperature, top-k and top-p): the
+  quantity a policy-gradient loss compares against. Training recomputes it anyway.
+- Sampling uses a `torch.Generator` seeded from `SamplingParams.seed`: the same seed, prompts,
+  params and batch size give the same completions (no seed: a fresh random seed per call).
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from alignkit.rollout.base import Completion, SamplingParams
+
+_DTYPES = {
+    "fp32": torch.float32, "float32": torch.float32,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16,
+}
+
+
+def _resolve_dtype(dtype) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str) and dtype.lower() in _DTYPES:
+        return _DTYPES[dtype.lower()]
+    raise ValueError(f"dtype must be None, a torch.dtype or one of {sorted(_DTYPES)}, got {dtype!r}")
+
+
+class HFGenerator:
+    """A `Generator` over any causal LM that `transformers` runs (peft-wrapped models included).
+
+    batch_size: prompts prefilled together; each contributes `n` rows to the decoding batch,
+        so up to batch_size * n sequences are decoded at once.
+    dtype: autocast dtype for the forward passes (e.g. torch.bfloat16 or "bf16"); None or
+        float32 runs the model in its own dtype.
+    """
+
+    def __init__(self, model, tokenizer, batch_size: int = 16, dtype=None):
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.dtype = _resolve_dtype(dtype)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        if pad is None:
+            raise ValueError("the tokenizer has neither a pad token nor an eos token")
+        self.pad_id = int(pad)
+        self.eos_ids = self._eos_ids()
+
+    def _eos_ids(self) -> list[int]:
+        ids = set()
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(int(self.tokenizer.eos_token_id))
+        gen_cfg = getattr(self.model, "generation_config", None)
+        extra = getattr(gen_cfg, "eos_token_id", None) if gen_cfg is not None else None
+        if isinstance(extra, int):
+            ids.add(extra)
+        elif extra is not None:
+            ids.update(int(i) for i in extra)
+        if not ids:
+            raise ValueError("no eos token id: set tokenizer.eos_token or model.generation_config.eos_token_id")
+        return sorted(ids)
+
+    # ------------------------------------------------------------------ public API
+    def generate(self, prompts: list[str], params: SamplingParams) -> list[Completion]:
+        if isinstance(prompts, str):
+            raise TypeError("prompts must be a list of strings, not a single string")
+        prompts = list(prompts)
+        if not prompts:
+            return []
+        encoded = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
+        for i, ids in enumerate(encoded):
+            if len(ids) == 0:
+                raise ValueError(f"prompt {i} is empty: there is nothing to condition on")
+
+        device = self._device()
+        gen = torch.Generator(device=device)
+        if params.seed is None:
+            gen.seed()
+        else:
+            gen.manual_seed(params.seed)
+
+        order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+        results: list[list[Completion] | None] = [None] * len(prompts)
+        model = self.model
+        was_training = model.training
+        model.eval()
+        if self.dtype is not None and self.dtype != torch.float32:
+            # no_grad rather than inference_mode here: autocast caches the low-precision copy of
+            # each weight only outside inference mode; inside it, every step would re-cast them.
+            grad_off, autocast = torch.no_grad(), torch.autocast(device_type=device.type, dtype=self.dtype)
+        else:
+            grad_off, autocast = torch.inference_mode(), nullcontext()
+        try:
+            with grad_off, autocast:
+                for start in range(0, len(order), self.batch_size):
+                    chunk = order[start:start + self.batch_size]
+                    outs = self._generate_batch([encoded[i] for i in chunk], params, gen, device)
+                    for j, i in enumerate(chunk):
+                        results[i] = [
+                            Completion(i, s, text, ids, reason, lps)
+                            for s, (text, ids, reason, lps) in enumerate(outs[j * params.n:(j + 1) * params.n])
+                        ]
+        finally:
+            model.train(was_training)
+        return [c for per_prompt in results for c in per_prompt]
+
+    # ------------------------------------------------------------------ internals
+    def _device(self) -> torch.device:
+        try:
+            return next(self.model.parameters()).device
+        except StopIteration:
+            return torch.device("cpu")
+
+    def _new_cache(self, capacity: int):
+        """A DynamicCache; when every layer is plain full attention, its layers write into
+        buffers sized for the whole generation instead of concatenating at every step."""
+        config = getattr(self.model, "config", None)
+        try:
+            cache = DynamicCache(config=config) if config is not None else DynamicCache()
+        except Exception:  # configs that the layer-type inference does not understand
+            return DynamicCache()
+        if cache.layers and all(type(layer) is DynamicLayer for layer in cache.layers):
+            cache.layers = [_BufferLayer(capacity) for _ in cache.layers]
+        return cache
+
+    def _generate_batch(self, batch_ids: list[list[int]], params: SamplingParams, gen, device):
+        """Decode n samples for each prompt of the batch; returns rows in prompt-major order."""
+        n, B = params.n, len(batch_ids)
+        L = max(len(ids) for ids in batch_ids)
+        input_ids = torch.full((B, L), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((B, L), dtype=torch.long)
+        for b, ids in enumerate(batch_ids):
+            input_ids[b, L - len(ids):] = torch.tensor(ids, dtype=torch.long)
+            mask[b, L - len(ids):] = 1
+        input_ids, mask = input_ids.to(device), mask.to(device)
+        position_ids = (mask.cumsum(-1) - 1).clamp_(min=0)
+
+        cache = self._new_cache(L + params.max_new_tokens)
+        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+        cache = out.past_key_values
+        logits = out.logits[:, -1, :].float()
+        del out
+        lengths = mask.sum(-1)  # position id of the next token = real tokens so far
+        if n > 1:  # one prefill per prompt, shared by its n samples
+            cache.batch_repeat_interleave(n)
+            logits = logits.repeat_interleave(n, dim=0)
+            mask = mask.repeat_interleave(n, dim=0)
+            lengths = lengths.repeat_interleave(n, dim=0)
+
+        R = B * n
+        rows = list(range(R))  # global row of each running row
+        tokens: list[list[int]] = [[] for _ in range(R)]
+        logps: list[list[float]] | None = [[] for _ in range(R)] if params.logprobs else None
+        reasons = ["length"] * R
+        eos = torch.tensor(self.eos_ids, device=device)
+        stops = params.stop
+        # Tokens to re-decode when checking stop strings: every ordinary token is at least one byte.
+        window = max((len(s.encode("utf-8")) for s in stops), default=0) + 2
+
+        for step in range(params.max_new_tokens):
+            nxt = _sample(logits, params, gen)
+            if logps is not None:
+                lp = (logits.gather(1, nxt[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)).tolist()
+            done = torch.isin(nxt, eos)
+            nxt_list = nxt.tolist()
+            for j, r in enumerate(rows):
+                tokens[r].append(nxt_list[j])
+                if logps is not None:
+                    logps[r].append(lp[j])
+            if stops:
+                done_list = done.tolist()
+                check = [j for j in range(len(rows)) if not done_list[j]]
+                if check:
+                    tails = self.tokenizer.batch_decode([tokens[rows[j]][-window:] for j in check],
+                                                        skip_special_tokens=True)
+                    hit = [j for j, t in zip(check, tails) if any(s in t for s in stops)]
+                    if hit:
+                        done[hit] = True
+            if step == params.max_new_tokens - 1:
+                for j, r in enumerate(rows):
+                    if bool(done[j]):
+                        reasons[r] = "stop"
+                break
+            if bool(done.any()):
+                keep = (~done).nonzero().squeeze(1)
+                for j in done.nonzero().squeeze(1).tolist():
+                    reasons[rows[j]] = "stop"
+                if keep.numel() == 0:
+                    break
+                rows = [rows[j] for j in keep.tolist()]
+                cache.batch_select_indices(keep)
+                mask, lengths, nxt = mask[keep], lengths[keep], nxt[keep]
+                # Drop leading columns that are padding for every remaining row.
+                cut = int(mask.argmax(-1).min())  # rows are 0..0 1..1
+                if cut > 0 and _crop_front(cache, cut):
+                    mask = mask[:, cut:]
+            mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
+            out = self.model(input_ids=nxt[:, None], attention_mask=mask, position_ids=lengths[:, None],
+                             past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            logits = out.logits[:, -1, :].float()
+            del out
+            lengths = lengths + 1
+
+        return [self._finish(tokens[r], reasons[r], None if logps is None else logps[r], stops) for r in range(R)]
+
+    def _finish(self, ids: list[int], reason: str, lps, stops):
+        body = ids[:-1] if ids and ids[-1] in self.eos_ids else ids
+        text = self.tokenizer.decode(body, skip_special_tokens=True)
+        if stops:
+            cuts = [k for k in (text.find(s) for s in stops) if k >= 0]
+            if cuts:
+                text = text[:min(cuts)]
+                reason = "stop"
+        return text, ids, reason, lps
+
+
+class _BufferLayer(DynamicLayer):
+    """A DynamicLayer that keeps keys/values in a buffer with room for `capacity` positions:
+    a decoding step writes one column in place instead of copying the whole cache (`torch.cat`).
+    `keys`/`values` are views of the filled part, so the rest of transformers sees a DynamicLayer."""
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity = capacity
+        self._k = self._v = None
+        self._start = self._end = 0
+
+    def _views(self) -> None:
+        self.keys = self._k[:, :, self._start:self._end]
+        self.values = self._v[:, :, self._start:self._end]
+
+    def _rebuild(self, fn) -> None:
+        """Replace the buffers by fn(filled part), copied to the front of new buffers."""
+        k, v = fn(self.keys), fn(self.values)
+        size = max(self.capacity, k.shape[2])
+        self._k = k.new_empty(k.shape[:2] + (size,) + k.shape[3:])
+        self._v = v.new_empty(v.shape[:2] + (size,) + v.shape[3:])
+        self._start, self._end = 0, k.shape[2]
+        self._k[:, :, :self._end] = k
+        self._v[:, :, :self._end] = v
+        self._views()
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+            self.keys, self.values = key_states[:, :, :0], value_states[:, :, :0]
+            self._rebuild(lambda t: t)
+        length = key_states.shape[2]
+        if self._end + length > self._k.shape[2]:  # out of room: grow (not expected)
+            self.capacity = 2 * (self._end - self._start + length)
+            self._rebuild(lambda t: t)
+        self._k[:, :, self._end:self._end + length] = key_states
+        self._v[:, :, self._end:self._end + length] = value_states
+        self._end += length
+        self._views()
+        return self.keys, self.values
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            self._rebuild(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            self._rebuild(lambda t: t.index_select(0, indices.to(t.device)))
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.batch_select_indices(beam_idx)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError("crop takes a negative number of tokens to remove")
+        if self.is_initialized and tokens_to_remove < 0:
+            self._end = max(self._start, self._end + tokens_to_remove)
+            self._views()
+
+    def crop_front(self, cut: int) -> None:
+        self._start += cut
+        self._views()
+
+    def reset(self) -> None:
+        self._k = self._v = None
+        self._start = self._end = 0
+        super().reset()
+
+
+def _crop_front(cache, cut: int) -> bool:
+    """Remove the first `cut` positions (padding for every row) from each layer of a plain
+    DynamicCache. Returns False, touching nothing, for other cache layouts (sliding windows...)."""
+    layers = getattr(cache, "layers", None)
+    if not layers or any(type(layer) not in (DynamicLayer, _BufferLayer) or not layer.is_initialized
+                         for layer in layers):
+        return False
+    for layer in layers:
+        if isinstance(layer, _BufferLayer):
+            layer.crop_front(cut)
+        else:
+            layer.keys = layer.keys[..., cut:, :]
+            layer.values = layer.values[..., cut:, :]
+    return True
+
+
+def _sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator) -> torch.Tensor:
+    """Next token per row from float32 logits [rows, vocab]."""
+    if params.temperature == 0:
+        return logits.argmax(dim=-1)
+    scores = logits / params.temperature
+    vocab = scores.shape[-1]
+    index = None
+    if 0 < params.top_k < vocab:
+        scores, index = torch.topk(scores, params.top_k, dim=-1)  # sorted, descending
+    if params.top_p < 1.0:
+        if index is None:
+            scores, index = torch.sort(scores, dim=-1, descending=True)
+        probs = torch.softmax(scores, dim=-1)
+        before = probs.cumsum(dim=-1) - probs  # mass of the strictly more likely tokens
+        scores = scores.masked_fill(before >= params.top_p, float("-inf"))
+    # Inverse-CDF sampling: one uniform number per row (torch.multinomial draws one per vocab entry).
+    cdf = torch.softmax(scores, dim=-1).cumsum_(dim=-1)
+    u = torch.rand((cdf.shape[0], 1), generator=gen, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]
+    choice = torch.searchsorted(cdf, u, right=True).squeeze(1)
+    choice = torch.where(choice < cdf.shape[-1], choice, scores.argmax(dim=-1))  # u rounded up to the total
+    return choice if index is None else index.gather(1, choice[:, None]).squeeze(1)
