@@ -15,6 +15,13 @@ COMMANDS = {
     "sft": ("alignkit.algorithms.sft", "SFTConfig", "run", "supervised fine-tuning (Llama 2 style, packed, Flan-style mixtures)"),
     "eval": ("alignkit.algorithms.evaluate", "EvalConfig", "run_eval", "arithmetic accuracy of a model (greedy, verifier)"),
     "generate": ("alignkit.algorithms.evaluate", "GenerateConfig", "run_generate", "sample completions for prompts"),
+    "rm": ("alignkit.algorithms.reward_model", "RMConfig", "run", "train a reward model on preference pairs or rankings (Llama 2 margins)"),
+    "rm-eval": ("alignkit.eval.reward_eval", "RMEvalConfig", "run", "reward-model accuracy by rating, margin and calibration"),
+    "score": ("alignkit.algorithms.score", "ScoreConfig", "run", "score {prompt, response} rows with a reward model or the combined reward"),
+    "ppo": ("alignkit.algorithms.ppo", "PPOConfig", "run", "RLHF with PPO, or critic-free REINFORCE / RLOO / GRPO (algorithm=...)"),
+    "dpo": ("alignkit.algorithms.dpo", "DPOConfig", "run", "direct preference optimisation (DPO, conservative DPO, IPO) on pairs"),
+    "rrhf": ("alignkit.algorithms.rrhf", "RRHFConfig", "run", "RRHF: rank k scored responses by log-probability, plus SFT on the best"),
+    "make-pairs": ("alignkit.algorithms.pairs", "MakePairsConfig", "run", "correct/incorrect answer pairs from a model on arithmetic problems"),
 }
 
 USAGE = """usage: alignkit <command> [recipe.yaml] [key=value ...] [--resume]
@@ -67,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     cls = getattr(module, cls_name)
     if "-h" in rest or "--help" in rest:
         print(f"alignkit {command} [recipe.yaml] [key=value ...]\n\nkeys:")
-        print("\n".join(describe(cls)))
+        print("\n".join(describe(cls())))
         return 0
     recipe = rest[0] if rest and rest[0].endswith((".yaml", ".yml")) else None
     overrides = [a for a in rest[1 if recipe else 0:] if a != "--resume"]

@@ -32,8 +32,9 @@ def _nearest(key: str, valid: list[str]) -> str:
     return f"; did you mean '{close[0]}'?" if close else f" (valid keys: {', '.join(sorted(valid))})"
 
 
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """Check (and gently convert) a YAML value to a field type; raise ConfigError if it does not fit."""
+def _coerce(value: Any, tp: Any, where: str, base: Any = None) -> Any:
+    """Check (and gently convert) a YAML value to a field type; raise ConfigError if it does not fit.
+    `base` is the field's default: a mapping given for a dataclass field overrides its keys only."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if tp is Any:
@@ -46,7 +47,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             if arg is type(None):
                 continue
             try:
-                return _coerce(value, arg, where)
+                return _coerce(value, arg, where, base)
             except ConfigError as err:
                 errors.append(str(err))
         raise ConfigError(errors[0] if errors else f"{where}: cannot be null")
@@ -55,7 +56,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return value
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
-        return build(tp, value, where)
+        return build(tp, value, where, base if isinstance(base, tp) else None)
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
@@ -97,16 +98,25 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
-def build(cls: type, data: dict, where: str = "") -> Any:
-    """Build dataclass `cls` from a mapping, strictly."""
+def _default(f: dataclasses.Field) -> Any:
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None if f.default is dataclasses.MISSING else f.default
+
+
+def build(cls: type, data: dict, where: str = "", base: Any = None) -> Any:
+    """Build dataclass `cls` from a mapping, strictly. Keys the mapping leaves out keep the
+    values of `base` when given (a nested default such as SFT's `train` with epochs=2), else
+    the field defaults."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs = {}
+    kwargs = {name: getattr(base, name) for name in fields} if base is not None else {}
     for key, value in data.items():
         path = f"{where}.{key}" if where else str(key)
         if key not in fields:
             raise ConfigError(f"unknown key '{path}'{_nearest(str(key), list(fields))}")
-        kwargs[key] = _coerce(value, hints[key], path)
+        default = kwargs[key] if base is not None else _default(fields[key])
+        kwargs[key] = _coerce(value, hints[key], path, default)
     missing = [
         n for n, f in fields.items()
         if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
@@ -162,16 +172,14 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def describe(cls: type, prefix: str = "") -> list[str]:
-    """One line per key: `name (default): help` — for --help output."""
+def describe(cfg: Any, prefix: str = "") -> list[str]:
+    """One line per key of a config instance: `name = default  help` (for --help output)."""
     lines = []
-    for f in dataclasses.fields(cls):
-        tp = typing.get_type_hints(cls)[f.name]
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
         name = f"{prefix}{f.name}"
-        if dataclasses.is_dataclass(tp):
-            lines.extend(describe(tp, name + "."))
-            continue
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else "required")
-        lines.append(f"  {name} = {default!r}  {f.metadata.get('help', '')}")
+        if dataclasses.is_dataclass(value):
+            lines.extend(describe(value, name + "."))
+        else:
+            lines.append(f"  {name} = {value!r}  {f.metadata.get('help', '')}".rstrip())
     return lines
