@@ -165,7 +165,7 @@ def load_config(cls: type, recipe: str | None = None, overrides: list[str] | Non
         except yaml.YAMLError:
             value = raw
         _set_dotted(data, key.strip(), value)
-    return build(cls, data)
+    return build(cls, data, base=cls())
 
 
 def to_dict(cfg: Any) -> dict:

@@ -33,3 +33,10 @@ def test_wrong_type_is_an_error():
 def test_missing_recipe():
     with pytest.raises(ConfigError, match="recipe 'nope.yaml' does not exist"):
         load_config(SFTConfig, "nope.yaml")
+
+
+def test_nested_override_keeps_the_methods_own_defaults():
+    # SFTConfig's train default has epochs=2.0; overriding another train key must keep it.
+    cfg = load_config(SFTConfig, None, ["train.lr=1e-4"])
+    assert cfg.train.lr == 1e-4 and cfg.train.epochs == 2.0
+    assert load_config(SFTConfig, None, []).train.epochs == 2.0
