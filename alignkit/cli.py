@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 
-from alignkit.config import ConfigError, describe, load_config
+from alignkit.config import ConfigError, defaults, describe, load_config
 
 # command -> (module, config class, run function, one-line description)
 COMMANDS = {
@@ -22,6 +22,12 @@ COMMANDS = {
     "dpo": ("alignkit.algorithms.dpo", "DPOConfig", "run", "direct preference optimisation (DPO, conservative DPO, IPO) on pairs"),
     "rrhf": ("alignkit.algorithms.rrhf", "RRHFConfig", "run", "RRHF: rank k scored responses by log-probability, plus SFT on the best"),
     "make-pairs": ("alignkit.algorithms.pairs", "MakePairsConfig", "run", "correct/incorrect answer pairs from a model on arithmetic problems"),
+    "best-of-n": ("alignkit.algorithms.best_of_n", "BestOfNConfig", "run", "best-of-N sampling: reward vs N and temperature, KL bound (Llama 2 Fig. 7/8)"),
+    "rs": ("alignkit.algorithms.rejection_sampling", "RSConfig", "run", "Llama 2 rejection-sampling fine-tuning (best of K, pooled over iterations)"),
+    "raft": ("alignkit.algorithms.raft", "RAFTConfig", "run", "RAFT: reward-ranked fine-tuning, local or global selection, online or offline"),
+    "rft": ("alignkit.algorithms.rft", "RFTConfig", "run", "RFT: fine-tune on distinct correct reasoning paths (union of sampler models)"),
+    "rest-em": ("alignkit.algorithms.rest_em", "RestEMConfig", "run", "ReST-EM: sample, keep correct, fine-tune the base model; pass@k, maj@k"),
+    "rest": ("alignkit.algorithms.rest", "RestConfig", "run", "ReST: Grow (sample) then Improve steps at rising reward thresholds"),
 }
 
 USAGE = """usage: alignkit <command> [recipe.yaml] [key=value ...] [--resume]
@@ -74,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     cls = getattr(module, cls_name)
     if "-h" in rest or "--help" in rest:
         print(f"alignkit {command} [recipe.yaml] [key=value ...]\n\nkeys:")
-        print("\n".join(describe(cls())))
+        print("\n".join(describe(defaults(cls))))
         return 0
     recipe = rest[0] if rest and rest[0].endswith((".yaml", ".yml")) else None
     overrides = [a for a in rest[1 if recipe else 0:] if a != "--resume"]

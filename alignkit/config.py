@@ -130,6 +130,21 @@ def build(cls: type, data: dict, where: str = "", base: Any = None) -> Any:
     return obj
 
 
+def defaults(cls: type) -> Any:
+    """An instance of `cls` holding its field defaults, without running its validation (a config
+    may require a key that has no usable default; overrides fill it, then `build` validates)."""
+    obj = object.__new__(cls)
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            value = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            value = f.default_factory()
+        else:
+            continue
+        object.__setattr__(obj, f.name, value)
+    return obj
+
+
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     node = tree
@@ -165,7 +180,7 @@ def load_config(cls: type, recipe: str | None = None, overrides: list[str] | Non
         except yaml.YAMLError:
             value = raw
         _set_dotted(data, key.strip(), value)
-    return build(cls, data, base=cls())
+    return build(cls, data, base=defaults(cls))
 
 
 def to_dict(cfg: Any) -> dict:
