@@ -37,6 +37,7 @@ class LoraConfig:
     alpha: int = opt(32, "LoRA scaling numerator (scale = alpha / r)")
     dropout: float = opt(0.0, "dropout on the LoRA input")
     target_modules: list[str] = opt(factory=lambda: ["all-linear"], help="modules to adapt ('all-linear' = every linear layer but the output head)")
+    top_layers: int = opt(0, "adapt only the top N decoder layers (0 = all): back-propagation then stops below them, which saves time on CPU")
 
 
 @dataclass
@@ -127,14 +128,33 @@ def load_causal_lm(path: str, cfg: ModelConfig):
     )
 
 
-def add_lora(model, lora: LoraConfig, adapter_name: str = "default"):
+def add_lora(model, lora: LoraConfig, adapter_name: str = "default", task_type: str = "CAUSAL_LM"):
+    """Wrap `model` with a fresh LoRA adapter. task_type SEQ_CLS (reward models) also trains and
+    saves the `score` head in full (peft's modules_to_save)."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
     target = lora.target_modules[0] if lora.target_modules == ["all-linear"] else list(lora.target_modules)
+    if lora.top_layers > 0:
+        target = _top_layer_linears(model, lora.top_layers, None if target == "all-linear" else target)
     peft_cfg = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                              target_modules=target, task_type="CAUSAL_LM")
+                              target_modules=target, task_type=task_type)
     return get_peft_model(model, peft_cfg, adapter_name=adapter_name)
+
+
+def _top_layer_linears(model, n: int, leaves: list[str] | None) -> list[str]:
+    """Full names of the linear modules (all, or those named `leaves`) in the top `n` decoder layers."""
+    import re
+
+    found = []
+    for name, module in model.named_modules():
+        m = re.search(r"(?:^|\.)layers\.(\d+)\.", name)
+        if m and isinstance(module, torch.nn.Linear) and (leaves is None or name.rsplit(".", 1)[-1] in leaves):
+            found.append((int(m.group(1)), name))
+    if not found:
+        raise ModelError("lora.top_layers: no linear modules inside numbered decoder layers ('layers.N.') were found")
+    last = max(i for i, _ in found)
+    return [name for i, name in found if i > last - n]
 
 
 def load_model(cfg: ModelConfig, train: bool = True):

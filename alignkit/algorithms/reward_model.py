@@ -1,0 +1,182 @@
+"""Reward-model training (`alignkit rm`): pairwise ranking loss, Llama 2 margins, K-way rankings.
+
+Data: preference pairs in any format `load_preferences` reads (TRL prompt/chosen/rejected,
+conversational, Anthropic HH text), K ranked responses (`load_ranked`), or, when data.path is
+empty, the built-in synthetic preferences (ratings and a gold reward are known). Each prompt
+with its responses is one *group*; groups are packed padding-free into rows with the prompt
+computed once (see alignkit.rewards.model), and the loss is
+
+    pairs:  −log σ(r_c − r_r − m(rating)) + c·(r_c + r_r)²        (one unit per pair)
+    ranked: mean over the group's C(K,2) untied pairs of −log σ(r_better − r_worse)  (one per prompt)
+
+Held-out accuracy is measured during training (train.eval_every) and the final model goes
+through the full `rm-eval` report (per rating bucket, calibration) before it is saved to
+<output_dir>/final as a plain HF SequenceClassification directory.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from alignkit.algorithms.sft import split_eval
+from alignkit.config import ConfigError, opt
+from alignkit.data.collate import pack_groups
+from alignkit.data.formats import load_preferences, load_ranked
+from alignkit.data.io import iter_rows
+from alignkit.data.tasks.preferences import build_preferences
+from alignkit.engine.config import TrainConfig
+from alignkit.engine.trainer import Engine, fit, steps_for
+from alignkit.eval.reward_eval import as_pairs, evaluate_pairs
+from alignkit.losses.reward import MARGIN_TABLES, margin_for_ratings, pairwise_loss, ranked_loss
+from alignkit.models.load import ModelConfig, save_model
+from alignkit.rewards.model import Group, RewardModel, encode_group, grouped_row, load_reward_model, sequence_rewards
+
+log = logging.getLogger("alignkit")
+
+
+@dataclass
+class RMDataConfig:
+    path: str = opt("", "preference pairs or ranked responses (JSONL, JSON, Parquet, datasets dir); empty = built-in synthetic preferences")
+    format: str = opt("auto", "pairs, ranked, or auto (ranked when rows have responses/completions)")
+    split: str | None = opt(None, "split of a DatasetDict directory")
+    eval_path: str = opt("", "held-out data in the same formats (empty = hold out eval_fraction)")
+    eval_fraction: float = opt(0.05, "fraction held out when eval_path is empty")
+    builtin_pairs: int = opt(2000, "training pairs of the built-in synthetic preferences")
+    builtin_eval_pairs: int = opt(400, "held-out pairs of the built-in preferences (prompts never seen in training)")
+    max_length: int = opt(512, "tokens per prompt + response (longer ones lose prompt tokens from the left)")
+
+
+@dataclass
+class RMConfig:
+    model: ModelConfig = opt(factory=ModelConfig, help="the backbone (a causal LM, usually the SFT/chat model) or a reward model to continue")
+    train: TrainConfig = opt(factory=lambda: TrainConfig(output_dir="runs/rm", lr=1e-5, epochs=1.0, max_tokens_per_batch=1024),
+                             help="training loop (Llama 2: 1 epoch, cosine to 10%, warmup 3%, lr 1e-5 full / ~3e-4 LoRA)")
+    data: RMDataConfig = opt(factory=RMDataConfig, help="training and held-out data")
+    margin: str = opt("none", "Llama 2 rating margin m(rating): none, small or large (pairs without a rating get 0)")
+    center_coef: float = opt(0.0, "centring term c·(r_c + r_r)² that keeps rewards near 0 (pairs only)")
+    eval_pairs: int = opt(200, "held-out pairs scored at each train.eval_every (the final report uses all)")
+
+    def __post_init__(self):
+        if self.margin not in MARGIN_TABLES:
+            raise ValueError(f"margin must be one of {', '.join(MARGIN_TABLES)}, not {self.margin!r}")
+        if self.data.format not in ("auto", "pairs", "ranked"):
+            raise ValueError(f"data.format must be auto, pairs or ranked, not {self.data.format!r}")
+
+
+def load_feedback(path: str, split: str | None = None, fmt: str = "auto") -> tuple[str, list]:
+    """("pairs", PreferencePairs) or ("ranked", RankedResponses) from a file; `fmt` auto picks
+    ranked when the first row has responses/completions. Bad rows raise one DataError."""
+    if fmt == "auto":
+        first = next(iter_rows(path, [], split), ("", {}))[1]
+        fmt = "ranked" if {"responses", "completions"} & {k for k, v in first.items() if v is not None} else "pairs"
+    return fmt, (load_preferences if fmt == "pairs" else load_ranked)(path, split)
+
+
+def load_items(data: RMDataConfig, seed: int) -> tuple[str, list, list]:
+    """(kind, train records, held-out records), all validated before any model is loaded."""
+    if not data.path:
+        return "pairs", build_preferences(data.builtin_pairs, seed, "train"), build_preferences(data.builtin_eval_pairs, seed, "heldout")
+    kind, items = load_feedback(data.path, data.split, data.format)
+    if data.eval_path:
+        return kind, items, load_feedback(data.eval_path, data.split, data.format)[1]
+    return kind, *split_eval(items, data.eval_fraction, seed)
+
+
+def encode_items(tokenizer, kind: str, items: list, max_length: int, margin: str) -> list[tuple[Group, dict]]:
+    """Each item as (group of token ids, loss targets): margin for pairs, scores for rankings."""
+    out = []
+    for it in items:
+        responses = [it.chosen, it.rejected] if kind == "pairs" else list(it.responses)
+        group = encode_group(tokenizer, it.prompt, responses, max_length)
+        target = {"margin": float(margin_for_ratings([it.rating], margin)[0])} if kind == "pairs" else {"scores": list(it.scores)}
+        out.append((group, target))
+    cut = sum(g.truncated for g, _ in out)
+    if cut:
+        log.warning("%d of %d groups had a sequence longer than data.max_length=%d and were truncated", cut, len(out), max_length)
+    return out
+
+
+def collate(encoded: list[tuple[Group, dict]]) -> dict:
+    """A grouped row plus the loss targets: margin [G], or scores and score_mask [G, K]."""
+    batch = grouped_row([g for g, _ in encoded])
+    k = max(len(g.suffixes) for g, _ in encoded)
+    mask = torch.zeros(len(encoded), k, dtype=torch.bool)
+    scores = torch.zeros(len(encoded), k)
+    for i, (g, target) in enumerate(encoded):
+        mask[i, : len(g.suffixes)] = True
+        if "scores" in target:
+            scores[i, : len(g.suffixes)] = torch.tensor(target["scores"])
+    batch["score_mask"] = mask
+    if "margin" in encoded[0][1]:
+        batch["margin"] = torch.tensor([t["margin"] for _, t in encoded])
+    else:
+        batch["scores"] = scores
+    return batch
+
+
+def epoch_batches_fn(encoded: list[tuple[Group, dict]], max_tokens: int, seed: int):
+    """epoch -> micro-batches: groups packed once (first-fit decreasing), row order shuffled per epoch."""
+    rows = pack_groups([len(g) for g, _ in encoded], max_tokens)
+
+    def batches(epoch: int) -> list[dict]:
+        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+        return [collate([encoded[i] for i in rows[r]]) for r in order]
+
+    return batches
+
+
+def rm_step(model, center_coef: float = 0.0):
+    """Step function: loss summed over pairs (or over prompts for rankings), metrics summed alike."""
+
+    def step(batch: dict):
+        mask = batch["score_mask"]
+        rewards = torch.zeros(mask.shape, device=mask.device).masked_scatter(mask, sequence_rewards(model, batch))
+        if "margin" in batch:
+            loss, metrics = pairwise_loss(rewards[:, 0], rewards[:, 1], batch["margin"], center_coef)
+        else:
+            loss, metrics = ranked_loss(rewards, batch["scores"], mask)
+        n = loss.shape[0]
+        return loss.sum(), n, {k: v.item() * n for k, v in metrics.items() if k in ("accuracy", "margin", "rewards/chosen", "rewards/rejected")}
+
+    return step
+
+
+def eval_fn(engine: Engine, rm: RewardModel, pairs: list, n_during: int, report_dir: Path):
+    """Held-out accuracy, overall and per rating, of the model being trained (`rm` wraps it):
+    on the first `n_during` pairs during training, on all of them with the full report written
+    to `report_dir` after the last step."""
+
+    def evaluate(_model) -> dict:
+        final = engine.step >= engine.total_steps
+        report = evaluate_pairs(rm, pairs if final else pairs[:n_during], report_dir if final else None)
+        return {"accuracy": report["accuracy"], "mean_margin": report["mean_margin"], "ece": report["calibration"]["ece"],
+                **{f"accuracy/{r}": b["accuracy"] for r, b in report["buckets"].items() if b["n"]}}
+
+    return evaluate
+
+
+def run(cfg: RMConfig) -> dict:
+    kind, train_items, eval_items = load_items(cfg.data, cfg.train.seed)
+    if kind == "ranked" and cfg.center_coef:
+        raise ConfigError("center_coef applies to pairwise data only (this data is ranked)")
+    model, tokenizer, _ = load_reward_model(cfg.model, train=True, seed=cfg.train.seed)
+    encoded = encode_items(tokenizer, kind, train_items, cfg.data.max_length, cfg.margin)
+    held_out = as_pairs(eval_items)
+    log.info("reward model on %d %s (%d tokens with shared prompts), %d held-out pairs", len(encoded), kind,
+             sum(len(g) for g, _ in encoded), len(held_out))
+    batches = epoch_batches_fn(encoded, cfg.train.max_tokens_per_batch, cfg.train.seed)
+    engine = Engine(model, cfg.train, steps_for(len(batches(0)), cfg.train), asdict(cfg))
+    rm = RewardModel(engine.model, tokenizer, max_length=cfg.data.max_length,
+                     max_tokens=cfg.train.max_tokens_per_batch, precision=cfg.train.precision)
+    report_dir = Path(cfg.train.output_dir) / "eval"
+    evaluate = eval_fn(engine, rm, held_out, cfg.eval_pairs, report_dir) if held_out else None
+    metrics = fit(engine, rm_step(engine.model, cfg.center_coef), batches, evaluate)
+    if held_out:
+        log.info("held-out reward-model accuracy:\n%s", (report_dir / "report.md").read_text())
+        metrics["eval/report"] = str(report_dir / "report.json")
+    final = save_model(engine.model, tokenizer, Path(cfg.train.output_dir) / "final", merge_lora=cfg.train.merge_lora)
+    return {**metrics, "final_model": str(final)}
