@@ -53,3 +53,31 @@ def sequence_logprobs(model, batch: dict, segment_ids: torch.Tensor) -> torch.Te
     seg = segment_ids[:, 1:][mask]
     total = int(segment_ids.max().item()) + 1
     return torch.zeros(total, dtype=logps.dtype, device=logps.device).index_add(0, seg, logps)
+
+
+def group_attention_mask(group_ids: torch.Tensor, parts: torch.Tensor, implementation: str) -> torch.Tensor:
+    """The [B, 1, L, L] mask of a prompt-sharing row (data.groups): causal, inside one group,
+    and a response sees its prompt and itself but no sibling response."""
+    length = group_ids.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=group_ids.device).tril()
+    same_group = group_ids[:, :, None] == group_ids[:, None, :]
+    visible = (parts[:, None, :] == 0) | (parts[:, :, None] == parts[:, None, :])
+    mask = (causal & same_group & visible)[:, None]
+    if implementation == "sdpa":
+        return mask
+    if implementation == "eager":
+        return torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, torch.finfo(torch.float32).min)
+    raise ValueError(f"prompt-sharing rows need attn_implementation sdpa or eager, not {implementation!r}")
+
+
+def group_logprobs(model, batch: dict, chunk_size: int = 1024) -> torch.Tensor:
+    """Summed target log-probs of every response of a prompt-sharing row (`data.groups.group_row`,
+    batch size 1): a tensor [num_responses]. The output head runs on target positions only."""
+    lm = unwrap(model)
+    mask = group_attention_mask(batch["group_ids"], batch["parts"], lm.config._attn_implementation)
+    hidden = decoder_hidden(model, {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"],
+                                    "attention_mask": mask})
+    logits = lm.get_output_embeddings()(hidden[0, batch["source"]])
+    logps = gather_logprobs(logits, batch["targets"], chunk_size=chunk_size)
+    total = batch["lengths"].shape[0]
+    return torch.zeros(total, dtype=logps.dtype, device=logps.device).index_add(0, batch["segments"], logps)

@@ -1,0 +1,105 @@
+"""Built-in preference pairs: a model's own correct and incorrect answers to arithmetic problems
+(`alignkit make-pairs`; `alignkit dpo` builds them on the fly when it has no data.path).
+
+Sample several answers per training problem, check each with the verifier, and pair a correct
+answer (chosen) with an incorrect one (rejected). When the model has no correct sample for a
+problem, the gold answer (`target_text`) is the chosen response. The file is TRL's
+conversational preference format, which `load_preferences` reads back.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from alignkit.config import opt
+from alignkit.data.records import PreferencePair, user_prompt
+from alignkit.data.tasks.arithmetic import generate_problems, prompt_text, target_text
+from alignkit.eval.arithmetic import prompts_for
+from alignkit.models.load import ModelConfig, load_model
+from alignkit.rewards.verifiers import verify
+from alignkit.rollout.base import SamplingParams
+from alignkit.rollout.hf import HFGenerator
+
+log = logging.getLogger("alignkit")
+
+
+@dataclass
+class PairsConfig:
+    problems: int = opt(256, "training arithmetic problems to sample")
+    samples: int = opt(4, "answers sampled per problem")
+    temperature: float = opt(1.0, "sampling temperature")
+    top_p: float = opt(1.0, "nucleus sampling mass")
+    max_new_tokens: int = opt(24, "generation budget per answer")
+    style: str = opt("answer", "prompt style: answer (only the number) or cot (step by step)")
+    pairs_per_problem: int = opt(1, "pairs per problem (each with a different incorrect answer)")
+    batch_size: int = opt(16, "prompts decoded together (each with `samples` rows)")
+    dtype: str = opt("fp32", "sampling precision: fp32, or bf16 autocast (faster on CPUs with bf16 matmul)")
+    seed: int = opt(0, "seed of the problems and of the sampler")
+
+
+def make_pairs(model, tokenizer, cfg: PairsConfig) -> tuple[list[PreferencePair], dict]:
+    """Sample, verify and pair; returns (pairs, statistics)."""
+    problems = generate_problems(cfg.problems, seed=cfg.seed, split="train")
+    params = SamplingParams(n=cfg.samples, temperature=cfg.temperature, top_p=cfg.top_p,
+                            max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+    completions = HFGenerator(model, tokenizer, cfg.batch_size, cfg.dtype).generate(prompts_for(tokenizer, problems, cfg.style), params)
+    answers: list[dict[str, float]] = [{} for _ in problems]  # distinct stripped texts -> reward
+    hits = 0.0
+    for c in completions:
+        reward = verify(c.text, problems[c.prompt_index].answer)
+        hits += reward
+        if c.text.strip():
+            answers[c.prompt_index][c.text.strip()] = reward
+    pairs, gold_chosen, solved = [], 0, 0
+    for problem, found in zip(problems, answers):
+        right = [t for t, r in found.items() if r > 0]
+        wrong = [t for t, r in found.items() if r == 0][: cfg.pairs_per_problem]
+        solved += bool(right)
+        if not right:
+            right = [target_text(problem, cfg.style)]
+            gold_chosen += len(wrong)
+        prompt = user_prompt(prompt_text(problem, cfg.style))
+        pairs += [PreferencePair(prompt, right[i % len(right)], rejected) for i, rejected in enumerate(wrong)]
+    accuracy = hits / max(1, len(completions))
+    stats = {"problems": len(problems), "samples": len(completions), "sample_accuracy": accuracy,
+             "problems_with_a_correct_sample": solved, "pairs": len(pairs), "pairs_with_gold_chosen": gold_chosen}
+    log.info("built %d pairs from %d problems (sample accuracy %.3f, %d pairs with the gold answer as chosen)",
+             len(pairs), len(problems), accuracy, gold_chosen)
+    return pairs, stats
+
+
+def pair_record(pair: PreferencePair) -> dict:
+    """A pair in TRL's conversational format."""
+    return {"prompt": [{"role": m.role, "content": m.content} for m in pair.prompt],
+            "chosen": [{"role": "assistant", "content": pair.chosen}],
+            "rejected": [{"role": "assistant", "content": pair.rejected}]}
+
+
+def write_pairs(pairs: list[PreferencePair], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(pair_record(p)) + "\n" for p in pairs))
+    tmp.replace(path)
+    return path
+
+
+@dataclass
+class MakePairsConfig:
+    model: ModelConfig = opt(factory=ModelConfig, help="the model whose answers are paired")
+    pairs: PairsConfig = opt(factory=PairsConfig, help="sampling and pairing")
+    output: str = opt("runs/pairs/pairs.jsonl", "where the pairs go (JSONL, TRL conversational format)")
+    threads: int = opt(0, "torch CPU threads (0 = torch default)")
+
+
+def run(cfg: MakePairsConfig) -> dict:
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    model, tokenizer, _ = load_model(cfg.model, train=False)
+    pairs, stats = make_pairs(model, tokenizer, cfg.pairs)
+    return {**stats, "output": str(write_pairs(pairs, cfg.output))}

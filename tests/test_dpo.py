@@ -1,0 +1,140 @@
+import copy
+import json
+
+import pytest
+import torch
+
+from alignkit.algorithms.dpo import (DPOConfig, DPODataConfig, dpo_step, precompute_reference,
+                                     reference_fn, run, tokenize_pairs)
+from alignkit.algorithms.pairs import PairsConfig, pair_record
+from alignkit.data.chat import IGNORE, tokenize_prompt_response
+from alignkit.data.groups import pack_rows
+from alignkit.data.records import Message, PreferencePair
+from alignkit.engine.config import TrainConfig
+from alignkit.engine.logging import read_metrics
+from alignkit.engine.trainer import Engine, fit
+from alignkit.eval.arithmetic import ArithmeticEvalConfig
+from alignkit.losses.dpo import dpo_loss, ipo_loss
+from alignkit.models.forward import group_logprobs
+from alignkit.models.load import LoraConfig, ModelConfig, add_lora
+from alignkit.models.tiny import save_tiny, tiny_model
+
+PAIRS = [
+    PreferencePair((Message("user", "what is 2+2?"),), "4", "5 or maybe 6"),
+    PreferencePair((Message("system", "be brief"), Message("user", "reverse abc")), "cba", "abc"),
+    PreferencePair((Message("user", "say hi"),), "hi there", "no"),
+    PreferencePair((Message("user", "count to three"),), "1 2 3", "1 2 4 5"),
+]
+
+
+def plain_logp(model, tok, prompt, response) -> float:
+    """One unpacked forward of prompt+response; log_softmax gathered over the response tokens."""
+    t = tokenize_prompt_response(tok, prompt, response)
+    logits = model(torch.tensor([t.input_ids])).logits[0, :-1].float()
+    labels = torch.tensor(t.labels[1:])
+    keep = labels != IGNORE
+    return torch.log_softmax(logits, -1)[keep].gather(1, labels[keep][:, None]).sum().item()
+
+
+def plain_pair_logps(model, tok):
+    return [torch.tensor([plain_logp(model, tok, p.prompt, getattr(p, side)) for p in PAIRS])
+            for side in ("chosen", "rejected")]
+
+
+@pytest.mark.parametrize("loss,smoothing", [("dpo", 0.0), ("dpo", 0.2), ("ipo", 0.0)])
+def test_step_loss_equals_dpo_loss_on_independent_logps(tok, loss, smoothing):
+    policy, ref = tiny_model(seed=0).eval(), tiny_model(seed=1).eval()
+    cfg = DPOConfig(loss=loss, beta=0.5, label_smoothing=smoothing)
+    rows = pack_rows(tokenize_pairs(tok, PAIRS, 512), max_tokens=60)
+    assert len(rows) > 1  # several rows, each with one or more prompt-sharing pairs
+    step = dpo_step(policy, cfg, reference_fn(policy, ref))
+    with torch.no_grad():
+        sums = [step(row) for row in rows]
+        pc, pr = plain_pair_logps(policy, tok)
+        rc, rr = plain_pair_logps(ref, tok)
+    if loss == "ipo":
+        lengths = [torch.tensor([float(sum(x != IGNORE for x in tokenize_prompt_response(tok, p.prompt, getattr(p, side)).labels))
+                                 for p in PAIRS]) for side in ("chosen", "rejected")]
+        expected, metrics = ipo_loss(pc / lengths[0], pr / lengths[1], rc / lengths[0], rr / lengths[1], beta=0.5)
+    else:
+        expected, metrics = dpo_loss(pc, pr, rc, rr, beta=0.5, label_smoothing=smoothing)
+    units = sum(s[1] for s in sums)
+    assert units == len(PAIRS)
+    assert sum(s[0].item() for s in sums) / units == pytest.approx(expected.mean().item(), abs=1e-5)
+    for key in ("rewards/margin", "rewards/accuracy", "logps/chosen", "logps/rejected"):
+        assert sum(s[2][key] for s in sums) / units == pytest.approx(metrics[key].item(), abs=1e-5)
+
+
+def test_lora_reference_is_the_adapter_disabled_base(tok):
+    base = tiny_model(seed=0).eval()
+    model = add_lora(copy.deepcopy(base), LoraConfig(r=4, alpha=8))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)  # a trained adapter changes the outputs
+    row = pack_rows(tokenize_pairs(tok, PAIRS, 512), max_tokens=4096)[0]
+    with torch.no_grad():
+        ref = reference_fn(model)(row)
+        torch.testing.assert_close(ref, group_logprobs(base, row), rtol=0, atol=1e-5)
+        assert (group_logprobs(model, row) - ref).abs().max() > 1e-2
+
+
+def _engine(tmp_path, model, steps=20):
+    cfg = TrainConfig(output_dir=str(tmp_path), lr=3e-3, max_steps=steps, warmup_steps=0, schedule="constant",
+                      progress=False, weight_decay=0.0)
+    return Engine(model, cfg, steps)
+
+
+def test_overfit_batch_margin_and_accuracy_rise(tok, tmp_path):
+    model = tiny_model(seed=0)
+    rows = pack_rows(tokenize_pairs(tok, PAIRS, 512), max_tokens=4096)
+    frozen = copy.deepcopy(model).requires_grad_(False).eval()
+    engine = _engine(tmp_path, model)
+    fit(engine, dpo_step(engine.model, DPOConfig(beta=0.1), reference_fn(model, frozen)), lambda epoch: rows)
+    log = [r for r in read_metrics(tmp_path) if "loss" in r]
+    assert log[0]["rewards/margin"] == pytest.approx(0.0, abs=1e-6)  # policy == reference at step 1
+    assert log[-1]["rewards/margin"] > 0.5 and log[-1]["rewards/accuracy"] == 1.0
+    assert log[-1]["loss"] < log[0]["loss"] - 0.1
+
+
+def test_precomputed_reference_gives_the_live_loss(tok):
+    policy, ref = tiny_model(seed=0).eval(), tiny_model(seed=1).eval()
+    rows = pack_rows(tokenize_pairs(tok, PAIRS, 512), max_tokens=60)
+    cfg = DPOConfig()
+    with torch.no_grad():
+        live = [dpo_step(policy, cfg, reference_fn(policy, ref))(row)[0] for row in rows]
+        precompute_reference(rows, reference_fn(policy, ref), TrainConfig(device="cpu"))
+        stored = [dpo_step(policy, cfg)(row)[0] for row in rows]
+    torch.testing.assert_close(torch.stack(stored), torch.stack(live), rtol=0, atol=1e-6)
+
+
+def _run_cfg(tmp_path, name, **kw):
+    model = ModelConfig(path=str(tmp_path / "tiny"), lora=kw.pop("lora", None))
+    train = TrainConfig(output_dir=str(tmp_path / name), lr=1e-3, max_steps=3, progress=False,
+                        max_tokens_per_batch=kw.pop("max_tokens", 80))
+    return DPOConfig(model=model, train=train, eval=ArithmeticEvalConfig(problems=kw.pop("eval", 0), max_new_tokens=4), **kw)
+
+
+def test_run_precompute_matches_live_reference(tok, tmp_path):
+    save_tiny(str(tmp_path / "tiny"))
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(pair_record(p)) + "\n" for p in PAIRS))
+    results = [run(_run_cfg(tmp_path, f"run{pre}", data=DPODataConfig(path=str(data)), precompute_ref=pre))
+               for pre in (False, True)]
+    losses = [[r["loss"] for r in read_metrics(tmp_path / f"run{pre}") if "loss" in r] for pre in (False, True)]
+    assert len(losses[0]) == 3 and losses[0] == pytest.approx(losses[1], abs=1e-6)
+    assert results[0]["rewards/margin"] == pytest.approx(results[1]["rewards/margin"], abs=1e-6)
+
+
+def test_run_builtin_pairs_lora_sft_reference(tmp_path):
+    save_tiny(str(tmp_path / "tiny"))
+    pairs = PairsConfig(problems=3, samples=2, max_new_tokens=4, batch_size=3)
+    cfg = _run_cfg(tmp_path, "builtin", lora=LoraConfig(r=4, alpha=8), sft_reference=True, eval=2,
+                   max_tokens=4096, data=DPODataConfig(pairs=pairs))
+    cfg.reference_train.max_steps = 1
+    cfg.reference_train.progress = False
+    result = run(cfg)
+    assert result["pairs/pairs"] > 0 and (tmp_path / "builtin" / "pairs.jsonl").is_file()
+    assert (tmp_path / "builtin" / "reference" / "checkpoints").is_dir()
+    assert 0.0 <= result["eval/arithmetic_accuracy"] <= 1.0
+    assert (tmp_path / "builtin" / "final" / "config.json").is_file()
