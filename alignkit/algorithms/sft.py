@@ -120,11 +120,12 @@ def eval_loss_fn(tokenized: list[Tokenized], pad_id: int, batch_size: int = 8):
 
 
 def train_sft(model, tokenizer, train: list[Tokenized], cfg: TrainConfig, packing: bool = True,
-              eval_fn=None, run_config: dict | None = None) -> tuple[Engine, dict]:
-    """The SFT stage: fit `model` on tokenized examples with the engine; returns (engine, metrics)."""
+              eval_fn=None, run_config: dict | None = None, weighted: bool = False) -> tuple[Engine, dict]:
+    """The SFT stage: fit `model` on tokenized examples with the engine; returns (engine, metrics).
+    `weighted`: scale each example's NLL by its `Tokenized.weight` (reward-weighted NLL)."""
     batches = epoch_batches_fn(train, tokenizer.pad_token_id, cfg.seed, packing, cfg.batch_size, cfg.max_tokens_per_batch)
     engine = Engine(model, cfg, steps_for(len(batches(0)), cfg), run_config)
-    metrics = fit(engine, sft_step(engine.model), batches, eval_fn)
+    metrics = fit(engine, sft_step(engine.model, weighted), batches, eval_fn)
     return engine, metrics
 
 

@@ -23,6 +23,7 @@ class ChatTemplateError(ValueError):
 class Tokenized:
     input_ids: list[int]
     labels: list[int]  # IGNORE where no loss
+    weight: float | None = None  # per-example loss weight (ReST-EM's reward); None = 1
 
     @property
     def n_targets(self) -> int:

@@ -14,7 +14,8 @@ from alignkit.data.chat import IGNORE, Tokenized
 
 
 def pad_batch(examples: list[Tokenized], pad_id: int) -> dict:
-    """Right-padded batch with attention_mask; labels are IGNORE on padding."""
+    """Right-padded batch with attention_mask; labels are IGNORE on padding. When an example
+    carries a `weight`, the batch has per-token `weights` (1 for examples without one)."""
     width = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
@@ -24,7 +25,10 @@ def pad_batch(examples: list[Tokenized], pad_id: int) -> dict:
         ids[row, :n] = torch.tensor(e.input_ids)
         labels[row, :n] = torch.tensor(e.labels)
         mask[row, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    if any(e.weight is not None for e in examples):
+        batch["weights"] = torch.tensor([[1.0 if e.weight is None else e.weight] for e in examples]) * mask
+    return batch
 
 
 def pack_groups(lengths: list[int], max_tokens: int) -> list[list[int]]:
@@ -49,19 +53,24 @@ def pack_groups(lengths: list[int], max_tokens: int) -> list[list[int]]:
 
 def packed_row(examples: list[Tokenized]) -> dict:
     """One row of concatenated examples: input_ids, position_ids, labels and segment_ids (the
-    index of the example each token belongs to), all of shape [1, total]."""
-    ids, pos, labels, segs = [], [], [], []
+    index of the example each token belongs to), all of shape [1, total]; plus per-token
+    `weights` when an example carries a `weight`."""
+    ids, pos, labels, segs, weights = [], [], [], [], []
     for k, e in enumerate(examples):
         segs.extend([k] * len(e.input_ids))
+        weights.extend([1.0 if e.weight is None else e.weight] * len(e.input_ids))
         ids.extend(e.input_ids)
         labels.extend([IGNORE] + e.labels[1:])  # never predict an example's first token from the previous one
         pos.extend(range(len(e.input_ids)))
-    return {
+    row = {
         "input_ids": torch.tensor([ids], dtype=torch.long),
         "position_ids": torch.tensor([pos], dtype=torch.long),
         "labels": torch.tensor([labels], dtype=torch.long),
         "segment_ids": torch.tensor([segs], dtype=torch.long),
     }
+    if any(e.weight is not None for e in examples):
+        row["weights"] = torch.tensor([weights])
+    return row
 
 
 def epoch_batches_fn(examples: list[Tokenized], pad_id: int, seed: int, packing: bool,

@@ -1,0 +1,149 @@
+"""Best-of-N (rejection sampling at inference): sample N responses, return the highest-reward one.
+
+KL(pi_BoN || pi) <= log N - (N-1)/N (N=16: 1.835 nats, N=64: 3.175).
+
+`alignkit best-of-n` sweeps N and the temperature as in Llama 2 Fig. 7/8: for each temperature
+it samples max(ns) responses per prompt once and reads every smaller N from the first N of
+them (nested subsets: the max over N can only rise with N, and no sample is drawn twice).
+For each (T, N) it reports the mean over prompts of the max and of the median reward among N
+samples, writes `sweep.jsonl`, `table.md`, `best.jsonl` (the best of max(ns) per prompt at the
+best temperature) and `curves.png` (when matplotlib is installed).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from alignkit.algorithms.stages import Sample, best_per_prompt, by_prompt, collect, make_reward, score
+from alignkit.config import opt
+from alignkit.data.tasks.arithmetic import ArithmeticConfig, generate_problems
+from alignkit.data.tasks.arithmetic import prompt_text as arithmetic_prompt
+from alignkit.data.tasks.preferences import build_prompts
+from alignkit.models.load import ModelConfig, load_model
+from alignkit.rewards.verifier_reward import VerifierReward
+from alignkit.rollout.base import SamplingParams
+from alignkit.rollout.hf import HFGenerator
+
+log = logging.getLogger("alignkit")
+
+
+def kl_bound(n: int) -> float:
+    """Upper bound on KL(best-of-n || base policy), in nats: log n - (n - 1) / n."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    return math.log(n) - (n - 1) / n
+
+
+def best_of_n(generator, tokenizer, prompts: list[str], reward_fn, params: SamplingParams) -> list[Sample]:
+    """The highest-reward of `params.n` samples for each user prompt text."""
+    return best_per_prompt(score(collect(generator, tokenizer, prompts, params), reward_fn))
+
+
+@dataclass
+class BestOfNConfig:
+    model: ModelConfig = opt(factory=ModelConfig, help="the policy to sample from")
+    task: str = opt("preferences", "prompts: preferences (built-in, gold reward) or arithmetic (verifier)")
+    reward: str = opt("auto", "auto (gold for preferences, verifier for arithmetic), gold, verifier, graded, or a reward-model directory")
+    prompts: int = opt(32, "prompts (held-out split)")
+    ns: list[int] = opt(factory=lambda: [1, 2, 4, 8, 16], help="values of N (samples of the largest are reused)")
+    temperatures: list[float] = opt(factory=lambda: [0.7, 1.0, 1.3], help="temperatures to sweep")
+    top_p: float = opt(1.0, "nucleus sampling mass")
+    top_k: int = opt(0, "top-k sampling (0 = off)")
+    max_new_tokens: int = opt(48, "generation budget")
+    batch_size: int = opt(16, "prompts decoded together")
+    dtype: str = opt("fp32", "generation autocast dtype: fp32 or bf16")
+    threads: int = opt(0, "torch CPU threads (0 = default)")
+    seed: int = opt(0, "sampling seed and prompt seed")
+    output_dir: str = opt("runs/best_of_n", "sweep.jsonl, table.md, best.jsonl, curves.png")
+
+
+def task_prompts(cfg: BestOfNConfig) -> tuple[list[str], object]:
+    if cfg.task == "preferences":
+        return build_prompts(cfg.prompts, seed=cfg.seed, split="heldout"), make_reward(cfg.reward, None, "gold")
+    if cfg.task == "arithmetic":
+        problems = generate_problems(cfg.prompts, seed=cfg.seed, split="heldout", config=ArithmeticConfig(word_problems=False))
+        verifier = VerifierReward(problems, prompt_fn=lambda p: arithmetic_prompt(p, "answer"))
+        return [arithmetic_prompt(p, "answer") for p in problems], make_reward(cfg.reward, verifier, "verifier")
+    raise ValueError(f"task must be preferences or arithmetic, not {cfg.task!r}")
+
+
+def sweep_rows(samples: list[Sample], ns: list[int]) -> list[dict]:
+    """Mean over prompts of the max and median reward among the first N samples, for each N."""
+    groups = [sorted(g, key=lambda x: x.sample_index) for g in by_prompt(samples).values()]
+    rows = []
+    for n in ns:
+        maxes = [max(x.reward for x in g[:n]) for g in groups]
+        medians = [statistics.median(x.reward for x in g[:n]) for g in groups]
+        rows.append({"N": n, "kl_bound": kl_bound(n), "max_reward": sum(maxes) / len(maxes),
+                     "median_reward": sum(medians) / len(medians)})
+    return rows
+
+
+def plot(rows: list[dict], path: Path) -> str | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed: no plot (pip install matplotlib)"
+    temps = sorted({r["temperature"] for r in rows})
+    ns = sorted({r["N"] for r in rows})
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for t in temps:
+        rs = [r for r in rows if r["temperature"] == t]
+        line, = left.plot([r["N"] for r in rs], [r["max_reward"] for r in rs], marker="o", label=f"max, T={t}")
+        left.plot([r["N"] for r in rs], [r["median_reward"] for r in rs], ls="--", color=line.get_color(), label=f"median, T={t}")
+    left.set(xscale="log", xlabel="N samples", ylabel="reward (mean over prompts)", title="Reward among N samples (cf. Llama 2 Fig. 7)")
+    left.set_xticks(ns, [str(n) for n in ns])
+    left.legend(fontsize=7)
+    for n in ns:
+        rs = sorted((r for r in rows if r["N"] == n), key=lambda r: r["temperature"])
+        right.plot([r["temperature"] for r in rs], [r["max_reward"] for r in rs], marker="o", label=f"N={n}")
+    right.set(xlabel="temperature", ylabel="max reward among N", title="Best-of-N vs temperature (cf. Llama 2 Fig. 8)")
+    right.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return None
+
+
+def run(cfg: BestOfNConfig) -> dict:
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if not cfg.ns or min(cfg.ns) < 1:
+        raise ValueError(f"ns must hold integers >= 1, got {cfg.ns}")
+    prompts, reward_fn = task_prompts(cfg)
+    model, tokenizer, _ = load_model(cfg.model, train=False)
+    generator = HFGenerator(model, tokenizer, cfg.batch_size, cfg.dtype)
+    ns, big = sorted(set(cfg.ns)), max(cfg.ns)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows, best_rows = [], {}
+    for t in cfg.temperatures:
+        params = SamplingParams(n=big, temperature=t, top_p=cfg.top_p, top_k=cfg.top_k,
+                                max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+        samples = score(collect(generator, tokenizer, prompts, params), reward_fn)
+        rows.extend({"temperature": t, **r} for r in sweep_rows(samples, ns))
+        best_rows[t] = best_per_prompt(samples)
+        log.info("T=%.2f: %s", t, rows[-1])
+    best_t = max(cfg.temperatures, key=lambda t: next(r["max_reward"] for r in rows if r["temperature"] == t and r["N"] == big))
+    (out / "sweep.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (out / "best.jsonl").write_text("".join(json.dumps({"prompt": x.prompt, "response": x.response, "reward": x.reward,
+                                                        "temperature": best_t, "N": big}) + "\n" for x in best_rows[best_t]))
+    lines = ["| T | N | KL bound | max reward | median reward |", "|---|---|---|---|---|"]
+    lines += [f"| {r['temperature']} | {r['N']} | {r['kl_bound']:.3f} | {r['max_reward']:.3f} | {r['median_reward']:.3f} |" for r in rows]
+    table = "\n".join(lines)
+    (out / "table.md").write_text(table + "\n")
+    print(table, flush=True)
+    note = plot(rows, out / "curves.png")
+    if note:
+        log.warning(note)
+    return {"best_temperature": best_t, "rows": rows, "plot": note or str(out / "curves.png"), "output_dir": str(out)}

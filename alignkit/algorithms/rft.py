@@ -1,0 +1,127 @@
+"""RFT: rejection-sampling fine-tuning for reasoning (Yuan et al. 2023) (`alignkit rft`).
+
+Sample k reasoning paths per training question (T=0.7) from one or several sampler models,
+keep those whose final answer is correct, deduplicate by distinct reasoning path (the list of
+equations 'a op b = c' in the reply, normalised; the normalised text for answer-only replies),
+take the union over the sampler models, optionally add the reference solutions (the SFT data
+the paper mixes in), and fine-tune the model once on the result. The paper's finding: more
+distinct paths help, and the union of several models' paths helps most.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from alignkit.algorithms.problems import (
+    MetricsConfig,
+    ProblemsConfig,
+    SamplerConfig,
+    iteration_row,
+    load_task,
+    print_table,
+    sampling,
+)
+from alignkit.algorithms.stages import (
+    Sample,
+    above_threshold,
+    cap_per_prompt,
+    collect,
+    dedupe,
+    reasoning_path,
+    score,
+    tokenize_samples,
+)
+from alignkit.algorithms.train_stage import train_stage
+from alignkit.config import opt
+from alignkit.data.tasks.arithmetic import target_text
+from alignkit.engine.config import TrainConfig
+from alignkit.engine.logging import MetricsLogger
+from alignkit.models.load import ModelConfig, load_model, save_model
+from alignkit.rollout.hf import HFGenerator
+
+log = logging.getLogger("alignkit")
+
+
+@dataclass
+class RFTConfig:
+    model: ModelConfig = opt(factory=ModelConfig, help="the model to fine-tune (and the default sampler)")
+    sampler_models: list[str] = opt(factory=list, help="model directories whose correct paths are pooled ('self' = model.path); empty = [self]")
+    train: TrainConfig = opt(factory=lambda: TrainConfig(output_dir="runs/rft", lr=5e-5, epochs=3.0), help="fine-tuning")
+    task: ProblemsConfig = opt(factory=ProblemsConfig, help="problems and the verifier")
+    sampler: SamplerConfig = opt(factory=lambda: SamplerConfig(temperature=0.7), help="sampling (k = samples_per_problem; paper T=0.7)")
+    metrics: MetricsConfig = opt(factory=MetricsConfig, help="evaluation before and after")
+    dedupe_by: str = opt("path", "path (distinct equation lists / normalised text), text (exact text) or none")
+    max_paths_per_problem: int = opt(0, "cap on distinct paths per problem (0 = no cap)")
+    include_reference: bool = opt(False, "also train on the problems' reference solutions (the paper's SFT data)")
+    packing: str = opt("prefix", "prefix (rows share the prompt prefix: cheapest), pack (padding-free) or pad")
+    max_length: int = opt(256, "tokens per training example")
+
+
+def correct_paths(samples: list[Sample], dedupe_by: str) -> list[Sample]:
+    kept = above_threshold(samples, 1.0)
+    if dedupe_by == "path":
+        return dedupe(kept, key=reasoning_path)
+    if dedupe_by == "text":
+        return dedupe(kept, key=lambda t: t)
+    if dedupe_by == "none":
+        return kept
+    raise ValueError(f"dedupe_by must be path, text or none, not {dedupe_by!r}")
+
+
+def run(cfg: RFTConfig) -> dict:
+    start = time.time()
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    task = load_task(cfg.task)
+    reward = task.reward("binary")
+    run_dir = Path(cfg.train.output_dir)
+    logger = MetricsLogger(run_dir, config=asdict(cfg))
+    base, tokenizer, _ = load_model(cfg.model, train=False)
+    minutes = lambda: round((time.time() - start) / 60, 2)
+    rows = []
+    if cfg.metrics.baseline:
+        rows.append({"iteration": 0, **iteration_row(base, tokenizer, task, cfg.sampler, cfg.metrics, cfg.train.seed, base=True), "minutes": minutes()})
+        logger.log(0, rows[-1])
+    prompts = task.prompts(task.train)
+    union: list[Sample] = []
+    per_model = {}
+    for i, spec in enumerate(cfg.sampler_models or ["self"]):
+        sampler = base if spec in ("self", cfg.model.path) else load_model(ModelConfig(path=spec), train=False)[0]
+        gen = HFGenerator(sampler, tokenizer, cfg.sampler.batch_size, cfg.sampler.dtype)
+        samples = score(collect(gen, tokenizer, prompts, sampling(cfg.sampler, cfg.sampler.samples_per_problem, cfg.train.seed + i),
+                                source=spec), reward)
+        paths = correct_paths(samples, cfg.dedupe_by)
+        per_model[spec] = {"correct": sum(x.reward for x in samples) / len(samples), "paths": len(paths)}
+        union = correct_paths(union + paths, cfg.dedupe_by)  # union, deduplicated across models too
+        if sampler is not base:
+            del sampler
+    if cfg.max_paths_per_problem:
+        union = cap_per_prompt(union, cfg.max_paths_per_problem, cfg.train.seed)
+    data = list(union)
+    if cfg.include_reference:
+        data += [Sample(task.prompt(p), target_text(p, task.style), reward=1.0, source="reference") for p in task.train]
+    info = {"paths": len(union), "problems_covered": len({x.prompt for x in union}) / len(prompts),
+            "paths_per_covered_problem": len(union) / max(1, len({x.prompt for x in union})),
+            **{f"{k}/{m}": v for k, d in per_model.items() for m, v in d.items()}}
+    log.info("RFT data: %s", info)
+    if not data:
+        raise ValueError("no correct reasoning path was sampled: raise samples_per_problem or the temperature")
+    model = load_model(cfg.model, train=True)[0]
+    model, _ = train_stage(model, tokenizer, tokenize_samples(tokenizer, data, cfg.max_length),
+                           TrainConfig(**{**asdict(cfg.train), "output_dir": str(run_dir / "train")}), cfg.packing)
+    policy = model.merge_and_unload() if hasattr(model, "peft_config") else model
+    rows.append({"iteration": 1, "kept": len(data), **iteration_row(policy, tokenizer, task, cfg.sampler, cfg.metrics, cfg.train.seed + 1),
+                 "minutes": minutes()})
+    logger.log(1, {**info, **rows[-1]})
+    table = print_table(rows, f"RFT, k={cfg.sampler.samples_per_problem}, samplers={cfg.sampler_models or ['self']}")
+    (run_dir / "table.md").write_text(table + "\n")
+    final = save_model(policy, tokenizer, run_dir / "final")
+    result = {"data": info, "iterations": rows, "minutes": minutes(), "final_model": str(final)}
+    (run_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result

@@ -1,0 +1,221 @@
+"""The stages every sampling-based method shares (DESIGN.md rule 3):
+
+    collect (generate K per prompt) -> score (a RewardFn) -> select (filter / rank) -> train (SFT)
+
+A `Sample` is one response to one prompt with its reward and where it came from (iteration,
+sampler model). Selection functions take and return lists of samples, so methods compose them:
+best-of-N is `best_per_prompt`, RAFT-global is `top_fraction`, ReST's Improve steps are
+`above_threshold`, RFT is `above_threshold(1)` then `dedupe(key=reasoning_path)`, and Llama 2's
+rejection sampling is `best_per_prompt` over the samples of all iterations pooled together.
+The train stage (SFT on the selected samples) is `train_stage.train_stage`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+from alignkit.data.chat import Tokenized, prompt_text, tokenize_prompt_response, truncate
+from alignkit.data.records import Message, SFTExample, user_prompt
+from alignkit.rewards.verifiers import answers_match, extract_answer, majority_vote, pass_at_k
+from alignkit.rollout.base import SamplingParams
+
+
+@dataclass
+class Sample:
+    prompt: str
+    """The user prompt text (what a RewardFn sees; no chat template)."""
+    response: str
+    prompt_index: int = 0
+    sample_index: int = 0
+    reward: float | None = None
+    iteration: int = 0
+    """The iteration (or stage) that produced it."""
+    source: str = ""
+    """The model that produced it."""
+    finish_reason: str = ""
+
+
+# ---------------------------------------------------------------------------------- collect
+def collect(generator, tokenizer, prompts: list[str], params: SamplingParams, iteration: int = 0,
+            source: str = "", system: str | None = None) -> list[Sample]:
+    """`params.n` samples per user prompt text, prompt-major (the chat template is applied here)."""
+    texts = [prompt_text(tokenizer, user_prompt(p, system)) for p in prompts]
+    out = generator.generate(texts, params)
+    return [Sample(prompts[c.prompt_index], c.text, c.prompt_index, c.sample_index, None, iteration, source,
+                   c.finish_reason) for c in out]
+
+
+# ------------------------------------------------------------------------------------ score
+def make_reward(spec: str, verifier=None, auto: str = "verifier"):
+    """A RewardFn from a config string: 'gold' (built-in preferences), 'verifier' / 'graded'
+    (the task's `VerifierReward`, binary or graded), 'auto' (= `auto`), or a reward-model
+    directory (`alignkit.rewards.model.RewardModel`)."""
+    spec = auto if spec == "auto" else spec
+    if spec == "gold":
+        from alignkit.rewards.base import GoldReward
+
+        return GoldReward()
+    if spec in ("verifier", "graded"):
+        if verifier is None:
+            raise ValueError(f"reward={spec} needs problems with answers (an arithmetic or problems task)")
+        return verifier.with_mode("binary" if spec == "verifier" else "graded")
+    from alignkit.rewards.model import RewardModel
+
+    return RewardModel.from_pretrained(spec)
+
+
+def score(samples: list[Sample], reward_fn, batch_size: int = 256) -> list[Sample]:
+    """Set `reward` on every sample (in place, batched); returns the samples."""
+    for s in range(0, len(samples), batch_size):
+        chunk = samples[s:s + batch_size]
+        rewards = reward_fn([x.prompt for x in chunk], [x.response for x in chunk])
+        if len(rewards) != len(chunk):
+            raise ValueError(f"the reward function returned {len(rewards)} scores for {len(chunk)} samples")
+        for x, r in zip(chunk, rewards):
+            x.reward = float(r)
+    return samples
+
+
+# ----------------------------------------------------------------------------------- select
+def by_prompt(samples: Iterable[Sample]) -> dict[str, list[Sample]]:
+    """Samples grouped by prompt text, in first-seen order."""
+    groups: dict[str, list[Sample]] = defaultdict(list)
+    for x in samples:
+        groups[x.prompt].append(x)
+    return dict(groups)
+
+
+def _reward(x: Sample) -> float:
+    if x.reward is None:
+        raise ValueError("select stages need scored samples: run score() first")
+    return x.reward
+
+
+def best_per_prompt(samples: Iterable[Sample], k: int = 1) -> list[Sample]:
+    """RAFT 'local' / best-of-N: the k highest-reward samples of each prompt (ties: earliest first)."""
+    out = []
+    for group in by_prompt(samples).values():
+        out.extend(sorted(group, key=lambda x: -_reward(x))[:k])
+    return out
+
+
+def top_fraction(samples: list[Sample], fraction: float) -> list[Sample]:
+    """RAFT 'global': the top `fraction` of all samples by reward, whatever their prompt."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    keep = max(1, math.ceil(fraction * len(samples))) if samples else 0
+    order = sorted(range(len(samples)), key=lambda i: (-_reward(samples[i]), i))[:keep]
+    return [samples[i] for i in sorted(order)]
+
+
+def above_threshold(samples: Iterable[Sample], threshold: float) -> list[Sample]:
+    """Samples with reward >= threshold (ReST Improve steps; threshold 1 keeps correct answers)."""
+    return [x for x in samples if _reward(x) >= threshold]
+
+
+_EQUATION = re.compile(r"(-?\d+(?:\.\d+)?)\s*([-+*/x\u00d7])\s*(-?\d+(?:\.\d+)?)\s*=\s*(-?\d+(?:\.\d+)?)")
+
+
+_TIMES = {"x": "*", "\u00d7": "*"}
+
+
+def normalise_text(text: str) -> str:
+    return " ".join(text.lower().split()).rstrip(".")
+
+
+def reasoning_path(text: str) -> str:
+    """RFT's key for a distinct reasoning path: the equations 'a op b = c' in order, normalised
+    ('x'/'×' read as '*', numbers as written, commas dropped); for a reply without an equation
+    (answer-only outputs), its normalised text."""
+    eqs = [f"{a}{_TIMES.get(op, op)}{b}={c}" for a, op, b, c in _EQUATION.findall(text.replace(",", ""))]
+    return "|".join(eqs) if eqs else normalise_text(text)
+
+
+def dedupe(samples: Iterable[Sample], key: Callable[[str], str] = normalise_text) -> list[Sample]:
+    """Keep the first sample of each (prompt, key(response)); order is kept."""
+    seen, out = set(), []
+    for x in samples:
+        k = (x.prompt, key(x.response))
+        if k not in seen:
+            seen.add(k)
+            out.append(x)
+    return out
+
+
+def cap_per_prompt(samples: Iterable[Sample], cap: int, seed: int = 0) -> list[Sample]:
+    """At most `cap` samples per prompt, chosen at random (seeded; ReST-EM's per-problem cap)."""
+    rng, out = random.Random(seed), []
+    for group in by_prompt(samples).values():
+        out.extend(group if len(group) <= cap else sorted(rng.sample(group, cap), key=group.index))
+    return out
+
+
+# ------------------------------------------------------------------------------------ train
+def to_sft_examples(samples: Iterable[Sample], system: str | None = None) -> list[SFTExample]:
+    return [SFTExample(user_prompt(x.prompt, system) + (Message("assistant", x.response),)) for x in samples]
+
+
+def tokenize_samples(tokenizer, samples: list[Sample], max_length: int = 512, weighted: bool = False,
+                     system: str | None = None) -> list[Tokenized]:
+    """Tokenized (prompt, response) pairs with the response as target; `weighted` attaches each
+    sample's reward as its per-token weight (ReST-EM's reward-weighted NLL)."""
+    out = []
+    for x in samples:
+        tok = truncate(tokenize_prompt_response(tokenizer, user_prompt(x.prompt, system), x.response), max_length)
+        if tok is None:
+            continue
+        if weighted:
+            tok.weight = _reward(x)
+        out.append(tok)
+    if not out:
+        raise ValueError("no samples were selected for training (none passed the selection)")
+    return out
+
+
+def write_samples(path, samples: list[Sample]) -> None:
+    """One JSON line per sample (prompt, response, reward, iteration, source)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for x in samples:
+            f.write(json.dumps({"prompt": x.prompt, "response": x.response, "reward": x.reward, "iteration": x.iteration,
+                                "source": x.source, "finish_reason": x.finish_reason}) + "\n")
+
+
+# ---------------------------------------------------------------------------------- metrics
+def reward_stats(samples: list[Sample]) -> dict:
+    rewards = sorted(_reward(x) for x in samples)
+    if not rewards:
+        return {"n": 0}
+    return {"n": len(rewards), "mean": sum(rewards) / len(rewards), "max": rewards[-1], "min": rewards[0],
+            "median": rewards[len(rewards) // 2] if len(rewards) % 2 else
+            (rewards[len(rewards) // 2 - 1] + rewards[len(rewards) // 2]) / 2}
+
+
+def pass_maj_at_k(samples: list[Sample], answer_for: Callable[[str], str], ks: Iterable[int]) -> dict:
+    """pass@k (unbiased, from all n samples of a prompt) and maj@k (majority vote over disjoint
+    chunks of k samples, averaged) for each k <= n, averaged over prompts."""
+    groups = by_prompt(samples)
+    out: dict[str, float] = {}
+    for k in ks:
+        passes, majs = [], []
+        for prompt, group in groups.items():
+            n = len(group)
+            if k > n:
+                continue
+            gold = answer_for(prompt)
+            correct = [answers_match(extract_answer(x.response), gold) for x in group]
+            passes.append(pass_at_k(n, sum(correct), k))
+            chunks = [group[i:i + k] for i in range(0, n - k + 1, k)]
+            majs.append(sum(answers_match(majority_vote([extract_answer(x.response) for x in c]), gold)
+                            for c in chunks) / len(chunks))
+        if passes:
+            out[f"pass@{k}"] = sum(passes) / len(passes)
+            out[f"maj@{k}"] = sum(majs) / len(majs)
+    return out

@@ -1,0 +1,150 @@
+"""Smoke runs of best-of-n, rs, raft, rft, rest-em and rest on a tiny model.
+
+The tiny model is first taught the answer format on one-digit sums (a few seconds), so that some
+of its samples are correct and every selection stage has something to keep.
+"""
+
+import json
+
+import pytest
+import torch
+
+from alignkit.algorithms.problems import ProblemsConfig, load_task
+from alignkit.algorithms.stages import Sample, tokenize_samples
+from alignkit.algorithms.train_stage import train_stage
+from alignkit.cli import main
+from alignkit.engine.config import TrainConfig
+from alignkit.engine.logging import read_metrics
+from alignkit.models.load import save_model
+from alignkit.models.tiny import tiny_model, tiny_tokenizer
+
+TASK = ["task.min_digits=1", "task.max_digits=1", "task.ops=[+]", "task.train_problems=16", "task.val_problems=4",
+        "task.eval_problems=8"]
+COMMON = TASK + ["train.threads=1", "train.progress=false", "sampler.max_new_tokens=4", "sampler.samples_per_problem=4",
+                 "metrics.train_problems=4", "train.max_tokens_per_batch=512"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)  # tiny models run fastest on one thread
+
+
+@pytest.fixture(scope="module")
+def answering_model(tmp_path_factory):
+    """A tiny model trained for a few seconds on one-digit sums: it answers with digits."""
+    torch.set_num_threads(1)
+    tok, model = tiny_tokenizer(), tiny_model(seed=0)
+    task = load_task(ProblemsConfig(train_problems=40, val_problems=4, eval_problems=8, min_digits=1, max_digits=1, ops=["+"]))
+    data = tokenize_samples(tok, [Sample(task.prompt(p), p.answer) for p in task.train])
+    out = tmp_path_factory.mktemp("answering")
+    cfg = TrainConfig(output_dir=str(out / "run"), lr=3e-3, epochs=40, max_tokens_per_batch=512, progress=False, warmup_ratio=0.05)
+    model, _ = train_stage(model, tok, data, cfg)
+    return str(save_model(model, tok, out / "model"))
+
+
+def cli(args, capsys):
+    """Run a command; return the JSON result it prints last (a table may come before it)."""
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    return json.loads(out[out.rindex("\n{\n") + 1:] if not out.startswith("{\n") else out)
+
+
+def test_best_of_n_sweep(answering_model, tmp_path, capsys):
+    out = tmp_path / "bon"
+    result = cli(["best-of-n", f"model.path={answering_model}", "task=arithmetic", "prompts=6", "ns=[1,2,4]",
+                  "temperatures=[0.7,1.3]", "max_new_tokens=4", "threads=1", f"output_dir={out}"], capsys)
+    rows = [json.loads(line) for line in (out / "sweep.jsonl").read_text().splitlines()]
+    assert len(rows) == 6 and result["best_temperature"] in (0.7, 1.3)
+    for t in (0.7, 1.3):
+        curve = [r for r in rows if r["temperature"] == t]
+        assert [r["N"] for r in curve] == [1, 2, 4]
+        maxes = [r["max_reward"] for r in curve]
+        assert maxes == sorted(maxes)  # nested subsets: the best of N can only improve with N
+        assert curve[0]["max_reward"] == curve[0]["median_reward"]  # N=1: one sample
+        assert all(0.0 <= r["median_reward"] <= r["max_reward"] <= 1.0 for r in curve)
+    assert rows[2]["kl_bound"] == pytest.approx(1.3862944 - 0.75)
+    assert (out / "curves.png").stat().st_size > 0 and (out / "table.md").is_file()
+    best = [json.loads(line) for line in (out / "best.jsonl").read_text().splitlines()]
+    assert len(best) == 6
+
+
+def test_best_of_n_gold_reward_on_preference_prompts(answering_model, tmp_path, capsys):
+    out = tmp_path / "bon"
+    cli(["best-of-n", f"model.path={answering_model}", "prompts=4", "ns=[1,3]", "temperatures=[1.0]",
+         "max_new_tokens=6", "threads=1", f"output_dir={out}"], capsys)
+    rows = [json.loads(line) for line in (out / "sweep.jsonl").read_text().splitlines()]
+    assert rows[1]["max_reward"] >= rows[0]["max_reward"] and -3.5 <= rows[0]["median_reward"] <= 2.0
+
+
+def test_rest_em_logs_accuracy_pass_and_maj(answering_model, tmp_path, capsys):
+    out = tmp_path / "rest_em"
+    result = cli(["rest-em", f"model.path={answering_model}", f"train.output_dir={out}", "train.lr=1e-3", "train.epochs=2",
+                  "iterations=2", "stop_when_worse=false", "metrics.eval_samples=4", "metrics.ks=[1,2,4]",
+                  "metrics.baseline_samples=true"] + COMMON, capsys)
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    for r in rows:
+        assert 0 <= r["heldout_acc"] <= 1 and r["pass@1"] <= r["pass@2"] <= r["pass@4"] <= 1
+        assert {"maj@1", "maj@4", "train_acc", "val_acc"} <= set(r)
+    assert rows[1]["kept"] > 0 and rows[1]["sample_acc"] > 0 and "train_pass@4" in rows[1]
+    assert (out / "iter-1" / "metrics.jsonl").is_file() and (out / "final" / "model.safetensors").is_file()
+    assert "| iteration |" in (out / "table.md").read_text()
+    assert result["best_iteration"] in (0, 1, 2)
+
+
+def test_rejection_sampling_pools_iterations(answering_model, tmp_path, capsys):
+    out = tmp_path / "rs"
+    cli(["rs", f"model.path={answering_model}", f"train.output_dir={out}", "train.lr=1e-3", "iterations=2",
+         "temperatures=[0.5,1.0]", "temperature_prompts=4", "reward=verifier"] + COMMON, capsys)
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    assert rows[1]["kept_from_older"] == 0 and rows[2]["kept"] >= rows[1]["kept"]  # the pool only grows
+    assert rows[2]["temperature"] in (0.5, 1.0) and "best_of_k@T=0.5" in rows[2]
+
+
+@pytest.mark.parametrize("selection,online", [("local", True), ("global", False)])
+def test_raft(answering_model, tmp_path, capsys, selection, online):
+    out = tmp_path / "raft"
+    cli(["raft", f"model.path={answering_model}", f"train.output_dir={out}", "stages=2", "prompts_per_stage=8",
+         f"selection={selection}", f"online={str(online).lower()}", "fraction=0.25", "metrics.baseline=false"] + COMMON, capsys)
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [1, 2]
+    # local keeps one sample per prompt; global keeps a quarter of the b*K = 32 samples
+    assert all(r["kept"] == (8 if selection == "local" else 8) for r in rows)
+    if selection == "local":
+        assert all(r["kept_prompts"] == 8 for r in rows)
+    assert all(r["kept_reward"] >= r["sample_reward"] for r in rows)
+
+
+def test_rft_union_of_two_samplers(answering_model, tmp_path, capsys):
+    out = tmp_path / "rft"
+    result = cli(["rft", f"model.path={answering_model}", f"train.output_dir={out}", f"sampler_models=[self,{answering_model}]",
+                  "sampler.samples_per_problem=6", "train.epochs=1", "metrics.eval_samples=0"] + COMMON, capsys)
+    data = result["data"]
+    assert data["paths"] > 0 and data["paths_per_covered_problem"] >= 1
+    # the union is deduplicated: never more than both models' paths together
+    assert data["paths"] <= data["self/paths"] + data[f"{answering_model}/paths"]
+    assert [r["iteration"] for r in result["iterations"]] == [0, 1]
+
+
+def test_rest_grow_and_improve_thresholds(answering_model, tmp_path, capsys):
+    out = tmp_path / "rest"
+    result = cli(["rest", f"model.path={answering_model}", f"train.output_dir={out}", "thresholds=[0.2,1.0]",
+                  "metrics.baseline=false", "train.lr=1e-3"] + COMMON, capsys)
+    steps = result["steps"]
+    assert [s["threshold"] for s in steps] == [0.2, 1.0]
+    assert steps[0]["kept"] >= steps[1]["kept"] > 0  # a higher threshold keeps fewer samples
+    assert steps[1]["kept_reward"] == 1.0
+
+
+@pytest.mark.parametrize("command,recipe", [("best-of-n", "best_of_n"), ("rs", "rs"), ("raft", "raft"), ("rft", "rft"),
+                                            ("rest-em", "rest_em"), ("rest", "rest")])
+def test_recipes_load(command, recipe):
+    import importlib
+
+    from alignkit.cli import COMMANDS
+    from alignkit.config import load_config
+
+    module, cls, _, _ = COMMANDS[command]
+    cfg = load_config(getattr(importlib.import_module(module), cls), f"recipes/{recipe}.yaml")
+    assert cfg.model.path == "default"
