@@ -1,0 +1,260 @@
+"""RLHF with PPO, and the critic-free REINFORCE / RLOO / GRPO on the same machinery: `alignkit ppo`.
+
+One iteration (DESIGN.md: online methods are stages):
+1. collect: `prompts_per_iteration` training prompts, `samples_per_prompt` replies each, sampled
+   from the actor through the Generator protocol (HFGenerator here, vLLM on GPUs).
+2. score: any RewardFn (gold rules, arithmetic verifier, a trained RM, Llama 2's combined
+   helpfulness/safety with logit, or your function); whitened over the batch (default), optional
+   clipping and a penalty for replies cut at max_new_tokens.
+3. recompute, without gradient: actor log-probs (never the engine's), reference log-probs,
+   entropy and (PPO) critic values; r_t = −β·KL_t with the score added at the last token.
+4. advantages, the only thing that differs between methods:
+   ppo: GAE(γ, λ) over the critic's values, whitened; reinforce: sequence return minus the
+   batch mean; rloo: minus the mean of the other k−1 samples of the prompt; grpo: group-
+   normalised scores, with β·KL(π‖π_ref) (k3) as a loss term instead of a reward term.
+5. train: `ppo_epochs` passes over shuffled minibatches, one optimizer step each (micro-batches
+   of train.batch_size rows accumulate), clipped policy loss + vf_coef·clipped value loss
+   (+ γ_ptx·NLL on SFT data, InstructGPT's PPO-ptx); then the KL controller updates β.
+Every iteration logs reward mean/std, KL, β, entropy, clip fraction, approx-KL, value loss,
+explained variance, response length and tokens/s; warns when KL or length runs away; writes
+samples to samples.jsonl; evaluates held-out reward and KL (optional early stopping); and
+checkpoints the loop state (iteration, β, early-stopping state; the engine adds RNG states).
+
+Memory (N = parameters of the model; fp32 weights 4N bytes, gradients 4N, AdamW moments 8N):
+
+| memory | held in memory                                 | trained (grads + AdamW)      | SmolLM2-135M  |
+|--------|------------------------------------------------|------------------------------|---------------|
+| lora   | one frozen base 4N (linears 2N under bf16)     | two adapters + value head    | ~0.55 GB      |
+|        | + adapters "policy" and "critic" + value head  | (r=16, all linear: 7% of N)  |               |
+| full   | actor 4N + critic 4N + frozen reference 4N     | actor 12N + critic 12N       | ~4.9 GB       |
+
+lora: the reference costs nothing (adapters off) and the critic only its adapter; with
+train.precision=bf16 the frozen base linears are held in bf16 (`store_frozen_base`: no number
+changes under autocast). A trained reward model (reward.kind=model) adds 4N in both modes, and a
+critic initialised from a reward model in lora mode adds its own frozen backbone. Critic-free
+methods (reinforce, rloo, grpo) drop the critic and its optimizer state. Activations come on top.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from alignkit.algorithms.rl_common import (PromptsConfig, PTXConfig, RewardConfig, RLEvalConfig, build_task, collect,
+                                           early_stop, mean_stats, measure_policy, per_token, prompts_for,
+                                           ptx_stream, score, trim_samples, warn_runaway, write_samples)
+from alignkit.config import opt
+from alignkit.engine.config import TrainConfig
+from alignkit.engine.trainer import Engine, resolve_device, to_device
+from alignkit.losses.ppo import (AdaptiveKLController, FixedKLController, explained_variance, grpo_advantages,
+                                 kl_loss, kl_penalized_rewards, policy_loss, ptx_loss, reinforce_advantages,
+                                 rloo_advantages, value_loss)
+from alignkit.models.actor_critic import build_actor_critic, trainable_parameters
+from alignkit.models.forward import target_logprobs
+from alignkit.models.load import LoraConfig, ModelConfig, save_model
+from alignkit.ops import gae, masked_mean, masked_whiten
+from alignkit.rollout.base import SamplingParams
+from alignkit.rollout.batch import select_rows
+from alignkit.rollout.hf import HFGenerator
+
+log = logging.getLogger("alignkit")
+ALGORITHMS = ("ppo", "reinforce", "rloo", "grpo")
+
+
+@dataclass
+class KLConfig:
+    beta: float = opt(0.05, "KL coefficient β (initial value when adaptive)")
+    adaptive: bool = opt(False, "adapt β towards `target` (Ziegler et al.); false = fixed β")
+    target: float = opt(6.0, "adaptive: target KL per response (nats)")
+    horizon: float = opt(10000.0, "adaptive: horizon (responses)")
+    estimator: str = opt("k1", "per-token KL estimator in the reward: k1, k2 or k3 (GRPO's loss term always uses k3)")
+
+
+@dataclass
+class PPOConfig:
+    model: ModelConfig = opt(factory=lambda: ModelConfig(lora=LoraConfig()), help="the policy to train (and reference)")
+    train: TrainConfig = opt(factory=lambda: TrainConfig(output_dir="runs/ppo", lr=5e-5, schedule="constant", warmup_ratio=0.0,
+                                                         weight_decay=0.0), help="optimizer and loop (save_every counts iterations)")
+    prompts: PromptsConfig = opt(factory=PromptsConfig, help="training and held-out prompts")
+    reward: RewardConfig = opt(factory=RewardConfig, help="the reward")
+    algorithm: str = opt("ppo", "ppo (critic + GAE), reinforce (batch-mean baseline), rloo (leave-one-out over k samples), grpo")
+    memory: str = opt("lora", "lora: one frozen base, adapters for actor and critic, reference = adapters off; full: separate models")
+    critic_init: str = opt("policy", "initialise the critic from the policy or from a reward_model (InstructGPT)")
+    critic_path: str = opt("", "reward model for critic_init=reward_model (empty = reward.path)")
+    iterations: int = opt(50, "collect-and-train iterations")
+    prompts_per_iteration: int = opt(16, "prompts sampled per iteration")
+    samples_per_prompt: int = opt(1, "replies per prompt (k; rloo and grpo need >= 2)")
+    max_new_tokens: int = opt(48, "tokens per reply at most")
+    temperature: float = opt(1.0, "sampling temperature (log-probs are of the tempered policy)")
+    top_p: float = opt(1.0, "nucleus sampling")
+    generation_batch_size: int = opt(32, "prompts prefilled together; also the row chunk of no-grad forwards")
+    ppo_epochs: int = opt(4, "passes over each iteration's rollouts")
+    minibatch_size: int = opt(16, "replies per optimizer step")
+    clip: float = opt(0.2, "policy ratio clip ε")
+    vf_clip: float = opt(0.2, "value clip ε_v (0 = off)")
+    vf_coef: float = opt(0.1, "value loss coefficient")
+    gamma: float = opt(1.0, "GAE discount γ")
+    lam: float = opt(0.95, "GAE λ")
+    whiten_advantages: bool = opt(True, "whiten advantages over the batch (ppo, reinforce, rloo)")
+    loss_reduction: str = opt("token", "token (mean over all tokens) or sequence (mean per reply, then over replies)")
+    kl: KLConfig = opt(factory=KLConfig, help="KL penalty to the reference")
+    ptx: PTXConfig = opt(factory=PTXConfig, help="PPO-ptx: SFT loss mixed into every step")
+    eval: RLEvalConfig = opt(factory=RLEvalConfig, help="held-out evaluation")
+    samples_every: int = opt(5, "write a few sampled replies to samples.jsonl every N iterations (0 = never)")
+    warn_kl: float = opt(20.0, "warn when the KL per reply exceeds this (nats)")
+
+    def __post_init__(self):
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"algorithm must be one of {ALGORITHMS}, not {self.algorithm!r}")
+        if self.algorithm in ("rloo", "grpo") and self.samples_per_prompt < 2:
+            raise ValueError(f"algorithm={self.algorithm} compares k samples of a prompt: set samples_per_prompt >= 2")
+        if self.loss_reduction not in ("token", "sequence"):
+            raise ValueError(f"loss_reduction must be token or sequence, not {self.loss_reduction!r}")
+
+
+def compute_advantages(cfg: PPOConfig, rewards, values, mask):
+    """(advantages [B, T], returns [B, T]) from the KL-shaped per-token rewards (see module doc)."""
+    if cfg.algorithm == "ppo":
+        adv, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
+    else:
+        seq = rewards.sum(1)  # score − β·KL of each reply (grpo: β = 0 here, the score)
+        k = cfg.samples_per_prompt
+        fn = {"reinforce": lambda r: reinforce_advantages(r, r.mean()), "rloo": lambda r: rloo_advantages(r.view(-1, k)),
+              "grpo": lambda r: grpo_advantages(r.view(-1, k))}[cfg.algorithm]
+        adv = fn(seq).reshape(-1, 1) * mask
+        returns = adv
+    if cfg.whiten_advantages and cfg.algorithm != "grpo":
+        adv = masked_whiten(adv, mask)
+    return adv, returns
+
+
+def make_step(ac, cfg: PPOConfig, beta: list, ptx_batches):
+    """The engine's step function over one micro-batch of rollouts: (loss sum, units, metric sums)."""
+    def step(mb: dict):
+        mask = mb["response_mask"]
+        logp, _ = ac.policy_logprobs(mb, cfg.temperature)
+        pg, metrics = policy_loss(logp, mb["old_logp"], mb["advantages"], mask, cfg.clip, cfg.loss_reduction)
+        loss = pg.mean()
+        metrics = {"pg_loss": loss.detach(), "clip_frac": metrics["clip_frac"], "approx_kl": metrics["approx_kl"]}
+        if ac.critic is not None:
+            vl, vm = value_loss(ac.values(mb), mb["old_values"], mb["returns"], mask, cfg.vf_clip or None, cfg.loss_reduction)
+            loss = loss + cfg.vf_coef * vl.mean()
+            metrics.update(vf_loss=vl.mean().detach(), vf_clip_frac=vm["vf_clip_frac"])
+        if cfg.algorithm == "grpo" and beta[0] > 0:
+            kl_l, _ = kl_loss(logp, mb["ref_logp"], mask, "k3", cfg.loss_reduction)
+            loss = loss + beta[0] * kl_l.mean()
+            metrics["kl_loss"] = kl_l.mean().detach()
+        if ptx_batches is not None:
+            logps, _ = target_logprobs(ac.policy, to_device(next(ptx_batches), logp.device))
+            ptx, _ = ptx_loss(logps[None], torch.ones_like(logps[None]))
+            loss = loss + cfg.ptx.coef * ptx.mean()
+            metrics["ptx_nll"] = ptx.mean().detach()
+        units = float(mask.sum()) if cfg.loss_reduction == "token" else float(mask.shape[0])
+        return loss * units, units, {k: float(v) * units for k, v in metrics.items()}
+    return step
+
+
+def run(cfg: PPOConfig, reward_fn=None) -> dict:
+    """`alignkit ppo`. `reward_fn` (a RewardFn) overrides cfg.reward for Python callers."""
+    train_prompts, heldout, task_reward = build_task(cfg.prompts, cfg.reward, cfg.train.precision)
+    reward_fn = reward_fn or task_reward
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    critic = cfg.critic_init if cfg.algorithm == "ppo" else None
+    bf16 = cfg.train.precision == "bf16"
+    ac, tokenizer, _ = build_actor_critic(cfg.model, cfg.memory, critic, cfg.critic_path or cfg.reward.path, cfg.train.seed,
+                                          torch.bfloat16 if bf16 else None)
+    rows = cfg.prompts_per_iteration * cfg.samples_per_prompt
+    engine = Engine(ac, cfg.train, cfg.iterations * cfg.ppo_epochs * math.ceil(rows / cfg.minibatch_size), asdict(cfg))
+    state = {"iteration": 0, "beta": cfg.kl.beta, "best": None, "bad_evals": 0, "ptx_index": 0, "first_length": None, **engine.loop_state}
+    trained, total = trainable_parameters(ac)
+    log.info("%s, memory=%s: %.2fM of %.1fM parameters trained", cfg.algorithm, cfg.memory, trained / 1e6, total / 1e6)
+    kl_ctl = AdaptiveKLController(state["beta"], cfg.kl.target, cfg.kl.horizon) if cfg.kl.adaptive else FixedKLController(state["beta"])
+    beta = [kl_ctl.beta]
+    ptx = ptx_stream(cfg.ptx, tokenizer, cfg.train.seed, cfg.train.max_tokens_per_batch, state["ptx_index"]) if cfg.ptx.coef > 0 else None
+    step_fn = make_step(ac, cfg, beta, ptx)
+    device, run_dir = resolve_device(cfg.train.device), Path(cfg.train.output_dir)
+    generator = HFGenerator(ac.policy, tokenizer, cfg.generation_batch_size, dtype="bf16" if bf16 else None)
+    sampling = lambda seed, n: SamplingParams(n=n, temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, seed=seed)
+    policy_logp = lambda b: ac.policy_logprobs(b, cfg.temperature)[0]
+    ref_logp = lambda b: ac.reference_logprobs(b, cfg.temperature)
+
+    def no_grad(fn, batch):  # fn over row chunks of the batch, on the device, without gradient
+        with torch.no_grad(), engine.autocast():
+            return per_token(lambda b: fn(to_device(b, device)), batch, cfg.generation_batch_size)
+
+    def evaluate(iteration: int) -> dict:
+        if not heldout:
+            return {}
+        ac.eval()
+        with torch.no_grad(), engine.autocast():
+            result = measure_policy(generator, tokenizer, heldout, reward_fn, sampling(cfg.eval.seed, 1), policy_logp, ref_logp,
+                                    cfg.generation_batch_size, device)
+        engine.log({"iteration": iteration, **result}, prefix="eval/")
+        log.info("eval @ %d: reward %.3f, KL %.2f", iteration, result["reward"], result["kl"])
+        return result
+
+    if state["iteration"] == 0:
+        early_stop(evaluate(0), state, 0)
+    else:
+        trim_samples(run_dir / "samples.jsonl", state["iteration"])
+    stop = False
+    while state["iteration"] < cfg.iterations and not stop:
+        it, start = state["iteration"], time.perf_counter()
+        # collect and score
+        prompts = prompts_for(train_prompts, it, cfg.prompts_per_iteration, cfg.train.seed)
+        batch, completions = collect(generator, tokenizer, prompts, sampling(cfg.train.seed * 1_000_003 + it, cfg.samples_per_prompt))
+        gen_s = time.perf_counter() - start
+        scores, raw = score(reward_fn, prompts, completions, cfg.reward)
+        # recompute log-probs, reference, values; shape rewards; advantages
+        ac.eval()
+        mask = batch["response_mask"]
+        old_logp, entropy = no_grad(lambda b: ac.policy_logprobs(b, cfg.temperature, entropy=True), batch)
+        ref = no_grad(ref_logp, batch)
+        values = no_grad(ac.values, batch) if ac.critic is not None else torch.zeros_like(mask)
+        beta_used = beta[0]
+        rewards, kl_seq = kl_penalized_rewards(scores, old_logp, ref, mask, 0.0 if cfg.algorithm == "grpo" else beta_used, cfg.kl.estimator)
+        kl = ((old_logp - ref) * mask).sum(1)  # k1 per reply: what is logged and compared across runs
+        adv, returns = compute_advantages(cfg, rewards, values, mask)
+        batch.update(old_logp=old_logp, ref_logp=ref, advantages=adv, returns=returns, old_values=values)
+        # train: epochs over shuffled minibatches, one optimizer step each
+        ac.train()
+        stats, order_gen = [], torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + it)
+        for _ in range(cfg.ppo_epochs):
+            order = torch.randperm(rows, generator=order_gen)
+            for s in range(0, rows, cfg.minibatch_size):
+                mb = order[s:s + cfg.minibatch_size]
+                micro = [select_rows(batch, mb[i:i + cfg.train.batch_size]) for i in range(0, len(mb), cfg.train.batch_size)]
+                stats.append(engine.train_step(micro, step_fn))
+                state["ptx_index"] += len(micro) if ptx is not None else 0
+        beta[0] = kl_ctl.update(kl_seq.mean().item(), rows)
+        state.update(iteration=it + 1, beta=beta[0])
+        # log
+        lengths, seconds = mask.sum(1), time.perf_counter() - start
+        row = {"iteration": it + 1, "reward": raw.mean().item(), "reward_std": raw.std().item() if rows > 1 else 0.0,
+               "score": scores.mean().item(), "kl": kl.mean().item(), "beta": beta_used, "entropy": masked_mean(entropy, mask).item(),
+               "response_length": lengths.mean().item(), "truncated_frac": sum(c.finish_reason == "length" for c in completions) / rows,
+               **mean_stats(stats), "gen_s": gen_s, "iteration_s": seconds,
+               "gen_tokens_per_s": lengths.sum().item() / max(gen_s, 1e-9), "tokens_per_s": lengths.sum().item() / seconds}
+        if ac.critic is not None:
+            row["explained_variance"] = explained_variance(values, returns, mask).item()
+        engine.log(row)
+        log.info("iteration %d/%d: reward %.3f ± %.3f, KL %.3f, β %.4g, length %.1f, %.1f s", it + 1, cfg.iterations,
+                 row["reward"], row["reward_std"], row["kl"], beta_used, row["response_length"], seconds)
+        warn_runaway(row, state, cfg.warn_kl)
+        if cfg.samples_every and (it % cfg.samples_every == 0 or it + 1 == cfg.iterations):
+            write_samples(run_dir / "samples.jsonl", it + 1, prompts, completions, raw, kl)
+        if cfg.eval.every and (it + 1) % cfg.eval.every == 0 and it + 1 < cfg.iterations:
+            stop = early_stop(evaluate(it + 1), state, cfg.eval.patience)
+        if stop or (cfg.train.save_every and (it + 1) % cfg.train.save_every == 0):
+            engine.save(state)
+    final = evaluate(state["iteration"])
+    engine.save(state)
+    path = save_model(ac.policy_model(), tokenizer, run_dir / "final", merge_lora=cfg.train.merge_lora)
+    return {"iterations": state["iteration"], "early_stopped": stop, "beta": beta[0], "best_eval_reward": state["best"],
+            **{f"eval/{k}": v for k, v in final.items()}, "final_model": str(path)}

@@ -1,0 +1,267 @@
+"""The four PPO roles on as few weights as possible: actor, critic, reference (+ reward model).
+
+`ActorCritic` is the one module the engine trains (so one optimizer, one checkpoint): the
+policy, and a `Critic` when the method has one. The frozen reference is held beside it, not
+inside it (never optimized, never checkpointed). Two layouts (`build_actor_critic`):
+
+* ``memory="lora"``: ONE frozen base model. The actor is LoRA adapter "policy"; the reference is
+  the same weights with every adapter switched off; the critic is a second adapter "critic" on
+  the same base plus a scalar value head. Adapters are switched per forward pass by flipping
+  peft's layer flags (`adapter_scope`), never through peft's `set_adapter`/`disable_adapter`,
+  which also change `requires_grad` and would silently freeze the other adapter.
+* ``memory="full"``: separate full copies of actor, critic backbone and a frozen reference.
+
+A critic initialised from a reward model (InstructGPT) gets the reward model's backbone and
+score head (with LoRA: its own frozen copy of that backbone plus a "critic" adapter).
+
+Per-token outputs use the layout of `alignkit.rollout.batch`: the hidden state that predicts
+response token j sits at column `prompt_width - 1 + j`; the output head runs on response
+tokens only.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from alignkit.models.forward import unwrap
+from alignkit.models.load import (
+    LoraConfig,
+    ModelConfig,
+    add_lora,
+    load_causal_lm,
+    load_tokenizer,
+    resolve_model_path,
+)
+from alignkit.ops import entropy_from_logits, gather_logprobs
+
+log = logging.getLogger("alignkit")
+MEMORY_MODES = ("lora", "full")
+CRITIC_INITS = ("policy", "reward_model")
+
+
+@contextmanager
+def adapter_scope(module: nn.Module, adapter: str | None):
+    """Run `module` with only LoRA adapter `adapter` active (None: all adapters off, i.e. the
+    base weights). Only the layers' active/disabled flags change; requires_grad is untouched."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
+    saved = [(m._active_adapter, m._disable_adapters) for m in layers]
+    for m in layers:
+        if adapter is None:
+            m._disable_adapters = True
+        else:
+            m._active_adapter, m._disable_adapters = [adapter], False
+    try:
+        yield
+    finally:
+        for m, (active, disabled) in zip(layers, saved):
+            m._active_adapter, m._disable_adapters = active, disabled
+
+
+def _hidden(decoder: nn.Module, batch: dict) -> torch.Tensor:
+    """Hidden states [B, T, H] that predict the response tokens (see the module docstring)."""
+    out = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                  position_ids=batch["position_ids"], use_cache=False)
+    start = batch["prompt_width"] - 1
+    return out.last_hidden_state[:, start:start + batch["response_ids"].shape[1]]
+
+
+def response_logprobs(model, batch: dict, temperature: float = 1.0, entropy: bool = False):
+    """(log π(response token) [B, T], entropy of π at those positions [B, T] or None), float32,
+    zero outside `response_mask`. Logits are divided by `temperature` (the sampling
+    distribution); the output head runs on the masked response positions only."""
+    lm = unwrap(model)
+    hidden = _hidden(lm.get_decoder(), batch)
+    mask = batch["response_mask"].bool()
+    logits = lm.get_output_embeddings()(hidden[mask])
+    if temperature != 1.0:
+        logits = logits / temperature
+    logp = hidden.new_zeros(mask.shape, dtype=torch.float32)
+    logp = logp.masked_scatter(mask, gather_logprobs(logits, batch["response_ids"][mask]))
+    ent = None
+    if entropy:
+        ent = torch.zeros_like(logp).masked_scatter(mask, entropy_from_logits(logits.detach()))
+    return logp, ent
+
+
+class Critic(nn.Module):
+    """V(s_t) for every response position: a decoder backbone plus a linear head [H -> 1].
+
+    `shared=True` means the backbone belongs to the policy (LoRA mode): it is not registered
+    here, so its parameters are counted, optimized and checkpointed once."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Linear, adapter: str | None = None, shared: bool = False):
+        super().__init__()
+        if shared:
+            self.__dict__["backbone"] = backbone
+        else:
+            self.backbone = backbone
+        self.head = head
+        self.adapter = adapter
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        backbone = unwrap(self.backbone)
+        if self.adapter is None:
+            hidden = _hidden(backbone, batch)
+        else:
+            with adapter_scope(backbone, self.adapter):
+                hidden = _hidden(backbone, batch)
+        values = self.head(hidden).squeeze(-1).float()
+        return values * batch["response_mask"]
+
+
+class ActorCritic(nn.Module):
+    """The trainable roles (policy, optional critic) plus access to the frozen reference."""
+
+    def __init__(self, policy: nn.Module, critic: Critic | None = None, reference: nn.Module | None = None,
+                 base_path: str = ""):
+        super().__init__()
+        self.policy = policy
+        self.critic = critic
+        self.__dict__["reference"] = reference  # frozen; not a submodule (no optimizer, no checkpoint)
+        self.base_path = base_path  # where the base weights can be reloaded from (see store_frozen_base)
+
+    @property
+    def lora(self) -> bool:
+        return hasattr(self.policy, "peft_config")
+
+    def to(self, *args, **kwargs):
+        if self.reference is not None:
+            self.reference.to(*args, **kwargs)
+        return super().to(*args, **kwargs)
+
+    def policy_logprobs(self, batch: dict, temperature: float = 1.0, entropy: bool = False):
+        if not self.lora:
+            return response_logprobs(self.policy, batch, temperature, entropy)
+        with adapter_scope(self.policy, "policy"):
+            return response_logprobs(self.policy, batch, temperature, entropy)
+
+    def reference_logprobs(self, batch: dict, temperature: float = 1.0) -> torch.Tensor:
+        if self.reference is not None:
+            return response_logprobs(self.reference, batch, temperature)[0]
+        with adapter_scope(self.policy, None):
+            return response_logprobs(self.policy, batch, temperature)[0]
+
+    def values(self, batch: dict) -> torch.Tensor:
+        if self.critic is None:
+            raise RuntimeError("this method has no critic")
+        return self.critic(batch)
+
+    def policy_model(self) -> nn.Module:
+        """The policy, ready to save: critic adapter removed, original base weights back (the
+        module stops being a critic)."""
+        if self.lora:
+            if "critic" in self.policy.peft_config:
+                self.policy.delete_adapter("critic")
+            if self.base_path:
+                restore_frozen_base(self.policy, self.base_path)
+        self.critic = None
+        return self.policy
+
+
+def lora_base_layers(module: nn.Module) -> dict[str, nn.Module]:
+    """The frozen base layers inside LoRA layers, by the name of the LoRA layer in the unwrapped model."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return {name: m.get_base_layer() for name, m in unwrap(module).named_modules() if isinstance(m, BaseTunerLayer)}
+
+
+def store_frozen_base(module: nn.Module, dtype: torch.dtype) -> None:
+    """Keep the frozen base weights of LoRA layers, and the frozen output head, in `dtype` (bf16
+    under bf16 autocast). Under autocast this changes no number (autocast casts them to bf16
+    anyway) but it stops the re-cast at every forward pass and decoding step, which autocast does
+    not cache for weights without gradient, and it halves their memory. A tied output head gets
+    its own copy (the input embeddings stay as they are). `restore_frozen_base` undoes it all."""
+    for base in lora_base_layers(module).values():
+        base.weight.data = base.weight.data.to(dtype)
+    lm = unwrap(module)
+    head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
+    if head is not None and not head.weight.requires_grad:  # a frozen (often tied) output head: a copy in dtype
+        head.weight = nn.Parameter(head.weight.detach().to(dtype), requires_grad=False)
+
+
+def restore_frozen_base(module: nn.Module, path: str) -> None:
+    """Reload the original base weights of the LoRA layers (and re-tie or reload the output
+    head) from the model directory `path`."""
+    from safetensors import safe_open
+
+    layers = {f"{name}.weight": base for name, base in lora_base_layers(module).items()}
+    lm = unwrap(module)
+    dtype = lm.get_input_embeddings().weight.dtype
+    head = lm.get_output_embeddings()
+    if getattr(lm.config, "tie_word_embeddings", False):
+        head.weight = lm.get_input_embeddings().weight
+    else:
+        layers[next(n for n, m in lm.named_modules() if m is head) + ".weight"] = head
+    for file in sorted(Path(path).glob("*.safetensors")):
+        with safe_open(str(file), "pt") as f:
+            for key in f.keys():
+                if key in layers:
+                    layers[key].weight.data = f.get_tensor(key).to(dtype)
+
+
+def trainable_parameters(module: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    params = list(module.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def build_actor_critic(model_cfg: ModelConfig, memory: str = "lora", critic: str | None = "policy",
+                       critic_path: str = "", seed: int = 0, frozen_dtype: torch.dtype | None = None):
+    """(ActorCritic, tokenizer, model path). `critic`: None (critic-free methods), "policy"
+    (critic initialised from the policy, zero value head) or "reward_model" (from `critic_path`).
+    `frozen_dtype` (LoRA only): store the frozen base weights in this dtype (`store_frozen_base`)."""
+    if memory not in MEMORY_MODES:
+        raise ValueError(f"memory must be one of {MEMORY_MODES}, not {memory!r}")
+    if critic not in (None, *CRITIC_INITS):
+        raise ValueError(f"critic init must be one of {CRITIC_INITS}, not {critic!r}")
+    if critic == "reward_model" and not critic_path:
+        raise ValueError("a critic initialised from a reward model needs its path (critic_path)")
+    path = resolve_model_path(model_cfg.path)
+    tokenizer = load_tokenizer(path)
+    torch.manual_seed(seed)
+    base = load_causal_lm(path, replace(model_cfg, lora=None))
+    lora = model_cfg.lora or LoraConfig()
+    reference = None
+    if memory == "lora":
+        policy = add_lora(base, lora, adapter_name="policy")
+        if critic == "policy":
+            policy.add_adapter("critic", copy.deepcopy(policy.peft_config["policy"]))
+        for name, p in policy.named_parameters():
+            p.requires_grad_("lora_" in name)
+    else:
+        if model_cfg.lora is not None:
+            log.info("memory=full trains every weight: the model.lora settings are not used")
+        policy = base
+        reference = copy.deepcopy(base).eval().requires_grad_(False)
+    value = None
+    if critic == "policy":
+        head = nn.Linear(unwrap(policy).config.hidden_size, 1, bias=False)
+        nn.init.zeros_(head.weight)
+        decoder = unwrap(policy).get_decoder()
+        value = Critic(decoder, head, "critic", shared=True) if memory == "lora" else Critic(copy.deepcopy(decoder), head)
+    elif critic == "reward_model":
+        from alignkit.rewards.model import load_reward_model
+
+        rm, _, _ = load_reward_model(ModelConfig(path=critic_path, dtype=model_cfg.dtype), train=False)
+        backbone, head = rm.base_model, rm.score
+        head.requires_grad_(True)
+        if memory == "lora":
+            backbone.requires_grad_(False)
+            backbone = add_lora(backbone, lora, adapter_name="critic", task_type=None)
+            value = Critic(backbone, head, "critic")
+        else:
+            value = Critic(backbone, head)
+    if memory == "lora" and frozen_dtype is not None:
+        store_frozen_base(policy, frozen_dtype)
+        if value is not None and "backbone" in value._modules:
+            store_frozen_base(value.backbone, frozen_dtype)
+    return ActorCritic(policy, value, reference, path if memory == "lora" and frozen_dtype is not None else ""), tokenizer, path

@@ -1,0 +1,146 @@
+"""PPO / GRPO / RLOO smoke runs on the tiny model with a rule reward, both memory modes; the
+LoRA layout's roles (reference = adapters off, adapters isolated); exact resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from alignkit.algorithms.ppo import PPOConfig, run
+from alignkit.config import load_config
+from alignkit.engine.logging import read_metrics
+from alignkit.models.actor_critic import build_actor_critic
+from alignkit.models.load import LoraConfig, ModelConfig
+from alignkit.models.tiny import save_tiny, tiny_model, tiny_tokenizer
+from alignkit.rollout.batch import assemble
+
+
+def lowercase_letters(prompts: list[str], responses: list[str]) -> list[float]:
+    """A trivial rule reward: the number of lowercase letters in the reply."""
+    return [float(sum(ch.islower() for ch in r)) for r in responses]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return save_tiny(str(tmp_path_factory.mktemp("tiny") / "model"))
+
+
+def _run(tiny_dir, out, *overrides, iterations=2):
+    cfg = load_config(PPOConfig, None, [
+        f"model.path={tiny_dir}", f"train.output_dir={out}", f"iterations={iterations}", "prompts_per_iteration=4",
+        "max_new_tokens=10", "minibatch_size=4", "train.batch_size=2", "ppo_epochs=2", "prompts.train=16",
+        "prompts.heldout=4", "eval.every=0", "train.progress=false", "train.lr=1e-3", "train.threads=1",
+        "samples_every=1", *overrides])
+    result = run(cfg, reward_fn=lowercase_letters)
+    rows = read_metrics(out)
+    return result, [r for r in rows if "iteration" in r], [r for r in rows if "eval/reward" in r]
+
+
+PPO_KEYS = {"reward", "reward_std", "kl", "beta", "entropy", "clip_frac", "approx_kl", "vf_loss", "explained_variance",
+            "response_length", "tokens_per_s", "gen_tokens_per_s", "pg_loss", "grad_norm", "lr"}
+
+
+@pytest.mark.parametrize("memory", ["lora", "full"])
+def test_ppo_smoke(tiny_dir, tmp_path, memory):
+    result, rows, evals = _run(tiny_dir, tmp_path / memory, f"memory={memory}")
+    assert [r["iteration"] for r in rows] == [1, 2]
+    assert PPO_KEYS <= set(rows[0])
+    assert rows[0]["kl"] == 0.0  # before any update the policy is the reference
+    assert rows[0]["beta"] == 0.05 and rows[1]["kl"] != 0.0
+    assert [e["eval/iteration"] for e in evals] == [0, 2] and evals[0]["eval/kl"] == 0.0
+    assert evals[1]["eval/kl"] != 0.0  # the policy moved
+    samples = [json.loads(line) for line in (tmp_path / memory / "samples.jsonl").read_text().splitlines()]
+    assert {s["iteration"] for s in samples} == {1, 2} and all("response" in s for s in samples)
+    from transformers import AutoModelForCausalLM
+
+    final = AutoModelForCausalLM.from_pretrained(result["final_model"])
+    assert not any("lora" in n for n, _ in final.named_parameters())
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "rloo", "reinforce"])
+def test_critic_free_variants_run(tiny_dir, tmp_path, algorithm):
+    extra = ["samples_per_prompt=2"] if algorithm != "reinforce" else \
+        ["ptx.coef=0.5", "ptx.data.builtin=arithmetic", "ptx.data.arithmetic_examples=16"]  # PPO-ptx mixing too
+    _, rows, _ = _run(tiny_dir, tmp_path / algorithm, f"algorithm={algorithm}", *extra)
+    assert [r["iteration"] for r in rows] == [1, 2]
+    assert rows[0]["kl"] == 0.0 and "vf_loss" not in rows[0] and "explained_variance" not in rows[0]
+    assert ("kl_loss" in rows[0]) == (algorithm == "grpo")
+    assert ("ptx_nll" in rows[0]) == (algorithm == "reinforce")
+
+
+def test_lora_reference_is_the_base_and_adapters_are_isolated(tiny_dir):
+    ac, _, _ = build_actor_critic(ModelConfig(path=tiny_dir, lora=LoraConfig(r=4, alpha=8)), "lora", "policy")
+    base = tiny_model(0).eval()  # the weights save_tiny wrote
+    batch = assemble([[10, 20, 30], [40]], [[50, 60], [70, 80, 90]], pad_id=258)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in ac.named_parameters():  # make both adapters and the value head non-trivial
+            if "lora_B" in name or "head" in name:
+                p.copy_(torch.randn(p.shape, generator=gen))
+        from alignkit.models.actor_critic import response_logprobs
+
+        want = response_logprobs(base, batch)[0]
+        assert torch.equal(ac.reference_logprobs(batch), want)
+        policy = ac.policy_logprobs(batch)[0]
+        assert not torch.allclose(policy, want, atol=1e-3)
+        values = ac.values(batch)
+        for name, p in ac.named_parameters():  # change only the critic adapter
+            if "lora_B.critic" in name:
+                p.add_(1.0)
+        assert torch.equal(ac.policy_logprobs(batch)[0], policy)
+        assert not torch.allclose(ac.values(batch), values)
+        assert torch.equal(ac.reference_logprobs(batch), want)
+    trainable = {n for n, p in ac.named_parameters() if p.requires_grad}
+    assert any(".policy." in n for n in trainable) and any(".critic." in n for n in trainable)
+    assert all("lora_" in n or n == "critic.head.weight" for n in trainable)
+
+
+def test_resume_continues_exactly(tiny_dir, tmp_path):
+    _, straight, _ = _run(tiny_dir, tmp_path / "straight", iterations=3)
+    _run(tiny_dir, tmp_path / "cut", iterations=2)
+    _, resumed, evals = _run(tiny_dir, tmp_path / "cut", "train.resume=true", iterations=3)
+    assert [r["iteration"] for r in resumed] == [1, 2, 3]
+    assert [e["eval/iteration"] for e in evals] == [0, 2, 3]  # the first run's rows, then iteration 3 only
+    for key in ("reward", "kl", "pg_loss", "vf_loss", "response_length"):
+        assert resumed[2][key] == pytest.approx(straight[2][key], abs=1e-6), key
+
+
+def test_bf16_lora_keeps_the_fp32_base_in_the_saved_model(tiny_dir, tmp_path):
+    # bf16: the frozen base is held in bf16 during training; the saved model must merge the
+    # adapter into the original fp32 weights. With lr = 0 the adapter stays zero: saved == base.
+    result, rows, _ = _run(tiny_dir, tmp_path / "bf16", "train.precision=bf16", "train.lr=0", iterations=1)
+    assert rows[0]["kl"] == 0.0
+    from transformers import AutoModelForCausalLM
+
+    saved = AutoModelForCausalLM.from_pretrained(result["final_model"]).state_dict()
+    for name, tensor in tiny_model(0).state_dict().items():
+        assert saved[name].dtype == torch.float32 and torch.equal(saved[name], tensor), name
+
+
+def test_frozen_base_in_bf16_changes_no_number_under_autocast(tiny_dir):
+    batch = assemble([[10, 20, 30], [40]], [[50, 60], [70, 80, 90]], pad_id=258)
+    outs = []
+    for frozen in (None, torch.bfloat16):
+        ac, _, _ = build_actor_critic(ModelConfig(path=tiny_dir, lora=LoraConfig(r=4, alpha=8)), "lora", "policy",
+                                      frozen_dtype=frozen)
+        gen = torch.Generator().manual_seed(0)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            for name, p in sorted(ac.named_parameters()):
+                if "lora_B" in name or name == "critic.head.weight":
+                    p.copy_(torch.randn(p.shape, generator=gen))
+            outs.append((ac.policy_logprobs(batch)[0], ac.reference_logprobs(batch), ac.values(batch)))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+
+
+def test_ppo_raises_the_reward(tiny_dir, tmp_path):
+    # The metric that should move: 16 iterations of 16 replies on the letter reward.
+    _, rows, _ = _run(tiny_dir, tmp_path / "up", "memory=full", "train.lr=3e-3", "kl.beta=0.01", "prompts_per_iteration=16",
+                      "max_new_tokens=16", "minibatch_size=8", "train.batch_size=8", "prompts.heldout=0", "samples_every=0",
+                      iterations=16)
+    first = sum(r["reward"] for r in rows[:4]) / 4
+    last = sum(r["reward"] for r in rows[-4:]) / 4
+    assert last > first + 1.0, (first, last)
+    assert rows[-1]["kl"] > rows[0]["kl"]
