@@ -4,11 +4,18 @@ import json
 import pytest
 import torch
 
-from alignkit.algorithms.dpo import (DPOConfig, DPODataConfig, dpo_step, precompute_reference,
-                                     reference_fn, run, tokenize_pairs)
+from alignkit.algorithms.dpo import (
+    DPOConfig,
+    DPODataConfig,
+    dpo_step,
+    precompute_reference,
+    reference_fn,
+    run,
+    tokenize_pairs,
+)
 from alignkit.algorithms.pairs import PairsConfig, pair_record
 from alignkit.data.chat import IGNORE, tokenize_prompt_response
-from alignkit.data.groups import pack_rows
+from alignkit.data.groups import pack_rows, tokenize_group
 from alignkit.data.records import Message, PreferencePair
 from alignkit.engine.config import TrainConfig
 from alignkit.engine.logging import read_metrics
@@ -138,3 +145,13 @@ def test_run_builtin_pairs_lora_sft_reference(tmp_path):
     assert (tmp_path / "builtin" / "reference" / "checkpoints").is_dir()
     assert 0.0 <= result["eval/arithmetic_accuracy"] <= 1.0
     assert (tmp_path / "builtin" / "final" / "config.json").is_file()
+
+
+def test_overlong_pair_loses_prompt_tokens_first_then_response_tail(tok):
+    prompt = (Message("user", "x" * 100),)
+    whole = tokenize_group(tok, prompt, ["ab", "abcd"], max_length=512)
+    assert [len(r) for r in whole.responses] == [3, 5]  # bytes + end-of-turn; template "\n" after it dropped
+    fitted = tokenize_group(tok, prompt, ["ab", "abcd"], max_length=40)
+    assert fitted.prompt == whole.prompt[-35:] and fitted.responses == whole.responses
+    tight = tokenize_group(tok, prompt, ["ab", "abcd"], max_length=4)
+    assert tight.prompt == whole.prompt[-1:] and tight.responses == [whole.responses[0], whole.responses[1][:3]]

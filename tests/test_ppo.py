@@ -144,3 +144,20 @@ def test_ppo_raises_the_reward(tiny_dir, tmp_path):
     last = sum(r["reward"] for r in rows[-4:]) / 4
     assert last > first + 1.0, (first, last)
     assert rows[-1]["kl"] > rows[0]["kl"]
+
+
+def test_early_stopping_and_runaway_warnings(caplog):
+    from alignkit.algorithms.rl_common import early_stop, warn_runaway
+
+    state = {"best": None, "bad_evals": 0, "first_length": None}
+    assert not early_stop({"reward": -1.0}, state, patience=2)  # the baseline evaluation
+    assert not early_stop({"reward": -0.5}, state, patience=2) and state["best"] == -0.5
+    assert not early_stop({"reward": -0.6}, state, patience=2) and state["bad_evals"] == 1
+    assert early_stop({"reward": -0.5}, state, patience=2)  # not better than the best: second strike
+    assert not early_stop({}, state, patience=2)  # no held-out prompts: never stops
+    with caplog.at_level("WARNING", logger="alignkit"):
+        warn_runaway({"iteration": 1, "kl": 1.0, "response_length": 10.0, "truncated_frac": 0.0}, state, warn_kl=20)
+        assert not caplog.records
+        warn_runaway({"iteration": 2, "kl": 25.0, "response_length": 21.0, "truncated_frac": 0.9}, state, warn_kl=20)
+    messages = " ".join(r.getMessage() for r in caplog.records)
+    assert "KL to the reference is 25.0" in messages and "replies are getting long" in messages

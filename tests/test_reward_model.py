@@ -3,6 +3,7 @@ round trip, rm-eval report, `score`, and bad data refused before training."""
 
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ import torch
 from alignkit.cli import main
 from alignkit.data.chat import render_ids
 from alignkit.data.records import Message, user_prompt
-from alignkit.eval.reward_eval import calibration, pair_report
+from alignkit.eval.reward_eval import calibration, pair_report, plot_report
 from alignkit.models.load import LoraConfig, ModelConfig, save_model
 from alignkit.models.tiny import save_tiny
 from alignkit.rewards.model import RewardModel, encode_group, grouped_row, last_token_mask, load_reward_model
@@ -156,6 +157,14 @@ def test_pair_report_buckets_and_calibration():
     sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
     ece = (abs(0.5 - (sig(0.1) + 0.5) / 2) * 2 + abs(0 - sig(0.5)) + abs(1 - sig(1)) + abs(1 - sig(2))) / 5
     assert cal["ece"] == pytest.approx(ece)
+
+
+def test_plot_is_optional(tmp_path, monkeypatch):
+    rep = pair_report([1.0, 0.0], [0.0, 1.0], ["better", None])
+    assert rep["buckets"]["unrated"] == {"n": 1, "accuracy": 0.0, "mean_margin": -1.0}
+    assert plot_report(rep, tmp_path / "a.png") == tmp_path / "a.png" and (tmp_path / "a.png").stat().st_size > 0
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
+    assert plot_report(rep, tmp_path / "b.png") is None and not (tmp_path / "b.png").exists()
 
 
 def test_rm_eval_and_score_commands(tiny_dir, tmp_path, capsys):

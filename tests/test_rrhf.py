@@ -1,7 +1,14 @@
 import pytest
 import torch
 
-from alignkit.algorithms.rrhf import CandidatesConfig, RRHFConfig, RRHFDataConfig, rrhf_step, run, to_grid
+from alignkit.algorithms.rrhf import (
+    CandidatesConfig,
+    RRHFConfig,
+    RRHFDataConfig,
+    rrhf_step,
+    run,
+    to_grid,
+)
 from alignkit.data.formats import load_ranked
 from alignkit.data.groups import pack_rows, tokenize_group
 from alignkit.data.records import Message

@@ -45,7 +45,7 @@ from pathlib import Path
 
 import torch
 
-from alignkit.algorithms.rl_common import (PromptsConfig, PTXConfig, RewardConfig, RLEvalConfig, build_task, collect,
+from alignkit.algorithms.rl_common import (KLConfig, PromptsConfig, PTXConfig, RewardConfig, RLEvalConfig, build_task, collect,
                                            early_stop, mean_stats, measure_policy, per_token, prompts_for,
                                            ptx_stream, score, trim_samples, warn_runaway, write_samples)
 from alignkit.config import opt
@@ -64,15 +64,6 @@ from alignkit.rollout.hf import HFGenerator
 
 log = logging.getLogger("alignkit")
 ALGORITHMS = ("ppo", "reinforce", "rloo", "grpo")
-
-
-@dataclass
-class KLConfig:
-    beta: float = opt(0.05, "KL coefficient β (initial value when adaptive)")
-    adaptive: bool = opt(False, "adapt β towards `target` (Ziegler et al.); false = fixed β")
-    target: float = opt(6.0, "adaptive: target KL per response (nats)")
-    horizon: float = opt(10000.0, "adaptive: horizon (responses)")
-    estimator: str = opt("k1", "per-token KL estimator in the reward: k1, k2 or k3 (GRPO's loss term always uses k3)")
 
 
 @dataclass
@@ -133,28 +124,48 @@ def compute_advantages(cfg: PPOConfig, rewards, values, mask):
     return adv, returns
 
 
-def make_step(ac, cfg: PPOConfig, beta: list, ptx_batches):
-    """The engine's step function over one micro-batch of rollouts: (loss sum, units, metric sums)."""
+def units_of(cfg: PPOConfig, mask: torch.Tensor) -> float:
+    """What a micro-batch's loss is a sum over: response tokens, or replies (loss_reduction)."""
+    return float(mask.sum()) if cfg.loss_reduction == "token" else float(mask.shape[0])
+
+
+def micro_batches(batch: dict, rows: torch.Tensor, cfg: PPOConfig, critic: bool, ptx) -> list[dict]:
+    """The engine's micro-batches for one minibatch. Each row chunk is a "policy" part and, with a
+    critic, a "critic" part (and a "ptx" part): each part runs its own forward and backward, so
+    activation memory peaks at one model pass. Only policy parts carry units; the engine divides
+    the summed gradient by them, which gives exactly ∇(policy + vf_coef·value (+ γ_ptx·NLL))."""
+    out = []
+    for i in range(0, len(rows), cfg.train.batch_size):
+        chunk = select_rows(batch, rows[i:i + cfg.train.batch_size])
+        out.append({**chunk, "part": "policy"})
+        if critic:
+            out.append({**chunk, "part": "critic"})
+        if ptx is not None:
+            out.append({"part": "ptx", "batch": next(ptx), "weight": units_of(cfg, chunk["response_mask"])})
+    return out
+
+
+def make_step(ac, cfg: PPOConfig, beta: list):
+    """The engine's step function over one part of a micro-batch: (loss sum, units, metric sums)."""
     def step(mb: dict):
+        if mb["part"] == "ptx":  # InstructGPT's PPO-ptx: γ_ptx × token-mean NLL, weighted like its rollout chunk
+            logps, _ = target_logprobs(ac.policy, mb["batch"])
+            nll, _ = ptx_loss(logps[None], torch.ones_like(logps[None]))
+            return cfg.ptx.coef * nll.mean() * mb["weight"], 0.0, {"ptx_nll": nll.mean().item() * mb["weight"]}
         mask = mb["response_mask"]
+        units = units_of(cfg, mask)
+        if mb["part"] == "critic":
+            vl, vm = value_loss(ac.values(mb), mb["old_values"], mb["returns"], mask, cfg.vf_clip or None, cfg.loss_reduction)
+            return cfg.vf_coef * vl.mean() * units, 0.0, {"vf_loss": vl.mean().item() * units,
+                                                         "vf_clip_frac": vm["vf_clip_frac"].item() * units}
         logp, _ = ac.policy_logprobs(mb, cfg.temperature)
         pg, metrics = policy_loss(logp, mb["old_logp"], mb["advantages"], mask, cfg.clip, cfg.loss_reduction)
         loss = pg.mean()
         metrics = {"pg_loss": loss.detach(), "clip_frac": metrics["clip_frac"], "approx_kl": metrics["approx_kl"]}
-        if ac.critic is not None:
-            vl, vm = value_loss(ac.values(mb), mb["old_values"], mb["returns"], mask, cfg.vf_clip or None, cfg.loss_reduction)
-            loss = loss + cfg.vf_coef * vl.mean()
-            metrics.update(vf_loss=vl.mean().detach(), vf_clip_frac=vm["vf_clip_frac"])
         if cfg.algorithm == "grpo" and beta[0] > 0:
             kl_l, _ = kl_loss(logp, mb["ref_logp"], mask, "k3", cfg.loss_reduction)
             loss = loss + beta[0] * kl_l.mean()
             metrics["kl_loss"] = kl_l.mean().detach()
-        if ptx_batches is not None:
-            logps, _ = target_logprobs(ac.policy, to_device(next(ptx_batches), logp.device))
-            ptx, _ = ptx_loss(logps[None], torch.ones_like(logps[None]))
-            loss = loss + cfg.ptx.coef * ptx.mean()
-            metrics["ptx_nll"] = ptx.mean().detach()
-        units = float(mask.sum()) if cfg.loss_reduction == "token" else float(mask.shape[0])
         return loss * units, units, {k: float(v) * units for k, v in metrics.items()}
     return step
 
@@ -177,7 +188,7 @@ def run(cfg: PPOConfig, reward_fn=None) -> dict:
     kl_ctl = AdaptiveKLController(state["beta"], cfg.kl.target, cfg.kl.horizon) if cfg.kl.adaptive else FixedKLController(state["beta"])
     beta = [kl_ctl.beta]
     ptx = ptx_stream(cfg.ptx, tokenizer, cfg.train.seed, cfg.train.max_tokens_per_batch, state["ptx_index"]) if cfg.ptx.coef > 0 else None
-    step_fn = make_step(ac, cfg, beta, ptx)
+    step_fn = make_step(ac, cfg, beta)
     device, run_dir = resolve_device(cfg.train.device), Path(cfg.train.output_dir)
     generator = HFGenerator(ac.policy, tokenizer, cfg.generation_batch_size, dtype="bf16" if bf16 else None)
     sampling = lambda seed, n: SamplingParams(n=n, temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, seed=seed)
@@ -229,9 +240,9 @@ def run(cfg: PPOConfig, reward_fn=None) -> dict:
             order = torch.randperm(rows, generator=order_gen)
             for s in range(0, rows, cfg.minibatch_size):
                 mb = order[s:s + cfg.minibatch_size]
-                micro = [select_rows(batch, mb[i:i + cfg.train.batch_size]) for i in range(0, len(mb), cfg.train.batch_size)]
+                micro = micro_batches(batch, mb, cfg, ac.critic is not None, ptx)
                 stats.append(engine.train_step(micro, step_fn))
-                state["ptx_index"] += len(micro) if ptx is not None else 0
+                state["ptx_index"] += sum(m["part"] == "ptx" for m in micro)
         beta[0] = kl_ctl.update(kl_seq.mean().item(), rows)
         state.update(iteration=it + 1, beta=beta[0])
         # log

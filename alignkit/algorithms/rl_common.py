@@ -209,6 +209,15 @@ def measure_policy(generator: Generator, tokenizer, prompts: list[str], reward_f
 
 
 @dataclass
+class KLConfig:
+    beta: float = opt(0.05, "KL coefficient β (initial value when adaptive)")
+    adaptive: bool = opt(False, "adapt β towards `target` (Ziegler et al.); false = fixed β")
+    target: float = opt(6.0, "adaptive: target KL per response (nats)")
+    horizon: float = opt(10000.0, "adaptive: horizon (responses)")
+    estimator: str = opt("k1", "per-token KL estimator in the reward: k1, k2 or k3 (GRPO's loss term always uses k3)")
+
+
+@dataclass
 class PTXConfig:
     coef: float = opt(0.0, "γ_ptx: weight of the token-mean NLL on SFT data (0 = off)")
     data: SFTDataConfig = opt(factory=SFTDataConfig, help="the SFT data mixed in (same keys as `alignkit sft`)")

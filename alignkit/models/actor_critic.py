@@ -43,6 +43,7 @@ from alignkit.ops import entropy_from_logits, gather_logprobs
 
 log = logging.getLogger("alignkit")
 MEMORY_MODES = ("lora", "full")
+CHUNK = 512  # rows of float32 vocabulary-wide logits alive at once in log-prob / entropy maths
 CRITIC_INITS = ("policy", "reward_model")
 
 
@@ -85,10 +86,10 @@ def response_logprobs(model, batch: dict, temperature: float = 1.0, entropy: boo
     if temperature != 1.0:
         logits = logits / temperature
     logp = hidden.new_zeros(mask.shape, dtype=torch.float32)
-    logp = logp.masked_scatter(mask, gather_logprobs(logits, batch["response_ids"][mask]))
+    logp = logp.masked_scatter(mask, gather_logprobs(logits, batch["response_ids"][mask], chunk_size=CHUNK))
     ent = None
     if entropy:
-        ent = torch.zeros_like(logp).masked_scatter(mask, entropy_from_logits(logits.detach()))
+        ent = torch.zeros_like(logp).masked_scatter(mask, entropy_from_logits(logits.detach(), chunk_size=CHUNK))
     return logp, ent
 
 
@@ -186,6 +187,9 @@ def store_frozen_base(module: nn.Module, dtype: torch.dtype) -> None:
     head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
     if head is not None and not head.weight.requires_grad:  # a frozen (often tied) output head: a copy in dtype
         head.weight = nn.Parameter(head.weight.detach().to(dtype), requires_grad=False)
+    for p in lm.parameters():  # the rest leaves the memory-mapped checkpoint, so its pages can be unmapped
+        if not p.requires_grad and p.dtype != dtype:
+            p.data = p.data.clone()
 
 
 def restore_frozen_base(module: nn.Module, path: str) -> None:
