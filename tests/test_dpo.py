@@ -1,5 +1,6 @@
 import copy
 import json
+import math
 
 import pytest
 import torch
@@ -155,3 +156,17 @@ def test_overlong_pair_loses_prompt_tokens_first_then_response_tail(tok):
     assert fitted.prompt == whole.prompt[-35:] and fitted.responses == whole.responses
     tight = tokenize_group(tok, prompt, ["ab", "abcd"], max_length=4)
     assert tight.prompt == whole.prompt[-1:] and tight.responses == [whole.responses[0], whole.responses[1][:3]]
+
+
+def test_nll_weight_adds_the_chosen_per_token_nll():
+    from alignkit.algorithms.dpo import pair_loss
+
+    policy = torch.tensor([-2.0, -6.0, -3.0, -1.0])  # chosen, rejected, chosen, rejected
+    reference = torch.tensor([-3.0, -5.0, -3.0, -2.0])
+    lengths = torch.tensor([2.0, 3.0, 4.0, 1.0])
+    base, _ = pair_loss(policy, reference, lengths, DPOConfig(beta=0.5))
+    # h = (pc - rc) - (pr - rr): pair 1: (1) - (-1) = 2 -> -log σ(1); pair 2: 0 - 1 = -1 -> -log σ(-0.5)
+    assert base.tolist() == pytest.approx([math.log1p(math.exp(-1.0)), math.log1p(math.exp(0.5))])
+    rpo, metrics = pair_loss(policy, reference, lengths, DPOConfig(beta=0.5, nll_weight=2.0))
+    assert (rpo - base).tolist() == pytest.approx([2.0 * 2.0 / 2, 2.0 * 3.0 / 4])
+    assert metrics["nll/chosen"].item() == pytest.approx((1.0 + 0.75) / 2)

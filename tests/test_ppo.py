@@ -13,7 +13,7 @@ from alignkit.config import load_config
 from alignkit.engine.logging import read_metrics
 from alignkit.models.actor_critic import build_actor_critic
 from alignkit.models.load import LoraConfig, ModelConfig
-from alignkit.models.tiny import save_tiny, tiny_model, tiny_tokenizer
+from alignkit.models.tiny import save_tiny, tiny_model
 from alignkit.rollout.batch import assemble
 
 

@@ -167,3 +167,13 @@ def test_shared_prefix_rows_give_the_packed_loss_and_gradient(tok, model):
         for ga, p in zip(grads_a, model.parameters()):
             torch.testing.assert_close(ga, p.grad, rtol=1e-4, atol=1e-6)
     assert sum(r["lengths"].shape[0] for r in shared_prefix_rows(data, 40)) == 3  # small rows: still every example once
+
+
+def test_score_can_fail_replies_cut_off_by_the_budget():
+    from alignkit.algorithms.stages import Sample, score
+
+    done = Sample(prompt="p", response="41", finish_reason="stop")
+    cut = Sample(prompt="p", response="82 + 41 =", finish_reason="length")
+    always = lambda prompts, responses: [1.0] * len(prompts)
+    assert [x.reward for x in score([done, cut], always)] == [1.0, 1.0]
+    assert [x.reward for x in score([done, cut], always, truncated=0.0)] == [1.0, 0.0]

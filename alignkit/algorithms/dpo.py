@@ -30,10 +30,9 @@ from alignkit.config import opt
 from alignkit.data.formats import load_preferences
 from alignkit.data.groups import Group, pack_rows, shuffled, tokenize_group
 from alignkit.data.records import Message, PreferencePair, SFTExample
-from alignkit.data.tasks.arithmetic import generate_problems
 from alignkit.engine.config import TrainConfig
 from alignkit.engine.trainer import Engine, fit, resolve_device, steps_for, to_device
-from alignkit.eval.arithmetic import ArithmeticEvalConfig, evaluate_arithmetic
+from alignkit.eval.arithmetic import ArithmeticEvalConfig, evaluate_arithmetic, heldout_problems
 from alignkit.losses.dpo import dpo_loss, ipo_loss
 from alignkit.models.forward import group_logprobs
 from alignkit.models.load import ModelConfig, add_lora, load_model, save_model
@@ -57,6 +56,7 @@ class DPOConfig:
     loss: str = opt("dpo", "dpo: -log sigmoid(beta h) (label_smoothing > 0 = conservative DPO); ipo: (h - 1/(2 beta))^2 on length-averaged log-probs")
     beta: float = opt(0.1, "strength of the implicit KL penalty to the reference")
     label_smoothing: float = opt(0.0, "conservative DPO: probability that a pair's label is flipped (0..0.5)")
+    nll_weight: float = opt(0.0, "RPO / DPO+NLL (Pang et al. 2024): add this times the chosen response's per-token NLL")
     precompute_ref: bool = opt(False, "compute reference log-probs in one inference pass before training (no reference model kept)")
     sft_reference: bool = opt(False, "first fit the reference by SFT on the chosen responses (when there is no SFT model)")
     reference_train: TrainConfig = opt(factory=lambda: TrainConfig(output_dir="", lr=2e-5, epochs=1.0),
@@ -83,10 +83,16 @@ def tokenize_pairs(tokenizer, pairs: list[PreferencePair], max_length: int) -> l
 
 def pair_loss(policy: torch.Tensor, reference: torch.Tensor, lengths: torch.Tensor, cfg: DPOConfig):
     """Per-pair loss and metrics from per-response log-probs [2P] ordered chosen, rejected, chosen, ..."""
+    nll = -policy[0::2] / lengths[0::2]  # per-token NLL of the chosen responses
     if cfg.loss == "ipo":
         policy, reference = policy / lengths, reference / lengths
-        return ipo_loss(policy[0::2], policy[1::2], reference[0::2], reference[1::2], cfg.beta)
-    return dpo_loss(policy[0::2], policy[1::2], reference[0::2], reference[1::2], cfg.beta, cfg.label_smoothing)
+        losses, metrics = ipo_loss(policy[0::2], policy[1::2], reference[0::2], reference[1::2], cfg.beta)
+    else:
+        losses, metrics = dpo_loss(policy[0::2], policy[1::2], reference[0::2], reference[1::2], cfg.beta, cfg.label_smoothing)
+    if cfg.nll_weight:
+        losses = losses + cfg.nll_weight * nll
+        metrics = {**metrics, "nll/chosen": nll.detach().mean()}
+    return losses, metrics
 
 
 def reference_fn(model, frozen=None):
@@ -146,7 +152,7 @@ def run(cfg: DPOConfig) -> dict:
     pairs = load_preferences(path, cfg.data.split if cfg.data.path else None) if path else None
     torch.manual_seed(cfg.train.seed)
     model, tokenizer, _ = load_model(cfg.model, train=False)
-    result: dict = {}
+    result = starting_accuracy(model, tokenizer, cfg.eval, run_dir)
     if pairs is None:
         pairs, stats = make_pairs(model, tokenizer, cfg.data.pairs)
         result.update({f"pairs/{k}": v for k, v in stats.items()})
@@ -169,12 +175,20 @@ def run(cfg: DPOConfig) -> dict:
     return {**result, **finish(engine, tokenizer, cfg.eval, run_dir, cfg.train.merge_lora)}
 
 
+def starting_accuracy(model, tokenizer, eval_cfg: ArithmeticEvalConfig, run_dir: Path) -> dict:
+    """Held-out arithmetic accuracy of the starting model (eval.baseline), on the problems `finish` uses."""
+    if eval_cfg.problems <= 0 or not eval_cfg.baseline:
+        return {}
+    acc = evaluate_arithmetic(model, tokenizer, heldout_problems(eval_cfg), eval_cfg, run_dir / "eval_samples_start.jsonl")["accuracy"]
+    log.info("starting model: held-out arithmetic accuracy %.3f", acc)
+    return {"eval/start_arithmetic_accuracy": acc}
+
+
 def finish(engine: Engine, tokenizer, eval_cfg: ArithmeticEvalConfig, run_dir: Path, merge_lora: bool) -> dict:
     """Held-out arithmetic accuracy of the trained policy (when asked), then save it as a plain HF model."""
     out = {}
     if eval_cfg.problems > 0:
-        problems = generate_problems(eval_cfg.problems, seed=eval_cfg.seed, split="heldout")
-        out["eval/arithmetic_accuracy"] = evaluate_arithmetic(engine.model, tokenizer, problems, eval_cfg,
+        out["eval/arithmetic_accuracy"] = evaluate_arithmetic(engine.model, tokenizer, heldout_problems(eval_cfg), eval_cfg,
                                                               run_dir / "eval_samples.jsonl")["accuracy"]
         engine.log({"arithmetic_accuracy": out["eval/arithmetic_accuracy"]}, prefix="eval/")
     out["final_model"] = str(save_model(engine.model, tokenizer, run_dir / "final", merge_lora=merge_lora))

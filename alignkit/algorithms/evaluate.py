@@ -27,7 +27,7 @@ class EvalConfig:
 
 def run_eval(cfg: EvalConfig) -> dict:
     model, tokenizer, path = load_model(cfg.model, train=False)
-    task = ArithmeticConfig(min_digits=cfg.min_digits, max_digits=cfg.max_digits)
+    task = ArithmeticConfig(min_digits=cfg.min_digits, max_digits=cfg.max_digits, word_problems=cfg.eval.word_problems)
     problems = generate_problems(cfg.eval.problems, seed=cfg.eval.seed, split="heldout", config=task)
     out = Path(cfg.output_dir)
     result = evaluate_arithmetic(model, tokenizer, problems, cfg.eval, out / "samples.jsonl")

@@ -18,7 +18,7 @@ import torch
 
 from alignkit.config import opt
 from alignkit.data.records import PreferencePair, user_prompt
-from alignkit.data.tasks.arithmetic import generate_problems, prompt_text, target_text
+from alignkit.data.tasks.arithmetic import ArithmeticConfig, generate_problems, prompt_text, target_text
 from alignkit.eval.arithmetic import prompts_for
 from alignkit.models.load import ModelConfig, load_model
 from alignkit.rewards.verifiers import verify
@@ -36,6 +36,7 @@ class PairsConfig:
     top_p: float = opt(1.0, "nucleus sampling mass")
     max_new_tokens: int = opt(24, "generation budget per answer")
     style: str = opt("answer", "prompt style: answer (only the number) or cot (step by step)")
+    word_problems: bool = opt(True, "short stories; false gives the plain form 'What is 47 + 38?'")
     pairs_per_problem: int = opt(1, "pairs per problem (each with a different incorrect answer)")
     batch_size: int = opt(16, "prompts decoded together (each with `samples` rows)")
     dtype: str = opt("fp32", "sampling precision: fp32, or bf16 autocast (faster on CPUs with bf16 matmul)")
@@ -44,21 +45,23 @@ class PairsConfig:
 
 def make_pairs(model, tokenizer, cfg: PairsConfig) -> tuple[list[PreferencePair], dict]:
     """Sample, verify and pair; returns (pairs, statistics)."""
-    problems = generate_problems(cfg.problems, seed=cfg.seed, split="train")
+    problems = generate_problems(cfg.problems, seed=cfg.seed, split="train", config=ArithmeticConfig(word_problems=cfg.word_problems))
     params = SamplingParams(n=cfg.samples, temperature=cfg.temperature, top_p=cfg.top_p,
                             max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
     completions = HFGenerator(model, tokenizer, cfg.batch_size, cfg.dtype).generate(prompts_for(tokenizer, problems, cfg.style), params)
     answers: list[dict[str, float]] = [{} for _ in problems]  # distinct stripped texts -> reward
     hits = 0.0
     for c in completions:
-        reward = verify(c.text, problems[c.prompt_index].answer)
+        # a reply cut off by max_new_tokens is not an answer, even when its last number happens to match
+        reward = verify(c.text, problems[c.prompt_index].answer) if c.finish_reason == "stop" else 0.0
         hits += reward
         if c.text.strip():
             answers[c.prompt_index][c.text.strip()] = reward
     pairs, gold_chosen, solved = [], 0, 0
     for problem, found in zip(problems, answers):
         right = [t for t, r in found.items() if r > 0]
-        wrong = [t for t, r in found.items() if r == 0][: cfg.pairs_per_problem]
+        # bare wrong numbers first: they contrast the arithmetic itself, not only the answer format
+        wrong = sorted((t for t, r in found.items() if r == 0), key=lambda t: not t.lstrip("-").isdigit())[: cfg.pairs_per_problem]
         solved += bool(right)
         if not right:
             right = [target_text(problem, cfg.style)]

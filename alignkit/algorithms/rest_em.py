@@ -93,7 +93,7 @@ def run(cfg: RestEMConfig) -> dict:
         gen = HFGenerator(policy, tokenizer, cfg.sampler.batch_size, cfg.sampler.dtype)
         n = cfg.sampler.samples_per_problem
         samples = score(collect(gen, tokenizer, task.prompts(task.train), sampling(cfg.sampler, n, cfg.train.seed + it),
-                                iteration=it), reward)
+                                iteration=it), reward, truncated=0.0)
         kept = above_threshold(samples, 1.0)
         kept = cap_per_prompt(dedupe(kept) if cfg.dedupe else kept, cfg.cap_per_problem, cfg.train.seed + it)
         e_step = {"sample_acc": sum(x.reward for x in samples) / len(samples), "kept": len(kept),

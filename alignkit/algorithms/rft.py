@@ -95,7 +95,7 @@ def run(cfg: RFTConfig) -> dict:
         sampler = base if spec in ("self", cfg.model.path) else load_model(ModelConfig(path=spec), train=False)[0]
         gen = HFGenerator(sampler, tokenizer, cfg.sampler.batch_size, cfg.sampler.dtype)
         samples = score(collect(gen, tokenizer, prompts, sampling(cfg.sampler, cfg.sampler.samples_per_problem, cfg.train.seed + i),
-                                source=spec), reward)
+                                source=spec), reward, truncated=0.0)
         paths = correct_paths(samples, cfg.dedupe_by)
         per_model[spec] = {"correct": sum(x.reward for x in samples) / len(samples), "paths": len(paths)}
         union = correct_paths(union + paths, cfg.dedupe_by)  # union, deduplicated across models too

@@ -21,12 +21,12 @@ from pathlib import Path
 
 import torch
 
-from alignkit.algorithms.dpo import finish
+from alignkit.algorithms.dpo import finish, starting_accuracy
 from alignkit.config import opt
 from alignkit.data.formats import load_ranked
 from alignkit.data.groups import pack_rows, shuffled, tokenize_group
 from alignkit.data.records import RankedResponses, user_prompt
-from alignkit.data.tasks.arithmetic import generate_problems, prompt_text, target_text
+from alignkit.data.tasks.arithmetic import ArithmeticConfig, generate_problems, prompt_text, target_text
 from alignkit.data.tasks.preferences import build_prompts
 from alignkit.engine.config import TrainConfig
 from alignkit.engine.trainer import Engine, fit, steps_for
@@ -52,6 +52,7 @@ class CandidatesConfig:
     max_new_tokens: int = opt(24, "generation budget per response")
     style: str = opt("answer", "arithmetic prompt style: answer (only the number) or cot")
     include_gold: bool = opt(True, "arithmetic: add the gold answer as a candidate")
+    word_problems: bool = opt(True, "arithmetic: short stories; false gives the plain form 'What is 47 + 38?'")
     batch_size: int = opt(16, "prompts decoded together (each with `samples` rows)")
     dtype: str = opt("fp32", "sampling precision: fp32, or bf16 autocast (faster on CPUs with bf16 matmul)")
     seed: int = opt(0, "seed of the prompts and of the sampler")
@@ -78,7 +79,7 @@ class RRHFConfig:
 def task_prompts(cfg: CandidatesConfig) -> tuple[list[str], RewardFn, list[str] | None]:
     """(user prompts, their reward function, gold answers to add as candidates or None)."""
     if cfg.task == "arithmetic":
-        problems = generate_problems(cfg.prompts, seed=cfg.seed, split="train")
+        problems = generate_problems(cfg.prompts, seed=cfg.seed, split="train", config=ArithmeticConfig(word_problems=cfg.word_problems))
         texts = [prompt_text(p, cfg.style) for p in problems]
         answer = {t: p.answer for t, p in zip(texts, problems)}
         reward = FunctionReward(lambda prompt, response: verify(response, answer[prompt]), "verifier")
@@ -148,6 +149,7 @@ def run(cfg: RRHFConfig) -> dict:
     ranked = load_ranked(path, cfg.data.split if cfg.data.path else None) if path else None
     torch.manual_seed(cfg.train.seed)
     model, tokenizer, _ = load_model(cfg.model, train=False)
+    start = starting_accuracy(model, tokenizer, cfg.eval, Path(cfg.train.output_dir))
     if ranked is None:
         ranked = sample_candidates(model, tokenizer, cfg.data.candidates)
         write_ranked(ranked, saved)
@@ -163,4 +165,4 @@ def run(cfg: RRHFConfig) -> dict:
         model = add_lora(model, cfg.model.lora)
     engine = Engine(model, cfg.train, steps_for(len(rows), cfg.train), asdict(cfg))
     result = fit(engine, rrhf_step(engine.model, cfg), shuffled(rows, cfg.train.seed))
-    return {"prompts": len(groups), **result, **finish(engine, tokenizer, cfg.eval, Path(cfg.train.output_dir), cfg.train.merge_lora)}
+    return {"prompts": len(groups), **start, **result, **finish(engine, tokenizer, cfg.eval, Path(cfg.train.output_dir), cfg.train.merge_lora)}

@@ -8,7 +8,7 @@ train, save a plain HF model, and report held-out loss and arithmetic accuracy.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -24,7 +24,7 @@ from alignkit.data.tasks.arithmetic import prompt_text as arithmetic_prompt
 from alignkit.data.tasks.arithmetic import target_text
 from alignkit.engine.config import TrainConfig
 from alignkit.engine.trainer import Engine, fit, steps_for
-from alignkit.eval.arithmetic import ArithmeticEvalConfig, evaluate_arithmetic
+from alignkit.eval.arithmetic import ArithmeticEvalConfig, evaluate_arithmetic, heldout_problems
 from alignkit.losses.sft import sft_loss
 from alignkit.models.forward import target_logprobs
 from alignkit.models.load import ModelConfig, load_model, save_model
@@ -166,8 +166,7 @@ def run(cfg: SFTConfig) -> dict:
     engine, metrics = train_sft(model, tokenizer, train, cfg.train, cfg.data.packing, eval_fn, asdict(cfg))
     run_dir = Path(cfg.train.output_dir)
     if cfg.eval.problems > 0:
-        problems = generate_problems(cfg.eval.problems, seed=cfg.eval.seed, split="heldout")
-        result = evaluate_arithmetic(engine.model, tokenizer, problems, cfg.eval, run_dir / "eval_samples.jsonl")
+        result = evaluate_arithmetic(engine.model, tokenizer, heldout_problems(cfg.eval), cfg.eval, run_dir / "eval_samples.jsonl")
         engine.log({"arithmetic_accuracy": result["accuracy"]}, prefix="eval/")
         metrics["eval/arithmetic_accuracy"] = result["accuracy"]
     final = save_model(engine.model, tokenizer, run_dir / "final", merge_lora=cfg.train.merge_lora)

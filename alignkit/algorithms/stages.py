@@ -71,15 +71,17 @@ def make_reward(spec: str, verifier=None, auto: str = "verifier"):
     return RewardModel.from_pretrained(spec)
 
 
-def score(samples: list[Sample], reward_fn, batch_size: int = 256) -> list[Sample]:
-    """Set `reward` on every sample (in place, batched); returns the samples."""
+def score(samples: list[Sample], reward_fn, batch_size: int = 256, truncated: float | None = None) -> list[Sample]:
+    """Set `reward` on every sample (in place, batched); returns the samples. With `truncated`, a
+    sample cut off by max_new_tokens gets that reward instead: for a verifier, a cut-off reply is
+    no answer even when its last number happens to match."""
     for s in range(0, len(samples), batch_size):
         chunk = samples[s:s + batch_size]
         rewards = reward_fn([x.prompt for x in chunk], [x.response for x in chunk])
         if len(rewards) != len(chunk):
             raise ValueError(f"the reward function returned {len(rewards)} scores for {len(chunk)} samples")
         for x, r in zip(chunk, rewards):
-            x.reward = float(r)
+            x.reward = float(r) if truncated is None or x.finish_reason != "length" else truncated
     return samples
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from alignkit.config import opt
 from alignkit.data.chat import prompt_text
 from alignkit.data.records import Problem, user_prompt
+from alignkit.data.tasks.arithmetic import ArithmeticConfig, generate_problems
 from alignkit.data.tasks.arithmetic import prompt_text as task_prompt
 from alignkit.rewards.verifiers import extract_answer, verify
 from alignkit.rollout.base import SamplingParams
@@ -22,6 +23,13 @@ class ArithmeticEvalConfig:
     max_new_tokens: int = opt(48, "generation budget per problem")
     batch_size: int = opt(32, "prompts decoded together")
     seed: int = opt(1234, "seed of the held-out problem set")
+    word_problems: bool = opt(True, "short stories; false gives the plain form 'What is 47 + 38?'")
+    baseline: bool = opt(False, "also evaluate the starting model before training (same problems)")
+
+
+def heldout_problems(cfg: ArithmeticEvalConfig) -> list[Problem]:
+    return generate_problems(cfg.problems, seed=cfg.seed, split="heldout",
+                             config=ArithmeticConfig(word_problems=cfg.word_problems))
 
 
 def prompts_for(tokenizer, problems: list[Problem], style: str) -> list[str]:
