@@ -12,39 +12,21 @@ LMFlow defaults: b=1024, top 1/8, T=0.85.
 
 from __future__ import annotations
 
-import json
 import logging
-import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
-import torch
-
-from alignkit.algorithms.problems import (
-    MetricsConfig,
-    ProblemsConfig,
-    SamplerConfig,
-    iteration_row,
-    load_task,
-    print_table,
-    sampling,
-)
+from alignkit.algorithms.problems import MetricsConfig, ProblemsConfig, SamplerConfig
+from alignkit.algorithms.sampling_run import SamplingRun
 from alignkit.algorithms.stages import (
     above_threshold,
     best_per_prompt,
-    collect,
     make_reward,
     reward_stats,
-    score,
-    tokenize_samples,
     top_fraction,
 )
-from alignkit.algorithms.train_stage import train_stage
 from alignkit.config import opt
 from alignkit.engine.config import TrainConfig
-from alignkit.engine.logging import MetricsLogger
-from alignkit.models.load import ModelConfig, add_lora, load_model, save_model
-from alignkit.rollout.hf import HFGenerator
+from alignkit.models.load import ModelConfig, load_model
 
 log = logging.getLogger("alignkit")
 
@@ -78,33 +60,20 @@ def select(samples, cfg: RAFTConfig):
 
 
 def run(cfg: RAFTConfig) -> dict:
-    start = time.time()
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    task = load_task(cfg.task)
-    reward_fn = make_reward(cfg.reward, task.reward("binary"))
-    run_dir = Path(cfg.train.output_dir)
-    logger = MetricsLogger(run_dir, config=asdict(cfg))
-    policy, tokenizer, _ = load_model(cfg.model, train=False)
-    prompts = task.prompts(task.train)
+    job = SamplingRun(cfg, key="stage")
+    reward_fn = make_reward(cfg.reward, job.task.reward("binary"))
+    prompts = job.task.prompts(job.task.train)
     b = min(cfg.prompts_per_stage, len(prompts))
     batches = [[prompts[(s * b + i) % len(prompts)] for i in range(b)] for s in range(cfg.stages)]
-    minutes = lambda: round((time.time() - start) / 60, 2)
-    rows = []
-    if cfg.metrics.baseline:
-        rows.append({"stage": 0, **iteration_row(policy, tokenizer, task, cfg.sampler, cfg.metrics, cfg.train.seed, base=True), "minutes": minutes()})
-        logger.log(0, rows[-1])
+    job.baseline()
     fixed = None
     if not cfg.online:  # offline: every prompt of every stage sampled once, from the initial model
-        gen = HFGenerator(policy, tokenizer, cfg.sampler.batch_size, cfg.sampler.dtype)
         unique = list(dict.fromkeys(p for batch in batches for p in batch))
-        fixed = score(collect(gen, tokenizer, unique, sampling(cfg.sampler, cfg.sampler.samples_per_problem, cfg.train.seed)), reward_fn)
+        fixed = job.sample(job.policy, unique, reward_fn, cfg.train.seed)
     model = load_model(cfg.model, train=True)[0]
     for s, batch in enumerate(batches, start=1):
         if fixed is None:
-            gen = HFGenerator(policy, tokenizer, cfg.sampler.batch_size, cfg.sampler.dtype)
-            samples = score(collect(gen, tokenizer, batch, sampling(cfg.sampler, cfg.sampler.samples_per_problem, cfg.train.seed + s),
-                                    iteration=s), reward_fn)
+            samples = job.sample(job.policy, batch, reward_fn, cfg.train.seed + s, iteration=s)
         else:
             wanted = set(batch)
             samples = [x for x in fixed if x.prompt in wanted]
@@ -116,19 +85,8 @@ def run(cfg: RAFTConfig) -> dict:
         if not kept:
             log.warning("stage %d: nothing selected; skipping its training", s)
             continue
-        train_cfg = TrainConfig(**{**asdict(cfg.train), "output_dir": str(run_dir / f"stage-{s}")})
-        model, _ = train_stage(model, tokenizer, tokenize_samples(tokenizer, kept, cfg.max_length), train_cfg, cfg.packing)
-        policy = model.merge_and_unload() if hasattr(model, "peft_config") else model
-        if policy is not model and cfg.model.lora is not None:
-            model = add_lora(policy, cfg.model.lora)  # the next stage continues from the merged policy
-        row = {"stage": s, **info, **iteration_row(policy, tokenizer, task, cfg.sampler, cfg.metrics, cfg.train.seed + s),
-               "minutes": minutes()}
-        rows.append(row)
-        logger.log(s, row)
-    table = print_table([{"iteration": r["stage"], **r} for r in rows],
-                        f"RAFT ({cfg.selection}, {'online' if cfg.online else 'offline'}), b={b}, K={cfg.sampler.samples_per_problem}")
-    (run_dir / "table.md").write_text(table + "\n")
-    final = save_model(policy, tokenizer, run_dir / "final")
-    result = {"stages": rows, "minutes": minutes(), "final_model": str(final)}
-    (run_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
-    return result
+        job.train(model, kept, f"stage-{s}")
+        model = job.continue_from(job.policy)  # the next stage continues from the merged policy
+        job.log_row(s, {"stage": s, **info, **job.evaluate(job.policy, cfg.train.seed + s)})
+    return job.finish(job.policy, f"RAFT ({cfg.selection}, {'online' if cfg.online else 'offline'}), b={b}, "
+                                  f"K={cfg.sampler.samples_per_problem}", {"stages": job.rows})

@@ -14,38 +14,20 @@ Iteration i:
 
 from __future__ import annotations
 
-import json
 import logging
-import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
-import torch
-
-from alignkit.algorithms.problems import (
-    MetricsConfig,
-    ProblemsConfig,
-    SamplerConfig,
-    iteration_row,
-    load_task,
-    print_table,
-    sampling,
-)
+from alignkit.algorithms.problems import MetricsConfig, ProblemsConfig, SamplerConfig
+from alignkit.algorithms.sampling_run import SamplingRun
 from alignkit.algorithms.stages import (
     above_threshold,
     best_per_prompt,
-    collect,
     make_reward,
     reward_stats,
-    score,
-    tokenize_samples,
 )
-from alignkit.algorithms.train_stage import train_stage
 from alignkit.config import opt
 from alignkit.engine.config import TrainConfig
-from alignkit.engine.logging import MetricsLogger
-from alignkit.models.load import ModelConfig, load_model, save_model
-from alignkit.rollout.hf import HFGenerator
+from alignkit.models.load import ModelConfig, load_model
 
 log = logging.getLogger("alignkit")
 
@@ -69,40 +51,27 @@ class RSConfig:
     max_length: int = opt(256, "tokens per training example")
 
 
-def pick_temperature(gen, tokenizer, prompts: list[str], reward_fn, cfg: RSConfig, seed: int) -> tuple[float, dict]:
-    """The candidate temperature with the highest mean best-of-K reward on `prompts`."""
+def pick_temperature(job: SamplingRun, sampler, prompts: list[str], reward_fn, seed: int) -> tuple[float, dict]:
+    """The candidate temperature with the highest mean best-of-K reward of `sampler` on `prompts`."""
     scores = {}
-    for t in cfg.temperatures:
-        params = sampling(cfg.sampler, cfg.sampler.samples_per_problem, seed)
-        params.temperature = t
-        best = best_per_prompt(score(collect(gen, tokenizer, prompts, params), reward_fn))
+    for t in job.cfg.temperatures:
+        best = best_per_prompt(job.sample(sampler, prompts, reward_fn, seed, temperature=t))
         scores[t] = reward_stats(best)["mean"]
     return max(scores, key=scores.__getitem__), scores
 
 
 def run(cfg: RSConfig) -> dict:
-    start = time.time()
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    task = load_task(cfg.task)
-    reward_fn = make_reward(cfg.reward, task.reward("binary"))
-    run_dir = Path(cfg.train.output_dir)
-    logger = MetricsLogger(run_dir, config=asdict(cfg))
-    policy, tokenizer, _ = load_model(cfg.model, train=False)
+    job = SamplingRun(cfg)
+    reward_fn = make_reward(cfg.reward, job.task.reward("binary"))
     teacher = load_model(ModelConfig(path=cfg.sampler_model), train=False)[0] if cfg.sampler_model else None
-    rows, pool = [], []
-    minutes = lambda: round((time.time() - start) / 60, 2)
-    if cfg.metrics.baseline:
-        rows.append({"iteration": 0, **iteration_row(policy, tokenizer, task, cfg.sampler, cfg.metrics, cfg.train.seed, base=True),
-                     "minutes": minutes()})
-        logger.log(0, rows[-1])
-    prompts = task.prompts(task.train)
+    pool = []
+    job.baseline()
+    prompts = job.task.prompts(job.task.train)
     for it in range(1, cfg.iterations + 1):
-        gen = HFGenerator(teacher if teacher is not None else policy, tokenizer, cfg.sampler.batch_size, cfg.sampler.dtype)
-        t, t_scores = pick_temperature(gen, tokenizer, prompts[: cfg.temperature_prompts], reward_fn, cfg, cfg.train.seed + 100 * it)
-        params = sampling(cfg.sampler, cfg.sampler.samples_per_problem, cfg.train.seed + it)
-        params.temperature = t
-        new = score(collect(gen, tokenizer, prompts, params, iteration=it, source=cfg.sampler_model or f"iter-{it - 1}"), reward_fn)
+        sampler = teacher if teacher is not None else job.policy
+        t, t_scores = pick_temperature(job, sampler, prompts[: cfg.temperature_prompts], reward_fn, cfg.train.seed + 100 * it)
+        new = job.sample(sampler, prompts, reward_fn, cfg.train.seed + it, temperature=t, iteration=it,
+                         source=cfg.sampler_model or f"iter-{it - 1}")
         pool = pool + new if cfg.pool else new
         chosen = best_per_prompt(pool)
         if cfg.min_reward is not None:
@@ -114,22 +83,9 @@ def run(cfg: RSConfig) -> dict:
         if not chosen:
             log.warning("iteration %d: no sample reached min_reward=%s; stopping", it, cfg.min_reward)
             break
-        if cfg.from_base or it == 1:
-            model = load_model(cfg.model, train=True)[0]
-        else:  # continue from the newest model (a fresh LoRA adapter on it when LoRA is on)
-            from alignkit.models.load import add_lora
-
-            model = add_lora(policy, cfg.model.lora) if cfg.model.lora is not None else policy
-        train_cfg = TrainConfig(**{**asdict(cfg.train), "output_dir": str(run_dir / f"iter-{it}")})
-        model, _ = train_stage(model, tokenizer, tokenize_samples(tokenizer, chosen, cfg.max_length), train_cfg, cfg.packing)
-        policy = model.merge_and_unload() if hasattr(model, "peft_config") else model
-        row = {"iteration": it, **info,
-               **iteration_row(policy, tokenizer, task, cfg.sampler, cfg.metrics, cfg.train.seed + it), "minutes": minutes()}
-        rows.append(row)
-        logger.log(it, row)
-    table = print_table(rows, f"Rejection sampling, K={cfg.sampler.samples_per_problem}, pooled={cfg.pool}")
-    (run_dir / "table.md").write_text(table + "\n")
-    final = save_model(policy, tokenizer, run_dir / "final")
-    result = {"iterations": rows, "minutes": minutes(), "final_model": str(final)}
-    (run_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
-    return result
+        # from the initial model, or on from the newest (a fresh LoRA adapter on it when LoRA is on)
+        model = load_model(cfg.model, train=True)[0] if cfg.from_base or it == 1 else job.continue_from(job.policy)
+        job.train(model, chosen, f"iter-{it}")
+        job.log_row(it, {"iteration": it, **info, **job.evaluate(job.policy, cfg.train.seed + it)})
+    return job.finish(job.policy, f"Rejection sampling, K={cfg.sampler.samples_per_problem}, pooled={cfg.pool}",
+                      {"iterations": job.rows})

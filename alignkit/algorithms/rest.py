@@ -12,30 +12,20 @@ ReST-EM (`rest_em.py`) is the variant that restarts from the base model every it
 
 from __future__ import annotations
 
-import json
 import logging
-import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
-import torch
-
-from alignkit.algorithms.problems import (
-    MetricsConfig,
-    ProblemsConfig,
-    SamplerConfig,
-    iteration_row,
-    load_task,
-    print_table,
-    sampling,
+from alignkit.algorithms.problems import MetricsConfig, ProblemsConfig, SamplerConfig
+from alignkit.algorithms.sampling_run import SamplingRun
+from alignkit.algorithms.stages import (
+    above_threshold,
+    dedupe,
+    make_reward,
+    reward_stats,
 )
-from alignkit.algorithms.stages import above_threshold, collect, dedupe, make_reward, reward_stats, score, tokenize_samples
-from alignkit.algorithms.train_stage import train_stage
 from alignkit.config import opt
 from alignkit.engine.config import TrainConfig
-from alignkit.engine.logging import MetricsLogger
-from alignkit.models.load import ModelConfig, add_lora, load_model, save_model
-from alignkit.rollout.hf import HFGenerator
+from alignkit.models.load import ModelConfig
 
 log = logging.getLogger("alignkit")
 
@@ -56,25 +46,14 @@ class RestConfig:
 
 
 def run(cfg: RestConfig) -> dict:
-    start = time.time()
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
     if list(cfg.thresholds) != sorted(set(cfg.thresholds)):
         raise ValueError(f"thresholds must be strictly increasing, got {cfg.thresholds}")
-    task = load_task(cfg.task)
-    reward_fn = make_reward(cfg.reward, task.reward("binary"))
-    run_dir = Path(cfg.train.output_dir)
-    logger = MetricsLogger(run_dir, config=asdict(cfg))
-    policy, tokenizer, _ = load_model(cfg.model, train=False)
-    minutes = lambda: round((time.time() - start) / 60, 2)
-    rows, data, step = [], [], 0
-    if cfg.metrics.baseline:
-        rows.append({"iteration": "0", **iteration_row(policy, tokenizer, task, cfg.sampler, cfg.metrics, cfg.train.seed, base=True), "minutes": minutes()})
-        logger.log(0, rows[-1])
+    job = SamplingRun(cfg)
+    reward_fn = make_reward(cfg.reward, job.task.reward("binary"))
+    data, step = [], 0
+    job.baseline("0")
     for g in range(1, cfg.grow_steps + 1):
-        gen = HFGenerator(policy, tokenizer, cfg.sampler.batch_size, cfg.sampler.dtype)
-        new = score(collect(gen, tokenizer, task.prompts(task.train), sampling(cfg.sampler, cfg.sampler.samples_per_problem,
-                                                                              cfg.train.seed + g), iteration=g), reward_fn)
+        new = job.sample(job.policy, job.task.prompts(job.task.train), reward_fn, cfg.train.seed + g, iteration=g)
         data = dedupe(data + new)
         log.info("grow %d: %d new samples (mean reward %.3f), data set %d", g, len(new), reward_stats(new)["mean"], len(data))
         for i, tau in enumerate(cfg.thresholds, start=1):
@@ -85,18 +64,7 @@ def run(cfg: RestConfig) -> dict:
                 log.warning("grow %d improve %d: no sample reaches %.3f; skipped", g, i, tau)
                 continue
             step += 1
-            model = policy if cfg.model.lora is None else add_lora(policy, cfg.model.lora)
-            train_cfg = TrainConfig(**{**asdict(cfg.train), "output_dir": str(run_dir / f"grow-{g}-improve-{i}")})
-            model, _ = train_stage(model, tokenizer, tokenize_samples(tokenizer, subset, cfg.max_length, weighted=cfg.weighted),
-                                   train_cfg, cfg.packing, weighted=cfg.weighted)
-            policy = model.merge_and_unload() if hasattr(model, "peft_config") else model
-            rows.append({"iteration": f"G{g}.I{i}", **info,
-                         **iteration_row(policy, tokenizer, task, cfg.sampler, cfg.metrics, cfg.train.seed + step), "minutes": minutes()})
-            logger.log(step, rows[-1])
-            log.info("grow %d improve %d: %s", g, i, rows[-1])
-    table = print_table(rows, f"ReST: {cfg.grow_steps} Grow step(s), thresholds {cfg.thresholds}")
-    (run_dir / "table.md").write_text(table + "\n")
-    final = save_model(policy, tokenizer, run_dir / "final")
-    result = {"steps": rows, "minutes": minutes(), "final_model": str(final)}
-    (run_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
-    return result
+            job.train(job.continue_from(job.policy), subset, f"grow-{g}-improve-{i}", weighted=cfg.weighted)
+            row = job.log_row(step, {"iteration": f"G{g}.I{i}", **info, **job.evaluate(job.policy, cfg.train.seed + step)})
+            log.info("grow %d improve %d: %s", g, i, row)
+    return job.finish(job.policy, f"ReST: {cfg.grow_steps} Grow step(s), thresholds {cfg.thresholds}", {"steps": job.rows})

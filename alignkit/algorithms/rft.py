@@ -10,40 +10,22 @@ distinct paths help, and the union of several models' paths helps most.
 
 from __future__ import annotations
 
-import json
 import logging
-import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
-import torch
-
-from alignkit.algorithms.problems import (
-    MetricsConfig,
-    ProblemsConfig,
-    SamplerConfig,
-    iteration_row,
-    load_task,
-    print_table,
-    sampling,
-)
+from alignkit.algorithms.problems import MetricsConfig, ProblemsConfig, SamplerConfig
+from alignkit.algorithms.sampling_run import SamplingRun
 from alignkit.algorithms.stages import (
     Sample,
     above_threshold,
     cap_per_prompt,
-    collect,
     dedupe,
     reasoning_path,
-    score,
-    tokenize_samples,
 )
-from alignkit.algorithms.train_stage import train_stage
 from alignkit.config import opt
 from alignkit.data.tasks.arithmetic import target_text
 from alignkit.engine.config import TrainConfig
-from alignkit.engine.logging import MetricsLogger
-from alignkit.models.load import ModelConfig, load_model, save_model
-from alignkit.rollout.hf import HFGenerator
+from alignkit.models.load import ModelConfig, load_model
 
 log = logging.getLogger("alignkit")
 
@@ -75,27 +57,16 @@ def correct_paths(samples: list[Sample], dedupe_by: str) -> list[Sample]:
 
 
 def run(cfg: RFTConfig) -> dict:
-    start = time.time()
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    task = load_task(cfg.task)
+    job = SamplingRun(cfg)
+    task, base = job.task, job.policy
     reward = task.reward("binary")
-    run_dir = Path(cfg.train.output_dir)
-    logger = MetricsLogger(run_dir, config=asdict(cfg))
-    base, tokenizer, _ = load_model(cfg.model, train=False)
-    minutes = lambda: round((time.time() - start) / 60, 2)
-    rows = []
-    if cfg.metrics.baseline:
-        rows.append({"iteration": 0, **iteration_row(base, tokenizer, task, cfg.sampler, cfg.metrics, cfg.train.seed, base=True), "minutes": minutes()})
-        logger.log(0, rows[-1])
+    job.baseline()
     prompts = task.prompts(task.train)
     union: list[Sample] = []
     per_model = {}
     for i, spec in enumerate(cfg.sampler_models or ["self"]):
         sampler = base if spec in ("self", cfg.model.path) else load_model(ModelConfig(path=spec), train=False)[0]
-        gen = HFGenerator(sampler, tokenizer, cfg.sampler.batch_size, cfg.sampler.dtype)
-        samples = score(collect(gen, tokenizer, prompts, sampling(cfg.sampler, cfg.sampler.samples_per_problem, cfg.train.seed + i),
-                                source=spec), reward, truncated=0.0)
+        samples = job.sample(sampler, prompts, reward, cfg.train.seed + i, truncated=0.0, source=spec)
         paths = correct_paths(samples, cfg.dedupe_by)
         per_model[spec] = {"correct": sum(x.reward for x in samples) / len(samples), "paths": len(paths)}
         union = correct_paths(union + paths, cfg.dedupe_by)  # union, deduplicated across models too
@@ -112,16 +83,7 @@ def run(cfg: RFTConfig) -> dict:
     log.info("RFT data: %s", info)
     if not data:
         raise ValueError("no correct reasoning path was sampled: raise samples_per_problem or the temperature")
-    model = load_model(cfg.model, train=True)[0]
-    model, _ = train_stage(model, tokenizer, tokenize_samples(tokenizer, data, cfg.max_length),
-                           TrainConfig(**{**asdict(cfg.train), "output_dir": str(run_dir / "train")}), cfg.packing)
-    policy = model.merge_and_unload() if hasattr(model, "peft_config") else model
-    rows.append({"iteration": 1, "kept": len(data), **iteration_row(policy, tokenizer, task, cfg.sampler, cfg.metrics, cfg.train.seed + 1),
-                 "minutes": minutes()})
-    logger.log(1, {**info, **rows[-1]})
-    table = print_table(rows, f"RFT, k={cfg.sampler.samples_per_problem}, samplers={cfg.sampler_models or ['self']}")
-    (run_dir / "table.md").write_text(table + "\n")
-    final = save_model(policy, tokenizer, run_dir / "final")
-    result = {"data": info, "iterations": rows, "minutes": minutes(), "final_model": str(final)}
-    (run_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
-    return result
+    job.train(load_model(cfg.model, train=True)[0], data, "train")
+    job.log_row(1, {"iteration": 1, "kept": len(data), **job.evaluate(job.policy, cfg.train.seed + 1)}, context=info)
+    return job.finish(job.policy, f"RFT, k={cfg.sampler.samples_per_problem}, samplers={cfg.sampler_models or ['self']}",
+                      {"data": info, "iterations": job.rows})

@@ -1,0 +1,99 @@
+"""The frame that the sampling methods' `run` functions share (RS, RAFT, RFT, ReST, ReST-EM).
+
+A `SamplingRun` sets up the task, the run directory with its `metrics.jsonl`, and the policy;
+samples and scores (the collect and score stages), trains on selected samples (the train stage),
+evaluates and logs one row per iteration, and writes the outputs: `table.md`, `final/` (a plain
+Hugging Face directory) and `result.json`. What each method selects, and when, stays in its file.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from alignkit.algorithms.problems import iteration_row, load_task, print_table, sampling
+from alignkit.algorithms.stages import Sample, collect, score, tokenize_samples
+from alignkit.algorithms.train_stage import train_stage
+from alignkit.engine.config import TrainConfig
+from alignkit.engine.logging import MetricsLogger
+from alignkit.models.load import add_lora, load_model, save_model
+from alignkit.rollout.hf import HFGenerator
+
+
+class SamplingRun:
+    """`cfg` is a method's config with the keys these methods share: model, train, task, sampler,
+    metrics, packing and max_length. `key` names the rows' first column (RAFT counts stages).
+    `policy` is the newest policy: the initial model, then the model each `train` returns."""
+
+    def __init__(self, cfg, key: str = "iteration"):
+        self.cfg, self.key, self.start = cfg, key, time.time()
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        self.task = load_task(cfg.task)
+        self.run_dir = Path(cfg.train.output_dir)
+        self.logger = MetricsLogger(self.run_dir, config=asdict(cfg))
+        self.policy, self.tokenizer, _ = load_model(cfg.model, train=False)
+        self.rows: list[dict] = []
+
+    def minutes(self) -> float:
+        return round((time.time() - self.start) / 60, 2)
+
+    def generator(self, model) -> HFGenerator:
+        return HFGenerator(model, self.tokenizer, self.cfg.sampler.batch_size, self.cfg.sampler.dtype)
+
+    def sample(self, model, prompts: list[str], reward_fn, seed: int, temperature: float | None = None,
+               truncated: float | None = None, iteration: int = 0, source: str = "") -> list[Sample]:
+        """Collect sampler.samples_per_problem responses per prompt from `model` (at `temperature`
+        instead of sampler.temperature when given) and score them (`stages.score`)."""
+        params = sampling(self.cfg.sampler, self.cfg.sampler.samples_per_problem, seed)
+        if temperature is not None:
+            params.temperature = temperature
+        samples = collect(self.generator(model), self.tokenizer, prompts, params, iteration=iteration, source=source)
+        return score(samples, reward_fn, truncated=truncated)
+
+    def continue_from(self, policy):
+        """The model that trains on from `policy` (with a fresh LoRA adapter when LoRA is on)."""
+        return policy if self.cfg.model.lora is None else add_lora(policy, self.cfg.model.lora)
+
+    def train(self, model, samples: list[Sample], name: str, weighted: bool = False, **options) -> dict:
+        """The train stage on `samples` (reward-weighted NLL when `weighted`), logged under
+        run_dir/name; `policy` becomes the trained model (LoRA merged). Returns its metrics;
+        `options` go to `train_stage` (val_fn, patience)."""
+        cfg = self.cfg
+        train_cfg = TrainConfig(**{**asdict(cfg.train), "output_dir": str(self.run_dir / name)})
+        data = tokenize_samples(self.tokenizer, samples, cfg.max_length, weighted=weighted)
+        model, metrics = train_stage(model, self.tokenizer, data, train_cfg, cfg.packing, weighted=weighted, **options)
+        self.policy = model.merge_and_unload() if hasattr(model, "peft_config") else model
+        return metrics
+
+    def evaluate(self, policy, seed: int, base: bool = False) -> dict:
+        """`problems.iteration_row` of `policy` under the run's sampler and metrics settings."""
+        return iteration_row(policy, self.tokenizer, self.task, self.cfg.sampler, self.cfg.metrics, seed, base=base)
+
+    def log_row(self, step: int, row: dict, context: dict | None = None) -> dict:
+        """Add the minutes so far to `row`, keep it for the table and the result, and log it
+        (after `context`, which only the log gets) at `step`."""
+        row["minutes"] = self.minutes()
+        self.rows.append(row)
+        self.logger.log(step, {**(context or {}), **row})
+        return row
+
+    def baseline(self, label: int | str = 0) -> dict | None:
+        """Row 0, the initial policy evaluated, when metrics.baseline is on."""
+        if not self.cfg.metrics.baseline:
+            return None
+        return self.log_row(0, {self.key: label, **self.evaluate(self.policy, self.cfg.train.seed, base=True)})
+
+    def finish(self, policy, title: str, result: dict) -> dict:
+        """Print and write the table, save `policy` to run_dir/final, and write `result` (with the
+        minutes and the final model's path) to result.json; returns it."""
+        table = print_table([{"iteration": r[self.key], **r} for r in self.rows], title)
+        (self.run_dir / "table.md").write_text(table + "\n")
+        final = save_model(policy, self.tokenizer, self.run_dir / "final")
+        result = {**result, "minutes": self.minutes(), "final_model": str(final)}
+        (self.run_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+        return result
