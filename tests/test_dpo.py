@@ -14,10 +14,10 @@ from alignkit.algorithms.dpo import (
     run,
     tokenize_pairs,
 )
-from alignkit.algorithms.pairs import PairsConfig, pair_record
+from alignkit.algorithms.pairs import PairsConfig, pair_answers, pair_record
 from alignkit.data.chat import IGNORE, tokenize_prompt_response
 from alignkit.data.groups import pack_rows, tokenize_group
-from alignkit.data.records import Message, PreferencePair
+from alignkit.data.records import Message, PreferencePair, Problem
 from alignkit.engine.config import TrainConfig
 from alignkit.engine.logging import read_metrics
 from alignkit.engine.trainer import Engine, fit
@@ -26,6 +26,7 @@ from alignkit.losses.dpo import dpo_loss, ipo_loss
 from alignkit.models.forward import group_logprobs
 from alignkit.models.load import LoraConfig, ModelConfig, add_lora
 from alignkit.models.tiny import save_tiny, tiny_model
+from alignkit.rollout.base import Completion
 
 PAIRS = [
     PreferencePair((Message("user", "what is 2+2?"),), "4", "5 or maybe 6"),
@@ -170,3 +171,18 @@ def test_nll_weight_adds_the_chosen_per_token_nll():
     rpo, metrics = pair_loss(policy, reference, lengths, DPOConfig(beta=0.5, nll_weight=2.0))
     assert (rpo - base).tolist() == pytest.approx([2.0 * 2.0 / 2, 2.0 * 3.0 / 4])
     assert metrics["nll/chosen"].item() == pytest.approx((1.0 + 0.75) / 2)
+
+
+def test_pair_answers_prefers_own_correct_and_bare_wrong_numbers():
+    problems = [Problem("What is 2 + 3?", "5"), Problem("What is 9 - 4?", "5"), Problem("What is 1 + 1?", "2")]
+    said = [(0, "I think it is 7", "stop"), (0, "6", "stop"), (0, "5", "stop"), (0, "5", "length"),
+            (1, "4", "stop"), (1, "9 - 4 =", "length"),   # no correct answer: the truncated one is not correct
+            (2, "2", "stop")]                             # only correct answers: no rejected, no pair
+    completions = [Completion(i, k, text, [], reason) for k, (i, text, reason) in enumerate(said)]
+    pairs, stats = pair_answers(problems, completions, PairsConfig(pairs_per_problem=2))
+    assert [(p.chosen, p.rejected) for p in pairs] == [("5", "6"), ("5", "I think it is 7"), ("5", "4"), ("5", "9 - 4 =")]
+    assert stats["pairs_with_gold_chosen"] == 2 and stats["problems_with_a_correct_sample"] == 2
+    assert stats["sample_accuracy"] == pytest.approx(2 / 7)
+    own, own_stats = pair_answers(problems, completions, PairsConfig(pairs_per_problem=2, gold_chosen=False))
+    assert [(p.chosen, p.rejected) for p in own] == [("5", "6"), ("5", "I think it is 7")]
+    assert own_stats["pairs_with_gold_chosen"] == 0

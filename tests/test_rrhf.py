@@ -5,6 +5,7 @@ from alignkit.algorithms.rrhf import (
     CandidatesConfig,
     RRHFConfig,
     RRHFDataConfig,
+    rank_candidates,
     rrhf_step,
     run,
     to_grid,
@@ -18,6 +19,8 @@ from alignkit.engine.trainer import Engine, fit
 from alignkit.eval.arithmetic import ArithmeticEvalConfig
 from alignkit.models.load import LoraConfig, ModelConfig
 from alignkit.models.tiny import save_tiny, tiny_model
+from alignkit.rewards.base import FunctionReward
+from alignkit.rollout.base import Completion
 
 RANKED = [
     ("what is 2+2?", ["4", "5", "it is 22", "four"], [1.0, 0.0, -1.0, 0.5]),
@@ -59,3 +62,19 @@ def test_run_builtin_arithmetic_candidates(tmp_path):
     assert (tmp_path / "run" / "final" / "config.json").is_file()
     saved = load_ranked(str(tmp_path / "run" / "candidates.jsonl"))  # what a resumed run trains on
     assert len(saved) == 3 and all(r.scores[0] == 1.0 for r in saved)  # the gold answer comes first
+
+
+def test_rank_candidates_cut_off_replies_score_zero_and_ties_drop():
+    texts = ["What is 2 + 3?", "What is 9 - 4?", "What is 1 + 1?"]
+    gold = {"What is 2 + 3?": "5", "What is 9 - 4?": "5", "What is 1 + 1?": "2"}
+    reward = FunctionReward(lambda prompt, response: float(response.split()[-1] == gold[prompt]), "last word")
+    said = [(0, "6", "stop"), (0, "it is 5", "length"), (0, "so 5", "stop"), (0, "so 5", "length"),
+            (1, "4", "stop"), (1, "so 5", "length"),   # its only right one was cut off: all score 0
+            (2, "2", "stop"), (2, "so 2", "stop")]     # both right: a tie
+    completions = [Completion(i, k, text, [], reason) for k, (i, text, reason) in enumerate(said)]
+    ranked = rank_candidates(texts, texts, completions, reward, None, CandidatesConfig())
+    assert [(r.prompt, r.responses, r.scores) for r in ranked] == [("What is 2 + 3?", ("6", "it is 5", "so 5"), (0.0, 0.0, 1.0))]
+    kept = rank_candidates(texts, texts, completions, reward, None, CandidatesConfig(drop_ties=False))
+    assert [r.scores for r in kept] == [(0.0, 0.0, 1.0), (0.0, 0.0), (1.0, 1.0)]
+    with_gold = rank_candidates(texts, texts, completions, reward, ["5", "5", "2"], CandidatesConfig())
+    assert [(r.responses[0], r.scores) for r in with_gold] == [("5", (1.0, 0.0, 0.0, 1.0)), ("5", (1.0, 0.0, 0.0))]

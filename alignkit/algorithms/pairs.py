@@ -3,7 +3,8 @@
 
 Sample several answers per training problem, check each with the verifier, and pair a correct
 answer (chosen) with an incorrect one (rejected). When the model has no correct sample for a
-problem, the gold answer (`target_text`) is the chosen response. The file is TRL's
+problem, the gold answer (`target_text`) is the chosen response, or (`gold_chosen: false`) the
+problem gives no pair, so both sides of every pair are the model's own answers. The file is TRL's
 conversational preference format, which `load_preferences` reads back.
 """
 
@@ -17,12 +18,12 @@ from pathlib import Path
 import torch
 
 from alignkit.config import opt
-from alignkit.data.records import PreferencePair, user_prompt
+from alignkit.data.records import PreferencePair, Problem, user_prompt
 from alignkit.data.tasks.arithmetic import ArithmeticConfig, generate_problems, prompt_text, target_text
 from alignkit.eval.arithmetic import prompts_for
 from alignkit.models.load import ModelConfig, load_model
 from alignkit.rewards.verifiers import verify
-from alignkit.rollout.base import SamplingParams
+from alignkit.rollout.base import Completion, SamplingParams
 from alignkit.rollout.hf import HFGenerator
 
 log = logging.getLogger("alignkit")
@@ -34,10 +35,12 @@ class PairsConfig:
     samples: int = opt(4, "answers sampled per problem")
     temperature: float = opt(1.0, "sampling temperature")
     top_p: float = opt(1.0, "nucleus sampling mass")
+    top_k: int = opt(0, "top-k sampling (0 = off)")
     max_new_tokens: int = opt(24, "generation budget per answer")
     style: str = opt("answer", "prompt style: answer (only the number) or cot (step by step)")
     word_problems: bool = opt(True, "short stories; false gives the plain form 'What is 47 + 38?'")
     pairs_per_problem: int = opt(1, "pairs per problem (each with a different incorrect answer)")
+    gold_chosen: bool = opt(True, "when the model has no correct sample, prefer the gold answer; false = only the model's own answers (on-policy pairs)")
     batch_size: int = opt(16, "prompts decoded together (each with `samples` rows)")
     dtype: str = opt("fp32", "sampling precision: fp32, or bf16 autocast (faster on CPUs with bf16 matmul)")
     seed: int = opt(0, "seed of the problems and of the sampler")
@@ -46,9 +49,17 @@ class PairsConfig:
 def make_pairs(model, tokenizer, cfg: PairsConfig) -> tuple[list[PreferencePair], dict]:
     """Sample, verify and pair; returns (pairs, statistics)."""
     problems = generate_problems(cfg.problems, seed=cfg.seed, split="train", config=ArithmeticConfig(word_problems=cfg.word_problems))
-    params = SamplingParams(n=cfg.samples, temperature=cfg.temperature, top_p=cfg.top_p,
+    params = SamplingParams(n=cfg.samples, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                             max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
     completions = HFGenerator(model, tokenizer, cfg.batch_size, cfg.dtype).generate(prompts_for(tokenizer, problems, cfg.style), params)
+    pairs, stats = pair_answers(problems, completions, cfg)
+    log.info("built %d pairs from %d problems (sample accuracy %.3f, %d pairs with the gold answer as chosen)",
+             len(pairs), len(problems), stats["sample_accuracy"], stats["pairs_with_gold_chosen"])
+    return pairs, stats
+
+
+def pair_answers(problems: list[Problem], completions: list[Completion], cfg: PairsConfig) -> tuple[list[PreferencePair], dict]:
+    """Verify each sampled answer and pair a correct one (chosen) with incorrect ones (rejected)."""
     answers: list[dict[str, float]] = [{} for _ in problems]  # distinct stripped texts -> reward
     hits = 0.0
     for c in completions:
@@ -56,13 +67,16 @@ def make_pairs(model, tokenizer, cfg: PairsConfig) -> tuple[list[PreferencePair]
         reward = verify(c.text, problems[c.prompt_index].answer) if c.finish_reason == "stop" else 0.0
         hits += reward
         if c.text.strip():
-            answers[c.prompt_index][c.text.strip()] = reward
+            found = answers[c.prompt_index]
+            found[c.text.strip()] = max(reward, found.get(c.text.strip(), 0.0))  # correct once = correct
     pairs, gold_chosen, solved = [], 0, 0
     for problem, found in zip(problems, answers):
         right = [t for t, r in found.items() if r > 0]
         # bare wrong numbers first: they contrast the arithmetic itself, not only the answer format
         wrong = sorted((t for t, r in found.items() if r == 0), key=lambda t: not t.lstrip("-").isdigit())[: cfg.pairs_per_problem]
         solved += bool(right)
+        if not right and not cfg.gold_chosen:
+            continue
         if not right:
             right = [target_text(problem, cfg.style)]
             gold_chosen += len(wrong)
@@ -71,8 +85,6 @@ def make_pairs(model, tokenizer, cfg: PairsConfig) -> tuple[list[PreferencePair]
     accuracy = hits / max(1, len(completions))
     stats = {"problems": len(problems), "samples": len(completions), "sample_accuracy": accuracy,
              "problems_with_a_correct_sample": solved, "pairs": len(pairs), "pairs_with_gold_chosen": gold_chosen}
-    log.info("built %d pairs from %d problems (sample accuracy %.3f, %d pairs with the gold answer as chosen)",
-             len(pairs), len(problems), accuracy, gold_chosen)
     return pairs, stats
 
 

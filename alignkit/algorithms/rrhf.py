@@ -36,7 +36,7 @@ from alignkit.models.forward import group_logprobs
 from alignkit.models.load import ModelConfig, add_lora, load_model
 from alignkit.rewards.base import FunctionReward, GoldReward, RewardFn
 from alignkit.rewards.verifiers import verify
-from alignkit.rollout.base import SamplingParams, chat_prompts
+from alignkit.rollout.base import Completion, SamplingParams, chat_prompts
 from alignkit.rollout.hf import HFGenerator
 
 log = logging.getLogger("alignkit")
@@ -49,9 +49,11 @@ class CandidatesConfig:
     samples: int = opt(4, "responses sampled from the policy per prompt")
     temperature: float = opt(1.0, "sampling temperature")
     top_p: float = opt(1.0, "nucleus sampling mass")
+    top_k: int = opt(0, "top-k sampling (0 = off)")
     max_new_tokens: int = opt(24, "generation budget per response")
     style: str = opt("answer", "arithmetic prompt style: answer (only the number) or cot")
     include_gold: bool = opt(True, "arithmetic: add the gold answer as a candidate")
+    drop_ties: bool = opt(True, "leave out prompts whose candidates all score the same (no ranking to learn, no best response)")
     word_problems: bool = opt(True, "arithmetic: short stories; false gives the plain form 'What is 47 + 38?'")
     batch_size: int = opt(16, "prompts decoded together (each with `samples` rows)")
     dtype: str = opt("fp32", "sampling precision: fp32, or bf16 autocast (faster on CPUs with bf16 matmul)")
@@ -91,25 +93,36 @@ def task_prompts(cfg: CandidatesConfig) -> tuple[list[str], RewardFn, list[str] 
 
 def sample_candidates(model, tokenizer, cfg: CandidatesConfig) -> list[RankedResponses]:
     """k distinct sampled responses per prompt (plus the gold one), scored; prompts with fewer
-    than two candidates are left out."""
+    than two candidates (or, with drop_ties, all scored the same) are left out. On arithmetic a
+    reply cut off by max_new_tokens scores 0, even when its last number happens to match."""
     texts, reward, gold = task_prompts(cfg)
     conversations = [user_prompt(t) for t in texts]
-    params = SamplingParams(n=cfg.samples, temperature=cfg.temperature, top_p=cfg.top_p,
+    params = SamplingParams(n=cfg.samples, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                             max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
     completions = HFGenerator(model, tokenizer, cfg.batch_size, cfg.dtype).generate(chat_prompts(tokenizer, conversations), params)
-    responses: list[list[str]] = [[g] for g in gold] if gold else [[] for _ in texts]
+    ranked = rank_candidates(texts, conversations, completions, reward, gold, cfg)
+    log.info("sampled candidates for %d of %d prompts (%d completions)", len(ranked), len(texts), len(completions))
+    return ranked
+
+
+def rank_candidates(texts: list[str], conversations: list, completions: list[Completion], reward: RewardFn,
+                    gold: list[str] | None, cfg: CandidatesConfig) -> list[RankedResponses]:
+    """Distinct responses per prompt (gold first when given) with their scores."""
+    responses: list[dict[str, bool]] = [{g: False} for g in gold] if gold else [{} for _ in texts]  # text -> cut off
     for c in completions:
-        if c.text.strip() and c.text.strip() not in responses[c.prompt_index]:
-            responses[c.prompt_index].append(c.text.strip())
-    flat = [(i, r) for i, rs in enumerate(responses) for r in rs]
-    scores = reward([texts[i] for i, _ in flat], [r for _, r in flat])
+        text, seen = c.text.strip(), responses[c.prompt_index]
+        if text:
+            seen[text] = seen.get(text, True) and c.finish_reason == "length"
+    flat = [(i, r, cut) for i, rs in enumerate(responses) for r, cut in rs.items()]
+    scores = reward([texts[i] for i, _, _ in flat], [r for _, r, _ in flat])
+    if cfg.task == "arithmetic":
+        scores = [0.0 if cut else s for s, (_, _, cut) in zip(scores, flat)]
     ranked, start = [], 0
     for conv, rs in zip(conversations, responses):
-        if len(rs) >= 2:
-            ranked.append(RankedResponses(conv, tuple(rs), tuple(scores[start: start + len(rs)])))
+        mine = tuple(scores[start: start + len(rs)])
+        if len(rs) >= 2 and not (cfg.drop_ties and len(set(mine)) == 1):
+            ranked.append(RankedResponses(conv, tuple(rs), mine))
         start += len(rs)
-    mean = sum(scores) / max(1, len(scores))
-    log.info("sampled candidates for %d prompts (%d responses, mean score %.3f)", len(ranked), len(flat), mean)
     return ranked
 
 
