@@ -22,55 +22,29 @@ set-up); alignkit's critic is its default, a second LoRA adapter on the policy's
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
-import platform
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from _common import (
+    ROOT,
+    append_results,
+    child,
+    iteration_times,
+    machine,
+    parser,
+    prepare,
+    prompts,
+    side_result,
+    step_clock,
+    table,
+)
+
 sys.path.insert(0, str(ROOT))
 
 PROMPTS, NEW_TOKENS, EPOCHS, BETA = 8, 32, 4, 0.05
-
-
-def peak_rss_gib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 2**20
-    return float("nan")
-
-
-def model_path(spec: str) -> str:
-    from alignkit.models.load import resolve_model_path
-
-    return resolve_model_path(spec)
-
-
-def make_reward_model(policy: str, out: Path) -> Path:
-    """The policy's backbone with a seeded one-output `score` head, saved as a plain HF directory."""
-    if (out / "config.json").is_file():
-        return out
-    import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(policy)
-    torch.manual_seed(0)
-    rm = AutoModelForSequenceClassification.from_pretrained(policy, num_labels=1, dtype=torch.float32)
-    rm.config.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    rm.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
-
-
-def prompts() -> list[str]:
-    from alignkit.data.tasks.preferences import build_prompts
-
-    return build_prompts(PROMPTS, seed=0, split="train")
 
 
 def run_alignkit(args) -> dict:
@@ -88,14 +62,17 @@ def run_alignkit(args) -> dict:
         "eval.every=0", "train.lr=1e-5"])
     run(cfg)
     times = [r["iteration_s"] for r in read_metrics(out) if "iteration_s" in r][1:]
-    return {"side": "alignkit (lora)", "s_per_iteration": sum(times) / len(times), "iterations": len(times),
-            "peak_rss_gib": peak_rss_gib()}
+    return side_result("alignkit (lora)", times)
 
 
 def run_trl(args) -> dict:
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
     torch.set_num_threads(args.threads)
@@ -103,7 +80,7 @@ def run_trl(args) -> dict:
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     chat = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-            for p in prompts()]
+            for p in prompts(PROMPTS)]
     data = Dataset.from_dict({"input_ids": [tok(c, add_special_tokens=False)["input_ids"] for c in chat]})
     policy = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32)
     ref = None if args.trl_lora else AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32)
@@ -120,73 +97,34 @@ def run_trl(args) -> dict:
         local_rollout_forward_batch_size=PROMPTS, stop_token="eos", kl_coef=BETA, learning_rate=1e-5,
         num_sample_generations=0, report_to=[], save_strategy="no", logging_steps=1, use_cpu=True,
         bf16=args.precision == "bf16", seed=0, disable_tqdm=True, dataloader_num_workers=0)
-    stamps: list[float] = []
-
-    class Clock(TrainerCallback):
-        def on_step_end(self, *a, **k):
-            stamps.append(time.perf_counter())
-
+    clock, record = step_clock()
     trainer = PPOTrainer(args=config, processing_class=tok, model=policy, ref_model=ref, reward_model=reward,
-                         train_dataset=data, value_model=value, peft_config=peft_config, callbacks=[Clock()])
+                         train_dataset=data, value_model=value, peft_config=peft_config, callbacks=[clock])
     trainer.train()
-    times = [b - a for a, b in zip(stamps, stamps[1:])]
-    return {"side": "TRL 1.12 PPOTrainer" + (" (lora policy)" if args.trl_lora else " (full)"),
-            "s_per_iteration": sum(times) / len(times), "iterations": len(times), "peak_rss_gib": peak_rss_gib()}
-
-
-def child(side: str, args, python: str) -> dict:
-    cmd = [python, __file__, "--side", side, "--model-dir", args.model_dir, "--rm", args.rm, "--work", args.work,
-           "--iterations", str(args.iterations), "--threads", str(args.threads), "--precision", args.precision]
-    if side == "trl-lora":
-        cmd[3] = "trl"
-        cmd.append("--trl-lora")
-    print("+", " ".join(cmd), file=sys.stderr, flush=True)
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return side_result("TRL 1.12 PPOTrainer" + (" (lora policy)" if args.trl_lora else " (full)"),
+                       iteration_times(record["stamps"]))
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="default", help="policy: 'default' or a local HF directory")
-    ap.add_argument("--iterations", type=int, default=3, help="timed iterations (after one warm-up)")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
-    ap.add_argument("--trl-python", default="/work/trl112-venv/bin/python", help="python of the venv with trl==1.12.0")
-    ap.add_argument("--trl-lora", action="store_true", help="also run TRL with a LoRA policy (peft_config)")
-    ap.add_argument("--work", default="/tmp/alignkit-ppo-bench")
-    ap.add_argument("--record", action="store_true", help="append the table to benchmarks/RESULTS.md")
-    ap.add_argument("--side", help=argparse.SUPPRESS)
-    ap.add_argument("--model-dir", help=argparse.SUPPRESS)
-    ap.add_argument("--rm", help=argparse.SUPPRESS)
+    ap = parser(__doc__, "/tmp/alignkit-ppo-bench", "/work/trl112-venv/bin/python", "python of the venv with trl==1.12.0")
     args = ap.parse_args()
     if args.side:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         result = run_alignkit(args) if args.side == "alignkit" else run_trl(args)
         print(json.dumps(result))
         return
-    args.model_dir = model_path(args.model)
-    args.rm = str(make_reward_model(args.model_dir, Path(args.work) / "reward-model"))
-    rows = [child("alignkit", args, sys.executable), child("trl", args, args.trl_python)]
+    prepare(args)
+    rows = [child(__file__, "alignkit", args, sys.executable), child(__file__, "trl", args, args.trl_python)]
     if args.trl_lora:
-        rows.append(child("trl-lora", args, args.trl_python))
-    ours = rows[0]
-    lines = ["| method | precision | side | s / iteration | peak RSS (GiB) | speed-up | memory ratio |",
-             "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        speed = f"{r['s_per_iteration'] / ours['s_per_iteration']:.2f}x" if r is not ours else ""
-        memory = f"{ours['peak_rss_gib'] / r['peak_rss_gib']:.2f}" if r is not ours else ""
-        lines.append(f"| PPO | {args.precision} | {r['side']} | {r['s_per_iteration']:.1f} | {r['peak_rss_gib']:.2f} | {speed} | {memory} |")
-    table = "\n".join(lines)
-    print(table)
+        rows.append(child(__file__, "trl", args, args.trl_python, ["--trl-lora"]))
+    text = table("PPO", args.precision, rows)
+    print(text)
     if args.record:
-        machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads {args.threads}"
-        text = (f"\n### PPO vs TRL 1.12 ({datetime.date.today()}, {machine})\n\n"
-                f"`python benchmarks/ppo_vs_trl.py --iterations {args.iterations} --precision {args.precision}"
-                f"{' --trl-lora' if args.trl_lora else ''}`: {PROMPTS} prompts, {NEW_TOKENS} new tokens, {EPOCHS} PPO epochs, "
-                f"mean of {args.iterations} iterations after a warm-up. speed-up = TRL s/iteration ÷ alignkit's; "
-                f"memory ratio = alignkit peak RSS ÷ TRL's.\n\n{table}\n")
-        with (ROOT / "benchmarks" / "RESULTS.md").open("a") as f:
-            f.write(text)
+        append_results(f"\n### PPO vs TRL 1.12 ({datetime.date.today()}, {machine(args.threads)})\n\n"
+                       f"`python benchmarks/ppo_vs_trl.py --iterations {args.iterations} --precision {args.precision}"
+                       f"{' --trl-lora' if args.trl_lora else ''}`: {PROMPTS} prompts, {NEW_TOKENS} new tokens, {EPOCHS} PPO epochs, "
+                       f"mean of {args.iterations} iterations after a warm-up. speed-up = TRL s/iteration ÷ alignkit's; "
+                       f"memory ratio = alignkit peak RSS ÷ TRL's.\n\n{text}\n")
 
 
 if __name__ == "__main__":
