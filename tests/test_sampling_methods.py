@@ -137,6 +137,17 @@ def test_rest_grow_and_improve_thresholds(answering_model, tmp_path, capsys):
     assert steps[1]["kept_reward"] == 1.0
 
 
+
+def test_rest_with_lora_repeats_exactly(answering_model, tmp_path, capsys):
+    """Fresh LoRA adapters draw from the global generator, which the run seeds: two runs agree."""
+    runs = [cli(["rest", f"model.path={answering_model}", f"train.output_dir={tmp_path / name}", "thresholds=[0.2]",
+                 "metrics.baseline=false", "train.lr=1e-3", "model.lora.r=4", "model.lora.alpha=8"] + COMMON, capsys)
+            for name in ("a", "b")]
+    losses = [[r["loss"] for r in read_metrics(tmp_path / name / "grow-1-improve-1") if "loss" in r] for name in ("a", "b")]
+    assert losses[0] and losses[0] == losses[1]
+    drop_time = lambda steps: [{k: v for k, v in s.items() if k != "minutes"} for s in steps]
+    assert drop_time(runs[0]["steps"]) == drop_time(runs[1]["steps"])
+
 @pytest.mark.parametrize("command,recipe", [("best-of-n", "best_of_n"), ("rs", "rs"), ("raft", "raft"), ("rft", "rft"),
                                             ("rest-em", "rest_em"), ("rest", "rest")])
 def test_recipes_load(command, recipe):

@@ -33,6 +33,7 @@ class SamplingRun:
         self.cfg, self.key, self.start = cfg, key, time.time()
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
+        torch.manual_seed(cfg.train.seed)  # fresh LoRA adapters draw from the global generator
         self.task = load_task(cfg.task)
         self.run_dir = Path(cfg.train.output_dir)
         self.logger = MetricsLogger(self.run_dir, config=asdict(cfg))
