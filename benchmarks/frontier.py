@@ -138,6 +138,7 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--train-only", action="store_true", help="train the runs asked for, measure nothing")
     ap.add_argument("--lock", default="/tmp/alignkit-heavy.lock", help="flock file taken around each heavy step ('' = none)")
     args = ap.parse_args()
 
@@ -156,6 +157,8 @@ def main() -> None:
     for beta in [float(b) for b in args.dpo_betas.split(",") if b]:
         with heavy_lock(args.lock):
             runs.append(("DPO", beta, train_dpo(beta, args)))
+    if args.train_only:
+        return
     runs += [("PPO", *parse_run(d)) for d in args.ppo_run]
     runs += [("DPO", *parse_run(d)) for d in args.dpo_run]
 
