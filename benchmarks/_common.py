@@ -169,3 +169,23 @@ def table(method: str, precision: str, rows: list[dict]) -> str:
 def append_results(text: str) -> None:
     with RESULTS.open("a") as f:
         f.write(text)
+
+
+def trl_models(args):
+    """TRL's side of a benchmark: (tokenizer with left padding, fp32 policy, fp32 reward model,
+    the LoRA peft_config when --trl-lora else None)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    torch.set_num_threads(args.threads)
+    tok = AutoTokenizer.from_pretrained(args.model_dir, padding_side="left")
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    policy = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32)
+    reward = AutoModelForSequenceClassification.from_pretrained(args.rm, num_labels=1, dtype=torch.float32)
+    peft_config = None
+    if args.trl_lora:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    return tok, policy, reward, peft_config

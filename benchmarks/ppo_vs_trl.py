@@ -40,6 +40,7 @@ from _common import (
     side_result,
     step_clock,
     table,
+    trl_models,
 )
 
 sys.path.insert(0, str(ROOT))
@@ -68,29 +69,15 @@ def run_alignkit(args) -> dict:
 def run_trl(args) -> dict:
     import torch
     from datasets import Dataset
-    from transformers import (
-        AutoModelForCausalLM,
-        AutoModelForSequenceClassification,
-        AutoTokenizer,
-    )
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
-    torch.set_num_threads(args.threads)
-    tok = AutoTokenizer.from_pretrained(args.model_dir, padding_side="left")
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
+    tok, policy, reward, peft_config = trl_models(args)
     chat = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
             for p in prompts(PROMPTS)]
     data = Dataset.from_dict({"input_ids": [tok(c, add_special_tokens=False)["input_ids"] for c in chat]})
-    policy = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32)
     ref = None if args.trl_lora else AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32)
-    reward = AutoModelForSequenceClassification.from_pretrained(args.rm, num_labels=1, dtype=torch.float32)
     value = AutoModelForSequenceClassification.from_pretrained(args.rm, num_labels=1, dtype=torch.float32)
-    peft_config = None
-    if args.trl_lora:
-        from peft import LoraConfig
-
-        peft_config = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
     config = PPOConfig(
         output_dir=str(Path(args.work) / "trl-run"), per_device_train_batch_size=PROMPTS, gradient_accumulation_steps=1,
         num_mini_batches=1, num_ppo_epochs=EPOCHS, response_length=NEW_TOKENS, total_episodes=PROMPTS * (args.iterations + 1),

@@ -78,6 +78,7 @@ from _common import (
     side_result,
     step_clock,
     table,
+    trl_models,
 )
 
 sys.path.insert(0, str(ROOT))
@@ -119,26 +120,12 @@ def run_alignkit(args) -> dict:
 
 
 def run_trl(args) -> dict:
-    import torch
     import trl
     from datasets import Dataset
-    from transformers import (
-        AutoModelForCausalLM,
-        AutoModelForSequenceClassification,
-        AutoTokenizer,
-    )
     from trl import RLOOConfig, RLOOTrainer
 
-    torch.set_num_threads(args.threads)
-    tok = AutoTokenizer.from_pretrained(args.model_dir, padding_side="left")
+    tok, policy, reward, peft_config = trl_models(args)
     data = Dataset.from_dict({"prompt": [[{"role": "user", "content": p}] for p in prompts(PROMPTS)]})
-    policy = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32)
-    reward = AutoModelForSequenceClassification.from_pretrained(args.rm, num_labels=1, dtype=torch.float32)
-    peft_config = None
-    if args.trl_lora:
-        from peft import LoraConfig
-
-        peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
     config = RLOOConfig(
         output_dir=str(Path(args.work) / "trl-run"), per_device_train_batch_size=ROWS, gradient_accumulation_steps=1,
         steps_per_generation=1, num_generations=K, num_iterations=args.epochs, max_steps=(args.iterations + 1) * args.epochs,
