@@ -42,21 +42,76 @@ PPO_KEYS = {"reward", "reward_std", "kl", "beta", "entropy", "clip_frac", "appro
             "response_length", "tokens_per_s", "gen_tokens_per_s", "pg_loss", "grad_norm", "lr"}
 
 
-@pytest.mark.parametrize("memory", ["lora", "full"])
-def test_ppo_smoke(tiny_dir, tmp_path, memory):
-    result, rows, evals = _run(tiny_dir, tmp_path / memory, f"memory={memory}")
+@pytest.mark.parametrize("memory,trunk", [("lora", "shared"), ("lora", "own"), ("full", "shared"), ("full", "own")])
+def test_ppo_smoke(tiny_dir, tmp_path, memory, trunk):
+    out = tmp_path / f"{memory}-{trunk}"
+    result, rows, evals = _run(tiny_dir, out, f"memory={memory}", f"critic_trunk={trunk}")
     assert [r["iteration"] for r in rows] == [1, 2]
     assert PPO_KEYS <= set(rows[0])
     assert rows[0]["kl"] == 0.0  # before any update the policy is the reference
     assert rows[0]["beta"] == 0.05 and rows[1]["kl"] != 0.0
     assert [e["eval/iteration"] for e in evals] == [0, 2] and evals[0]["eval/kl"] == 0.0
     assert evals[1]["eval/kl"] != 0.0  # the policy moved
-    samples = [json.loads(line) for line in (tmp_path / memory / "samples.jsonl").read_text().splitlines()]
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert {s["iteration"] for s in samples} == {1, 2} and all("response" in s for s in samples)
     from transformers import AutoModelForCausalLM
 
     final = AutoModelForCausalLM.from_pretrained(result["final_model"])
     assert not any("lora" in n for n, _ in final.named_parameters())
+
+
+def test_critic_from_a_reward_model_runs_on_its_own_trunk(tiny_dir, tmp_path):
+    # critic_trunk=auto resolves to own for critic_init=reward_model (a causal-LM directory gets a fresh score head)
+    _, rows, _ = _run(tiny_dir, tmp_path / "rm-critic", "critic_init=reward_model", f"critic_path={tiny_dir}")
+    assert [r["iteration"] for r in rows] == [1, 2] and "vf_loss" in rows[0]
+    with pytest.raises(ValueError, match="critic_trunk=own"):
+        load_config(PPOConfig, None, ["critic_init=reward_model", "critic_trunk=shared"])
+    assert load_config(PPOConfig, None, []).critic_trunk == "shared"
+
+
+def _ppo_batch(ac):
+    """A rollout batch as ppo.run builds it: old log-probs/values from the current weights,
+    made-up advantages and returns."""
+    batch = assemble([[10, 20, 30], [40]], [[50, 60], [70, 80, 90]], pad_id=258)
+    mask = batch["response_mask"]
+    with torch.no_grad():
+        old_logp, _, old_values = ac.policy_outputs(batch)
+    gen = torch.Generator().manual_seed(1)
+    return {**batch, "old_logp": old_logp - 0.1 * mask, "old_values": old_values + 0.2 * mask, "ref_logp": old_logp,
+            "advantages": torch.randn(mask.shape, generator=gen) * mask, "returns": torch.randn(mask.shape, generator=gen) * mask}
+
+
+@pytest.mark.parametrize("memory", ["lora", "full"])
+def test_shared_trunk_step_is_policy_plus_value_loss_in_one_pass(tiny_dir, memory):
+    from alignkit.algorithms.ppo import make_step
+    from alignkit.losses.ppo import policy_loss, value_loss
+
+    ac, _, _ = build_actor_critic(ModelConfig(path=tiny_dir, lora=LoraConfig(r=4, alpha=8)), memory, "policy",
+                                  critic_trunk="shared")
+    trainable = {n for n, p in ac.named_parameters() if p.requires_grad}
+    assert "critic.head.weight" in trainable and not any(".critic." in n for n in trainable)  # no second adapter
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(0)
+        for name, p in ac.named_parameters():
+            if "lora_B" in name or "head" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    mb = {**_ppo_batch(ac), "part": "policy"}
+    cfg = load_config(PPOConfig, None, ["vf_coef=0.3", "vf_clip=0.1"])
+    loss, units, sums = make_step(ac, cfg, [0.05])(mb)
+    params = [p for p in ac.parameters() if p.requires_grad]
+    got = torch.autograd.grad(loss, params)
+    # the same maths from two separate passes: the policy's log-probs and the critic's values
+    mask = mb["response_mask"]
+    pg, _ = policy_loss(ac.policy_logprobs(mb)[0], mb["old_logp"], mb["advantages"], mask, 0.2)
+    vl, _ = value_loss(ac.values(mb), mb["old_values"], mb["returns"], mask, 0.1)
+    want_loss = (pg.mean() + 0.3 * vl.mean()) * units
+    want = torch.autograd.grad(want_loss, params)
+    assert units == float(mask.sum()) and loss.item() == pytest.approx(want_loss.item(), rel=1e-5)
+    assert sums["vf_loss"] == pytest.approx(vl.mean().item() * units, rel=1e-5)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+    names = [n for n, p in ac.named_parameters() if p.requires_grad]
+    assert got[names.index("critic.head.weight")].abs().sum() > 0  # the value loss reaches the head
 
 
 @pytest.mark.parametrize("algorithm", ["grpo", "rloo", "reinforce"])

@@ -9,7 +9,8 @@ from alignkit.algorithms.ppo import PPOConfig, compute_advantages
 from alignkit.losses.ppo import kl_penalized_rewards
 from alignkit.models.actor_critic import response_logprobs
 from alignkit.models.tiny import tiny_model
-from alignkit.rollout.batch import assemble, select_rows
+from alignkit.models.forward import group_attention_mask
+from alignkit.rollout.batch import assemble, select_rows, shared_prefix_row
 
 PROMPTS = [[1, 2, 3], [4]]
 RESPONSES = [[5, 6], [7, 8, 9]]
@@ -50,10 +51,27 @@ def test_select_rows_cuts_shared_padding():
     assert second["position_ids"].tolist() == [[0, 1, 2, 3]] and second["response_mask"].tolist() == [[1, 1, 1]]
 
 
+def test_shared_prefix_row_hand_example():
+    # rows 0 and 2 share a prompt; all prompts start with [1, 2]; row 3's prompt is that prefix
+    b = assemble([[1, 2, 3], [1, 2, 4, 5], [1, 2, 3], [1, 2]], [[6, 7], [8], [9, 10, 11], [12, 13]], pad_id=0)
+    row = shared_prefix_row(b)
+    # root [1, 2] | group 0: [3], replies 6 and 9 10 (last tokens 7, 11 left out) | group 1: [4, 5], reply ∅ | group 2: ∅, 12
+    assert row["input_ids"].tolist() == [[1, 2, 3, 6, 9, 10, 4, 5, 12]]
+    assert row["position_ids"].tolist() == [[0, 1, 2, 3, 3, 4, 2, 3, 2]]
+    assert row["group_ids"].tolist() == [[-1, -1, 0, 0, 0, 0, 1, 1, 2]]
+    assert row["parts"].tolist() == [[0, 0, 0, 1, 2, 2, 0, 0, 1]]
+    # hidden state predicting reply token j: the prompt's last token for j = 0, then the reply's own tokens
+    assert row["index"].tolist() == [[2, 3, 0], [7, 0, 0], [2, 4, 5], [1, 8, 0]]
+    mask = group_attention_mask(row["group_ids"], row["parts"], "sdpa")[0, 0]
+    assert mask[5].tolist() == [1, 1, 1, 0, 1, 1, 0, 0, 0]  # token 10 sees root, its prompt, its reply; not 6
+    assert mask[8].tolist() == [1, 1, 0, 0, 0, 0, 0, 0, 1]  # token 12 sees the root only
+
+
 def test_response_logprobs_match_unpadded_sequences():
     model = tiny_model(0).eval()
-    prompts = [[10, 20, 30, 40, 50], [60, 70], [80, 90, 100]]
-    responses = [[11, 12], [13, 14, 15, 16], [17]]
+    # shared prompts, a common prefix, a prompt that is the common prefix, one-token replies
+    prompts = [[10, 20, 30, 40, 50], [10, 20, 70], [10, 20, 30, 40, 50], [10, 20], [10, 20, 90, 100]]
+    responses = [[11, 12], [13, 14, 15, 16], [17], [18, 19, 21], [22]]
     b = assemble(prompts, responses, pad_id=258)
     with torch.no_grad():
         logp, ent = response_logprobs(model, b, temperature=0.7, entropy=True)

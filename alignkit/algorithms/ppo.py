@@ -20,19 +20,25 @@ explained variance, response length and tokens/s; warns when KL or length runs a
 samples to samples.jsonl; evaluates held-out reward and KL (optional early stopping); and
 checkpoints the loop state (iteration, β, early-stopping state; the engine adds RNG states).
 
-Memory (N = parameters of the model; fp32 weights 4N bytes, gradients 4N, AdamW moments 8N):
+Memory (N = parameters of the model; fp32 weights 4N bytes, gradients 4N, AdamW moments 8N) and
+compute (passes of the model per micro-batch of training, and per iteration without gradient):
 
-| memory | held in memory                                 | trained (grads + AdamW)      | SmolLM2-135M  |
-|--------|------------------------------------------------|------------------------------|---------------|
-| lora   | one frozen base 4N (linears 2N under bf16)     | two adapters + value head    | ~0.55 GB      |
-|        | + adapters "policy" and "critic" + value head  | (r=16, all linear: 7% of N)  |               |
-| full   | actor 4N + critic 4N + frozen reference 4N     | actor 12N + critic 12N       | ~4.9 GB       |
+| memory | critic_trunk | held in memory                             | trained (grads + AdamW)  | 135M    | passes        |
+|--------|--------------|--------------------------------------------|--------------------------|---------|---------------|
+| lora   | shared       | one frozen base 4N + adapter + value head  | adapter + head (~7% of N)| ~0.55 GB| 1 fwd/bwd; 2  |
+| lora   | own          | one frozen base 4N + 2 adapters + head     | 2 adapters + head        | ~0.6 GB | 2 fwd/bwd; 3  |
+| full   | shared       | actor 4N + frozen reference 4N             | actor 12N                | ~2.7 GB | 1 fwd/bwd; 2  |
+| full   | own          | actor 4N + critic 4N + frozen reference 4N | actor 12N + critic 12N   | ~4.9 GB | 2 fwd/bwd; 3  |
 
-lora: the reference costs nothing (adapters off) and the critic only its adapter; with
-train.precision=bf16 the frozen base linears are held in bf16 (`store_frozen_base`: no number
-changes under autocast). A trained reward model (reward.kind=model) adds 4N in both modes, and a
-critic initialised from a reward model in lora mode adds its own frozen backbone. Critic-free
-methods (reinforce, rloo, grpo) drop the critic and its optimizer state. Activations come on top.
+lora: the reference costs nothing (adapters off); with train.precision=bf16 the frozen base
+linears are held in bf16 (`store_frozen_base`: no number changes under autocast). shared: the
+value head reads the actor's hidden states, so one forward and one backward serve the policy and
+value losses, and the no-grad pass that gives the old log-probs also gives the old values; the
+value loss (× vf_coef) then also moves the actor's weights. own: the critic has its own adapter
+(lora) or backbone (full), so it is free of the policy but costs a pass of the model of its own.
+A trained reward model (reward.kind=model) adds 4N in every mode, and a critic initialised from a
+reward model (critic_trunk=own) adds its own frozen backbone in lora mode. Critic-free methods
+(reinforce, rloo, grpo) drop the critic and its optimizer state. Activations come on top.
 """
 
 from __future__ import annotations
@@ -77,6 +83,9 @@ class PPOConfig:
     memory: str = opt("lora", "lora: one frozen base, adapters for actor and critic, reference = adapters off; full: separate models")
     critic_init: str = opt("policy", "initialise the critic from the policy or from a reward_model (InstructGPT)")
     critic_path: str = opt("", "reward model for critic_init=reward_model (empty = reward.path)")
+    critic_trunk: str = opt("auto", "shared: value head on the actor's own pass (one forward/backward for both losses); "
+                                    "own: the critic has its own adapter (lora) or backbone (full); "
+                                    "auto: shared for critic_init=policy, own for reward_model")
     iterations: int = opt(50, "collect-and-train iterations")
     prompts_per_iteration: int = opt(16, "prompts sampled per iteration")
     samples_per_prompt: int = opt(1, "replies per prompt (k; rloo and grpo need >= 2)")
@@ -104,6 +113,13 @@ class PPOConfig:
             raise ValueError(f"algorithm must be one of {ALGORITHMS}, not {self.algorithm!r}")
         if self.algorithm in ("rloo", "grpo") and self.samples_per_prompt < 2:
             raise ValueError(f"algorithm={self.algorithm} compares k samples of a prompt: set samples_per_prompt >= 2")
+        if self.critic_trunk == "auto":
+            self.critic_trunk = "own" if self.critic_init == "reward_model" else "shared"
+        if self.critic_trunk not in ("shared", "own"):
+            raise ValueError(f"critic_trunk must be shared, own or auto, not {self.critic_trunk!r}")
+        if self.critic_trunk == "shared" and self.critic_init == "reward_model":
+            raise ValueError("critic_trunk=shared puts the value head on the policy's own pass, so the critic cannot start "
+                             "from a reward model: use critic_trunk=own with critic_init=reward_model")
         if self.loss_reduction not in ("token", "sequence"):
             raise ValueError(f"loss_reduction must be token or sequence, not {self.loss_reduction!r}")
 
@@ -131,9 +147,10 @@ def units_of(cfg: PPOConfig, mask: torch.Tensor) -> float:
 
 def micro_batches(batch: dict, rows: torch.Tensor, cfg: PPOConfig, critic: bool, ptx) -> list[dict]:
     """The engine's micro-batches for one minibatch. Each row chunk is a "policy" part and, with a
-    critic, a "critic" part (and a "ptx" part): each part runs its own forward and backward, so
-    activation memory peaks at one model pass. Only policy parts carry units; the engine divides
-    the summed gradient by them, which gives exactly ∇(policy + vf_coef·value (+ γ_ptx·NLL))."""
+    critic of its own trunk, a "critic" part (and a "ptx" part): each part runs its own forward
+    and backward, so activation memory peaks at one model pass (a shared-trunk critic is trained
+    inside the policy part). Only policy parts carry units; the engine divides the summed gradient
+    by them, which gives exactly ∇(policy + vf_coef·value (+ γ_ptx·NLL))."""
     out = []
     for i in range(0, len(rows), cfg.train.batch_size):
         chunk = select_rows(batch, rows[i:i + cfg.train.batch_size])
@@ -147,6 +164,10 @@ def micro_batches(batch: dict, rows: torch.Tensor, cfg: PPOConfig, critic: bool,
 
 def make_step(ac, cfg: PPOConfig, beta: list):
     """The engine's step function over one part of a micro-batch: (loss sum, units, metric sums)."""
+    def value_terms(values, mb: dict, units: float):  # (vf_coef × value loss summed over units, metric sums)
+        vl, vm = value_loss(values, mb["old_values"], mb["returns"], mb["response_mask"], cfg.vf_clip or None, cfg.loss_reduction)
+        return cfg.vf_coef * vl.mean() * units, {"vf_loss": vl.mean().item() * units, "vf_clip_frac": vm["vf_clip_frac"].item() * units}
+
     def step(mb: dict):
         if mb["part"] == "ptx":  # InstructGPT's PPO-ptx: γ_ptx × token-mean NLL, weighted like its rollout chunk
             logps, _ = target_logprobs(ac.policy, mb["batch"])
@@ -155,10 +176,12 @@ def make_step(ac, cfg: PPOConfig, beta: list):
         mask = mb["response_mask"]
         units = units_of(cfg, mask)
         if mb["part"] == "critic":
-            vl, vm = value_loss(ac.values(mb), mb["old_values"], mb["returns"], mask, cfg.vf_clip or None, cfg.loss_reduction)
-            return cfg.vf_coef * vl.mean() * units, 0.0, {"vf_loss": vl.mean().item() * units,
-                                                         "vf_clip_frac": vm["vf_clip_frac"].item() * units}
-        logp, _ = ac.policy_logprobs(mb, cfg.temperature)
+            vf, vf_metrics = value_terms(ac.values(mb), mb, units)
+            return vf, 0.0, vf_metrics
+        if ac.shared_trunk:  # one pass: log-probs and values from the same hidden states
+            logp, _, values = ac.policy_outputs(mb, cfg.temperature)
+        else:
+            logp, _ = ac.policy_logprobs(mb, cfg.temperature)
         pg, metrics = policy_loss(logp, mb["old_logp"], mb["advantages"], mask, cfg.clip, cfg.loss_reduction)
         loss = pg.mean()
         metrics = {"pg_loss": loss.detach(), "clip_frac": metrics["clip_frac"], "approx_kl": metrics["approx_kl"]}
@@ -166,7 +189,12 @@ def make_step(ac, cfg: PPOConfig, beta: list):
             kl_l, _ = kl_loss(logp, mb["ref_logp"], mask, "k3", cfg.loss_reduction)
             loss = loss + beta[0] * kl_l.mean()
             metrics["kl_loss"] = kl_l.mean().detach()
-        return loss * units, units, {k: float(v) * units for k, v in metrics.items()}
+        sums = {k: float(v) * units for k, v in metrics.items()}
+        loss = loss * units
+        if ac.shared_trunk:
+            vf, vf_metrics = value_terms(values, mb, units)
+            loss, sums = loss + vf, {**sums, **vf_metrics}
+        return loss, units, sums
     return step
 
 
@@ -179,7 +207,7 @@ def run(cfg: PPOConfig, reward_fn=None) -> dict:
     critic = cfg.critic_init if cfg.algorithm == "ppo" else None
     bf16 = cfg.train.precision == "bf16"
     ac, tokenizer, _ = build_actor_critic(cfg.model, cfg.memory, critic, cfg.critic_path or cfg.reward.path, cfg.train.seed,
-                                          torch.bfloat16 if bf16 else None)
+                                          torch.bfloat16 if bf16 else None, cfg.critic_trunk)
     rows = cfg.prompts_per_iteration * cfg.samples_per_prompt
     engine = Engine(ac, cfg.train, cfg.iterations * cfg.ppo_epochs * math.ceil(rows / cfg.minibatch_size), asdict(cfg))
     state = {"iteration": 0, "beta": cfg.kl.beta, "best": None, "bad_evals": 0, "ptx_index": 0, "first_length": None, **engine.loop_state}
@@ -225,9 +253,12 @@ def run(cfg: PPOConfig, reward_fn=None) -> dict:
         # recompute log-probs, reference, values; shape rewards; advantages
         ac.eval()
         mask = batch["response_mask"]
-        old_logp, entropy = no_grad(lambda b: ac.policy_logprobs(b, cfg.temperature, entropy=True), batch)
+        if ac.critic is not None:
+            old_logp, entropy, values = no_grad(lambda b: ac.policy_outputs(b, cfg.temperature, entropy=True), batch)
+        else:
+            old_logp, entropy = no_grad(lambda b: ac.policy_logprobs(b, cfg.temperature, entropy=True), batch)
+            values = torch.zeros_like(mask)
         ref = no_grad(ref_logp, batch)
-        values = no_grad(ac.values, batch) if ac.critic is not None else torch.zeros_like(mask)
         beta_used = beta[0]
         rewards, kl_seq = kl_penalized_rewards(scores, old_logp, ref, mask, 0.0 if cfg.algorithm == "grpo" else beta_used, cfg.kl.estimator)
         kl = ((old_logp - ref) * mask).sum(1)  # k1 per reply: what is logged and compared across runs
@@ -240,7 +271,7 @@ def run(cfg: PPOConfig, reward_fn=None) -> dict:
             order = torch.randperm(rows, generator=order_gen)
             for s in range(0, rows, cfg.minibatch_size):
                 mb = order[s:s + cfg.minibatch_size]
-                micro = micro_batches(batch, mb, cfg, ac.critic is not None, ptx)
+                micro = micro_batches(batch, mb, cfg, ac.critic is not None and not ac.shared_trunk, ptx)
                 stats.append(engine.train_step(micro, step_fn))
                 state["ptx_index"] += sum(m["part"] == "ptx" for m in micro)
         beta[0] = kl_ctl.update(kl_seq.mean().item(), rows)

@@ -11,26 +11,33 @@ inside it (never optimized, never checkpointed). Two layouts (`build_actor_criti
   which also change `requires_grad` and would silently freeze the other adapter.
 * ``memory="full"``: separate full copies of actor, critic backbone and a frozen reference.
 
+The critic's trunk (`critic_trunk`): ``"own"`` is the layout above (a second adapter, or a second
+full backbone); ``"shared"`` puts the value head on the actor's own hidden states, so one
+forward pass gives log-probs and values and one backward trains both (the value loss also moves
+the policy adapter, weighted by vf_coef). It halves the critic's cost: no second adapter or
+backbone, no second pass.
+
 A critic initialised from a reward model (InstructGPT) gets the reward model's backbone and
 score head (with LoRA: its own frozen copy of that backbone plus a "critic" adapter).
 
-Per-token outputs use the layout of `alignkit.rollout.batch`: the hidden state that predicts
-response token j sits at column `prompt_width - 1 + j`; the output head runs on response
-tokens only.
+Per-token outputs are [B, T] tensors in the layout of `alignkit.rollout.batch` (right-padded
+responses). The decoder itself runs on `shared_prefix_row(batch)`: one padding-free row in which
+a prompt shared by several replies (and the system prompt shared by all) appears once; the
+output head runs on response positions only.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from alignkit.models.forward import unwrap
+from alignkit.models.forward import group_attention_mask, unwrap
 from alignkit.models.load import (
     LoraConfig,
     ModelConfig,
@@ -40,11 +47,13 @@ from alignkit.models.load import (
     resolve_model_path,
 )
 from alignkit.ops import entropy_from_logits, gather_logprobs
+from alignkit.rollout.batch import shared_prefix_row
 
 log = logging.getLogger("alignkit")
 MEMORY_MODES = ("lora", "full")
 CHUNK = 512  # rows of float32 vocabulary-wide logits alive at once in log-prob / entropy maths
 CRITIC_INITS = ("policy", "reward_model")
+CRITIC_TRUNKS = ("own", "shared")
 
 
 @contextmanager
@@ -68,11 +77,15 @@ def adapter_scope(module: nn.Module, adapter: str | None):
 
 
 def _hidden(decoder: nn.Module, batch: dict) -> torch.Tensor:
-    """Hidden states [B, T, H] that predict the response tokens (see the module docstring)."""
-    out = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                  position_ids=batch["position_ids"], use_cache=False)
-    start = batch["prompt_width"] - 1
-    return out.last_hidden_state[:, start:start + batch["response_ids"].shape[1]]
+    """Hidden states [B, T, H] that predict the response tokens (see the module docstring). The
+    decoder runs once over `shared_prefix_row(batch)`: no padding, and a prompt (or the system
+    prompt) that several rows share is computed once."""
+    row = shared_prefix_row(batch)
+    device = batch["input_ids"].device
+    mask = group_attention_mask(row["group_ids"].to(device), row["parts"].to(device), decoder.config._attn_implementation)
+    out = decoder(input_ids=row["input_ids"].to(device), attention_mask=mask, position_ids=row["position_ids"].to(device),
+                  use_cache=False)
+    return out.last_hidden_state[0, row["index"].to(device)]
 
 
 def response_logprobs(model, batch: dict, temperature: float = 1.0, entropy: bool = False):
@@ -80,7 +93,11 @@ def response_logprobs(model, batch: dict, temperature: float = 1.0, entropy: boo
     zero outside `response_mask`. Logits are divided by `temperature` (the sampling
     distribution); the output head runs on the masked response positions only."""
     lm = unwrap(model)
-    hidden = _hidden(lm.get_decoder(), batch)
+    return _logprobs(lm, _hidden(lm.get_decoder(), batch), batch, temperature, entropy)
+
+
+def _logprobs(lm: nn.Module, hidden: torch.Tensor, batch: dict, temperature: float, entropy: bool):
+    """`response_logprobs` from the hidden states `_hidden` returned."""
     mask = batch["response_mask"].bool()
     logits = lm.get_output_embeddings()(hidden[mask])
     if temperature != 1.0:
@@ -115,18 +132,21 @@ class Critic(nn.Module):
         else:
             with adapter_scope(backbone, self.adapter):
                 hidden = _hidden(backbone, batch)
-        values = self.head(hidden).squeeze(-1).float()
-        return values * batch["response_mask"]
+        return self.values_from(hidden, batch)
+
+    def values_from(self, hidden: torch.Tensor, batch: dict) -> torch.Tensor:
+        return self.head(hidden).squeeze(-1).float() * batch["response_mask"]
 
 
 class ActorCritic(nn.Module):
     """The trainable roles (policy, optional critic) plus access to the frozen reference."""
 
     def __init__(self, policy: nn.Module, critic: Critic | None = None, reference: nn.Module | None = None,
-                 base_path: str = ""):
+                 base_path: str = "", shared_trunk: bool = False):
         super().__init__()
         self.policy = policy
         self.critic = critic
+        self.shared_trunk = shared_trunk  # the critic's head sits on the policy's own hidden states
         self.__dict__["reference"] = reference  # frozen; not a submodule (no optimizer, no checkpoint)
         self.base_path = base_path  # where the base weights can be reloaded from (see store_frozen_base)
 
@@ -144,6 +164,16 @@ class ActorCritic(nn.Module):
             return response_logprobs(self.policy, batch, temperature, entropy)
         with adapter_scope(self.policy, "policy"):
             return response_logprobs(self.policy, batch, temperature, entropy)
+
+    def policy_outputs(self, batch: dict, temperature: float = 1.0, entropy: bool = False):
+        """(log-probs, entropy or None, values): with a shared trunk from ONE forward pass,
+        otherwise the policy's pass plus the critic's."""
+        if not self.shared_trunk:
+            return (*self.policy_logprobs(batch, temperature, entropy), self.values(batch))
+        lm = unwrap(self.policy)
+        with adapter_scope(self.policy, "policy") if self.lora else nullcontext():
+            hidden = _hidden(lm.get_decoder(), batch)
+        return (*_logprobs(lm, hidden, batch, temperature, entropy), self.critic.values_from(hidden, batch))
 
     def reference_logprobs(self, batch: dict, temperature: float = 1.0) -> torch.Tensor:
         if self.reference is not None:
@@ -219,16 +249,24 @@ def trainable_parameters(module: nn.Module) -> tuple[int, int]:
 
 
 def build_actor_critic(model_cfg: ModelConfig, memory: str = "lora", critic: str | None = "policy",
-                       critic_path: str = "", seed: int = 0, frozen_dtype: torch.dtype | None = None):
+                       critic_path: str = "", seed: int = 0, frozen_dtype: torch.dtype | None = None,
+                       critic_trunk: str = "own"):
     """(ActorCritic, tokenizer, model path). `critic`: None (critic-free methods), "policy"
     (critic initialised from the policy, zero value head) or "reward_model" (from `critic_path`).
-    `frozen_dtype` (LoRA only): store the frozen base weights in this dtype (`store_frozen_base`)."""
+    `frozen_dtype` (LoRA only): store the frozen base weights in this dtype (`store_frozen_base`).
+    `critic_trunk`: "own" (second adapter / backbone) or "shared" (value head on the policy's pass)."""
     if memory not in MEMORY_MODES:
         raise ValueError(f"memory must be one of {MEMORY_MODES}, not {memory!r}")
     if critic not in (None, *CRITIC_INITS):
         raise ValueError(f"critic init must be one of {CRITIC_INITS}, not {critic!r}")
+    if critic_trunk not in CRITIC_TRUNKS:
+        raise ValueError(f"critic_trunk must be one of {CRITIC_TRUNKS}, not {critic_trunk!r}")
     if critic == "reward_model" and not critic_path:
         raise ValueError("a critic initialised from a reward model needs its path (critic_path)")
+    if critic == "reward_model" and critic_trunk == "shared":
+        raise ValueError("critic_trunk=shared puts the value head on the policy: it cannot start from a reward model "
+                         "(use critic_init=policy, or critic_trunk=own)")
+    shared = critic == "policy" and critic_trunk == "shared"
     path = resolve_model_path(model_cfg.path)
     tokenizer = load_tokenizer(path)
     torch.manual_seed(seed)
@@ -237,7 +275,7 @@ def build_actor_critic(model_cfg: ModelConfig, memory: str = "lora", critic: str
     reference = None
     if memory == "lora":
         policy = add_lora(base, lora, adapter_name="policy")
-        if critic == "policy":
+        if critic == "policy" and not shared:
             policy.add_adapter("critic", copy.deepcopy(policy.peft_config["policy"]))
         for name, p in policy.named_parameters():
             p.requires_grad_("lora_" in name)
@@ -251,7 +289,12 @@ def build_actor_critic(model_cfg: ModelConfig, memory: str = "lora", critic: str
         head = nn.Linear(unwrap(policy).config.hidden_size, 1, bias=False)
         nn.init.zeros_(head.weight)
         decoder = unwrap(policy).get_decoder()
-        value = Critic(decoder, head, "critic", shared=True) if memory == "lora" else Critic(copy.deepcopy(decoder), head)
+        if shared:
+            value = Critic(decoder, head, "policy" if memory == "lora" else None, shared=True)
+        elif memory == "lora":
+            value = Critic(decoder, head, "critic", shared=True)
+        else:
+            value = Critic(copy.deepcopy(decoder), head)
     elif critic == "reward_model":
         from alignkit.rewards.model import load_reward_model
 
@@ -268,4 +311,5 @@ def build_actor_critic(model_cfg: ModelConfig, memory: str = "lora", critic: str
         store_frozen_base(policy, frozen_dtype)
         if value is not None and "backbone" in value._modules:
             store_frozen_base(value.backbone, frozen_dtype)
-    return ActorCritic(policy, value, reference, path if memory == "lora" and frozen_dtype is not None else ""), tokenizer, path
+    base_path = path if memory == "lora" and frozen_dtype is not None else ""
+    return ActorCritic(policy, value, reference, base_path, shared), tokenizer, path

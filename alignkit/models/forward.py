@@ -57,10 +57,11 @@ def sequence_logprobs(model, batch: dict, segment_ids: torch.Tensor) -> torch.Te
 
 def group_attention_mask(group_ids: torch.Tensor, parts: torch.Tensor, implementation: str) -> torch.Tensor:
     """The [B, 1, L, L] mask of a prompt-sharing row (data.groups): causal, inside one group,
-    and a response sees its prompt and itself but no sibling response."""
+    and a response sees its prompt and itself but no sibling response. Tokens of group -1 are a
+    prefix shared by every group (`rollout.batch.shared_prefix_row`)."""
     length = group_ids.shape[1]
     causal = torch.ones(length, length, dtype=torch.bool, device=group_ids.device).tril()
-    same_group = group_ids[:, :, None] == group_ids[:, None, :]
+    same_group = (group_ids[:, :, None] == group_ids[:, None, :]) | (group_ids[:, None, :] == -1)
     visible = (parts[:, None, :] == 0) | (parts[:, :, None] == parts[:, None, :])
     mask = (causal & same_group & visible)[:, None]
     if implementation == "sdpa":
