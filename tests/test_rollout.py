@@ -212,3 +212,38 @@ def test_peft_wrapped_model():
     out = HFGenerator(wrapped, TOK).generate(PROMPTS, SamplingParams(temperature=0, max_new_tokens=10))
     assert [c.token_ids for c in out] == [c.token_ids for c in base]  # a fresh LoRA adapter is a no-op
     assert wrapped.training
+
+
+def test_merged_twin_decodes_the_current_adapters():
+    peft = pytest.importorskip("peft")
+    from alignkit.models.actor_critic import adapter_scope
+    from alignkit.rollout.merged import MergedTwin
+
+    wrapped = peft.get_peft_model(_model(eos_boost=0.0), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in wrapped.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen))
+    twin = MergedTwin.of(wrapped)
+    ids = torch.tensor([[5, 9, 14, 20, 33, 41]])
+    with torch.no_grad():
+        want = wrapped(input_ids=ids).logits
+        assert not torch.allclose(want, wrapped.get_base_model()(input_ids=ids).logits * 0 + want.mean())
+        torch.testing.assert_close(twin.refresh()(input_ids=ids).logits, want, rtol=1e-4, atol=1e-4)
+        for name, p in wrapped.named_parameters():  # the adapters move: a refresh follows them
+            if "lora_A" in name:
+                p.mul_(-2.0)
+        moved = wrapped(input_ids=ids).logits
+        assert not torch.allclose(moved, want, atol=1e-3)
+        torch.testing.assert_close(twin.refresh()(input_ids=ids).logits, moved, rtol=1e-4, atol=1e-4)
+        with adapter_scope(wrapped, None):  # adapters off: the twin is the base model
+            base = wrapped(input_ids=ids).logits
+            torch.testing.assert_close(twin.refresh()(input_ids=ids).logits, base, rtol=1e-4, atol=1e-4)
+    lm = wrapped.get_base_model()
+    assert twin.model.get_input_embeddings().weight is lm.get_input_embeddings().weight  # shared, not copied
+    assert twin.model.model.layers[0].self_attn.q_proj.weight.data_ptr() != \
+        lm.model.layers[0].self_attn.q_proj.base_layer.weight.data_ptr()
+    out = HFGenerator(wrapped, TOK).generate(PROMPTS, SamplingParams(temperature=0, max_new_tokens=8))
+    plain = HFGenerator(wrapped, TOK, merge_lora=False).generate(PROMPTS, SamplingParams(temperature=0, max_new_tokens=8))
+    assert [c.token_ids for c in out] == [c.token_ids for c in plain]
