@@ -17,7 +17,10 @@ TRL removed PPO after 1.12.0, so its side runs in a separate virtual environment
 
 The reward model is the policy's backbone with a fresh (seeded) scalar head, written once to
 --work: its scores do not matter for timing. TRL's value model is that reward model (its usual
-set-up); alignkit's critic is its default, a second LoRA adapter on the policy's base.
+set-up); alignkit's critic is its default, a value head on the actor's own pass
+(critic_trunk=shared); `--critic-trunk own` times the second-adapter critic instead. Both sides
+stop a reply at eos; the table gives alignkit's mean reply length (TRL's rollouts have the same
+32-token limit and are trained over the padded 32 columns).
 """
 
 from __future__ import annotations
@@ -60,10 +63,11 @@ def run_alignkit(args) -> dict:
         f"max_new_tokens={NEW_TOKENS}", f"ppo_epochs={EPOCHS}", f"minibatch_size={PROMPTS}", f"train.batch_size={PROMPTS}",
         f"kl.beta={BETA}", "reward.kind=model", f"reward.path={args.rm}", f"train.precision={args.precision}",
         f"train.threads={args.threads}", f"train.output_dir={out}", "train.progress=false", "samples_every=0",
-        "eval.every=0", "train.lr=1e-5"])
+        "eval.every=0", "train.lr=1e-5", f"critic_trunk={args.critic_trunk}"])
     run(cfg)
-    times = [r["iteration_s"] for r in read_metrics(out) if "iteration_s" in r][1:]
-    return side_result("alignkit (lora)", times)
+    rows = [r for r in read_metrics(out) if "iteration_s" in r][1:]
+    return side_result(f"alignkit (lora, critic_trunk={args.critic_trunk})", [r["iteration_s"] for r in rows],
+                       reply_tokens=sum(r["response_length"] for r in rows) / len(rows))
 
 
 def run_trl(args) -> dict:
@@ -94,6 +98,7 @@ def run_trl(args) -> dict:
 
 def main() -> None:
     ap = parser(__doc__, "/tmp/alignkit-ppo-bench", "/work/trl112-venv/bin/python", "python of the venv with trl==1.12.0")
+    ap.add_argument("--critic-trunk", default="shared", choices=["shared", "own"], help="alignkit's critic layout")
     args = ap.parse_args()
     if args.side:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -101,7 +106,8 @@ def main() -> None:
         print(json.dumps(result))
         return
     prepare(args)
-    rows = [child(__file__, "alignkit", args, sys.executable), child(__file__, "trl", args, args.trl_python)]
+    rows = [child(__file__, "alignkit", args, sys.executable, ["--critic-trunk", args.critic_trunk]),
+            child(__file__, "trl", args, args.trl_python)]
     if args.trl_lora:
         rows.append(child(__file__, "trl", args, args.trl_python, ["--trl-lora"]))
     text = table("PPO", args.precision, rows)
@@ -109,7 +115,7 @@ def main() -> None:
     if args.record:
         append_results(f"\n### PPO vs TRL 1.12 ({datetime.date.today()}, {machine(args.threads)})\n\n"
                        f"`python benchmarks/ppo_vs_trl.py --iterations {args.iterations} --precision {args.precision}"
-                       f"{' --trl-lora' if args.trl_lora else ''}`: {PROMPTS} prompts, {NEW_TOKENS} new tokens, {EPOCHS} PPO epochs, "
+                       f"{' --trl-lora' if args.trl_lora else ''}{' --critic-trunk own' if args.critic_trunk == 'own' else ''}`: {PROMPTS} prompts, {NEW_TOKENS} new tokens, {EPOCHS} PPO epochs, "
                        f"mean of {args.iterations} iterations after a warm-up. speed-up = TRL s/iteration ÷ alignkit's; "
                        f"memory ratio = alignkit peak RSS ÷ TRL's.\n\n{text}\n")
 
