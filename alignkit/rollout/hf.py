@@ -3,9 +3,10 @@
 What makes it cheaper than `model.generate(num_return_sequences=n)`:
 - each prompt is prefilled once and its KV cache is shared by its n samples
   (`Cache.batch_repeat_interleave` after the prefill), instead of prefilling n copies;
-- finished rows leave the running batch at once (`Cache.batch_select_indices`), so no compute is
-  spent on padding after eos, and left-padding columns that no running row needs any more are
-  cut from the cache;
+- finished rows leave the running batch (`Cache.batch_select_indices`, compacting the cache in
+  place) as soon as the decoding they would still cost outweighs the copy (`COMPACT_AFTER`), so
+  little compute is spent after eos, and left-padding columns that no running row needs any
+  more are cut from the cache;
 - the lm head runs only on the last prompt position; stop strings are checked on the last few
   tokens only; optional bf16 autocast (`dtype=torch.bfloat16`).
 
@@ -44,6 +45,12 @@ def _resolve_dtype(dtype) -> torch.dtype | None:
     if isinstance(dtype, str) and dtype.lower() in _DTYPES:
         return _DTYPES[dtype.lower()]
     raise ValueError(f"dtype must be None, a torch.dtype or one of {sorted(_DTYPES)}, got {dtype!r}")
+
+
+# Finished rows leave the decoding batch (a copy of the KV cache of the rows that stay) once the
+# decoding steps they would still cost, dead rows × steps left, reach this many batch-steps: a
+# compaction costs about half a decoding step of the whole batch (measured on CPU).
+COMPACT_AFTER = 0.5
 
 
 class HFGenerator:
@@ -184,46 +191,47 @@ class HFGenerator:
         # Tokens to re-decode when checking stop strings: every ordinary token is at least one byte.
         window = max((len(s.encode("utf-8")) for s in stops), default=0) + 2
 
+        alive = torch.ones(R, dtype=torch.bool, device=device)  # finished rows stay until a compaction pays
         for step in range(params.max_new_tokens):
             nxt = _sample(logits, params, gen)
             if logps is not None:
                 lp = (logits.gather(1, nxt[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)).tolist()
-            done = torch.isin(nxt, eos)
-            nxt_list = nxt.tolist()
+            done = torch.isin(nxt, eos) & alive
+            nxt_list, alive_list = nxt.tolist(), alive.tolist()
             for j, r in enumerate(rows):
-                tokens[r].append(nxt_list[j])
-                if logps is not None:
-                    logps[r].append(lp[j])
+                if alive_list[j]:
+                    tokens[r].append(nxt_list[j])
+                    if logps is not None:
+                        logps[r].append(lp[j])
             if stops:
                 done_list = done.tolist()
-                check = [j for j in range(len(rows)) if not done_list[j]]
+                check = [j for j in range(len(rows)) if alive_list[j] and not done_list[j]]
                 if check:
                     tails = self.tokenizer.batch_decode([tokens[rows[j]][-window:] for j in check],
                                                         skip_special_tokens=True)
                     hit = [j for j, t in zip(check, tails) if any(s in t for s in stops)]
                     if hit:
                         done[hit] = True
+            for j in done.nonzero().squeeze(1).tolist():
+                reasons[rows[j]] = "stop"
             if step == params.max_new_tokens - 1:
-                for j, r in enumerate(rows):
-                    if bool(done[j]):
-                        reasons[r] = "stop"
                 break
-            if bool(done.any()):
-                keep = (~done).nonzero().squeeze(1)
-                for j in done.nonzero().squeeze(1).tolist():
-                    reasons[rows[j]] = "stop"
-                if keep.numel() == 0:
-                    break
+            alive &= ~done
+            if not bool(alive.any()):
+                break
+            dead = len(rows) - int(alive.sum())
+            if bool(done.any()) and dead * (params.max_new_tokens - 1 - step) >= COMPACT_AFTER * len(rows):
+                keep = alive.nonzero().squeeze(1)
                 rows = [rows[j] for j in keep.tolist()]
                 cache.batch_select_indices(keep)
-                mask, lengths, nxt = mask[keep], lengths[keep], nxt[keep]
+                mask, lengths, nxt, alive = mask[keep], lengths[keep], nxt[keep], alive[keep]
                 # Drop leading columns that are padding for every remaining row.
                 cut = int(mask.argmax(-1).min())  # rows are 0..0 1..1
                 if cut > 0 and _crop_front(cache, cut):
                     mask = mask[:, cut:]
             mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
             out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=lengths[:, None],
-                             past_key_values=cache, use_cache=True)
+                        past_key_values=cache, use_cache=True)
             cache = out.past_key_values
             logits = out.logits[:, -1, :].float()
             del out
@@ -288,8 +296,16 @@ class _BufferLayer(DynamicLayer):
             self._rebuild(lambda t: t.repeat_interleave(repeats, dim=0))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep rows `indices`, compacted into the front rows of the SAME buffers: only the filled
+        part is copied, and no new buffer is allocated (a fresh one of full capacity per finished
+        row costs more than the copy itself, in page faults)."""
         if self.is_initialized:
-            self._rebuild(lambda t: t.index_select(0, indices.to(t.device)))
+            index = indices.to(self._k.device)
+            k, v = self.keys.index_select(0, index), self.values.index_select(0, index)
+            self._k, self._v = self._k[:index.numel()], self._v[:index.numel()]
+            self._k[:, :, self._start:self._end] = k
+            self._v[:, :, self._start:self._end] = v
+            self._views()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.batch_select_indices(beam_idx)
