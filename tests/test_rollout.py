@@ -86,7 +86,8 @@ def test_greedy_matches_no_cache_argmax_loop(eos_boost, monkeypatch):
                          - len(TOK(PROMPTS[1], add_special_tokens=False)["input_ids"])]
 
 
-def test_prompt_prefilled_once_for_n_samples_and_finished_rows_dropped():
+def test_prompt_prefilled_once_for_n_samples_and_finished_rows_dropped(monkeypatch):
+    monkeypatch.setattr(hf, "COMPACT_AFTER", 0.0)  # finished rows leave at once
     model = _model(eos_boost=3.0)
     calls = []
     model.model.embed_tokens.register_forward_pre_hook(lambda mod, args: calls.append(tuple(args[0].shape)))
@@ -105,6 +106,17 @@ def test_prompt_prefilled_once_for_n_samples_and_finished_rows_dropped():
         start = calls.index((1, lengths[p])) + 1
         assert [s[0] for s in calls[start:start + len(expected)]] == expected
     assert len({len(c.token_ids) for c in out}) > 1  # some rows did stop early
+
+
+def test_when_finished_rows_leave_changes_no_output(monkeypatch):
+    model = _model(eos_boost=3.0)
+    params = SamplingParams(n=3, temperature=0, max_new_tokens=12, logprobs=True)
+    outs = []
+    for compact_after in (0.0, hf.COMPACT_AFTER, 1e9):  # at once, the default policy, never
+        monkeypatch.setattr(hf, "COMPACT_AFTER", compact_after)
+        outs.append([(c.token_ids, c.finish_reason, c.text) for c in HFGenerator(model, TOK, batch_size=2).generate(PROMPTS, params)])
+    assert outs[0] == outs[1] == outs[2]
+    assert len({len(ids) for ids, _, _ in outs[0]}) > 1  # rows did finish at different steps
 
 
 def test_seed_reproduces_and_different_seeds_differ():
