@@ -66,28 +66,33 @@ def tokenize_group(tokenizer, prompt: tuple[Message, ...], responses: list[str],
     return Group(head, bodies, labels, scores)
 
 
-def group_row(groups: list[Group]) -> dict:
+def group_row(groups: list[Group], root: list[int] | tuple = ()) -> dict:
     """One packed row of groups, all tensors batch-first with batch size 1.
+
+    `root`: tokens every group continues (group id -1), placed once at the start of the row; a
+    group's prompt then holds only what follows the root (it may be empty). A response's last
+    token is a target but predicts nothing, so it is not an input.
 
     input_ids, position_ids, group_ids, parts [1, L] (part 0 = prompt, r + 1 = response r);
     source, targets, segments [N]: for every target token, the row position whose hidden state
     predicts it, its id, and its response's index in the row (responses numbered in order);
     lengths [S] float: target tokens per response; n_responses [G]: responses per group;
     scores [S] when the groups have scores."""
-    ids, pos, gids, parts = [], [], [], []
+    ids, pos, gids, parts = list(root), list(range(len(root))), [-1] * len(root), [0] * len(root)
     source, targets, segments, lengths = [], [], [], []
     for g, group in enumerate(groups):
         ids += group.prompt
-        pos += range(len(group.prompt))
+        pos += range(len(root), len(root) + len(group.prompt))
         gids += [g] * len(group.prompt)
         parts += [0] * len(group.prompt)
-        last_prompt = len(ids) - 1
+        last_prompt = len(ids) - 1 if group.prompt else len(root) - 1
+        start = len(root) + len(group.prompt)  # position id of every response's first token
         for r, (body, labels) in enumerate(zip(group.responses, group.labels)):
             offset = len(ids)
-            ids += body
-            pos += range(len(group.prompt), len(group.prompt) + len(body))
-            gids += [g] * len(body)
-            parts += [r + 1] * len(body)
+            ids += body[:-1]
+            pos += range(start, start + len(body) - 1)
+            gids += [g] * (len(body) - 1)
+            parts += [r + 1] * (len(body) - 1)
             count = 0
             for t, label in enumerate(labels):
                 if label != IGNORE:

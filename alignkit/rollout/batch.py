@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import torch
 
+from alignkit.data.groups import Group, group_row
+
 INPUT_KEYS = ("input_ids", "attention_mask", "position_ids")
 
 
@@ -75,47 +77,32 @@ def select_rows(batch: dict, rows: list[int] | torch.Tensor) -> dict:
 
 
 def shared_prefix_row(batch: dict) -> dict:
-    """The rows of `batch` as ONE padding-free row [1, L] that holds every token once: the prefix
-    common to all prompts (group -1), then per distinct prompt its remainder (part 0) followed by
-    its responses (parts 1, 2, ...). A response's last token is only a target, so it is left out.
-    With `models.forward.group_attention_mask` every token sees exactly what it sees in its own
-    padded row, so hidden states are those of the padded layout, without padding and without
-    recomputing a prompt (or a system prompt) that several rows share.
+    """The rows of `batch` as ONE padding-free row [1, L] (`data.groups.group_row`) that holds every
+    token once: the prefix common to all prompts (the root), then per distinct prompt its
+    remainder followed by its responses. With `models.forward.group_attention_mask` every token
+    sees exactly what it sees in its own padded row, so hidden states are those of the padded
+    layout, without padding and without recomputing a prompt (or a system prompt) that several
+    rows share.
 
-    Returns input_ids, position_ids, group_ids, parts ([1, L]) and `index` [B, T]: the position
-    in the row of the hidden state that predicts response token j of row b (0 on padding)."""
+    Returns group_row's input_ids, position_ids, group_ids, parts ([1, L]) and `index` [B, T]: the
+    position in the row of the hidden state that predicts response token j of row b (0 on padding)."""
     P = batch["prompt_width"]
     ids, mask = batch["input_ids"], batch["attention_mask"].bool()
-    prompts = [tuple(ids[b, :P][mask[b, :P]].tolist()) for b in range(ids.shape[0])]
-    responses = [ids[b, P:][mask[b, P:]].tolist() for b in range(ids.shape[0])]
     groups: dict[tuple, list[int]] = {}
-    for b, prompt in enumerate(prompts):
-        groups.setdefault(prompt, []).append(b)
-    root = 0  # length of the prefix common to every distinct prompt
-    first = next(iter(groups))
+    for b in range(ids.shape[0]):
+        groups.setdefault(tuple(ids[b, :P][mask[b, :P]].tolist()), []).append(b)
+    first, root = next(iter(groups)), 0  # root: length of the prefix common to every distinct prompt
     while root < len(first) and all(len(p) > root and p[root] == first[root] for p in groups):
         root += 1
-    row_ids, pos, gids, parts = list(first[:root]), list(range(root)), [-1] * root, [0] * root
+    responses = {b: ids[b, P:][mask[b, P:]].tolist() for rows in groups.values() for b in rows}
+    row = group_row([Group(list(prompt[root:]), [responses[b] for b in rows], [responses[b] for b in rows])
+                     for prompt, rows in groups.items()], first[:root])
+    order = [b for rows in groups.values() for b in rows]  # row of each response, in row order
     index = torch.zeros(batch["response_ids"].shape, dtype=torch.long)
-    for g, (prompt, rows) in enumerate(groups.items()):
-        rest = prompt[root:]
-        row_ids += rest
-        pos += range(root, len(prompt))
-        gids += [g] * len(rest)
-        parts += [0] * len(rest)
-        last_prompt = len(row_ids) - 1 if rest else root - 1  # the root's last token when the prompt is the root
-        for k, b in enumerate(rows, start=1):
-            body = responses[b][:-1]
-            start = len(row_ids)
-            row_ids += body
-            pos += range(len(prompt), len(prompt) + len(body))
-            gids += [g] * len(body)
-            parts += [k] * len(body)
-            index[b, 0] = last_prompt
-            index[b, 1:len(body) + 1] = torch.arange(start, start + len(body))
-    as_row = lambda xs: torch.tensor([xs], dtype=torch.long)  # noqa: E731
-    return {"input_ids": as_row(row_ids), "position_ids": as_row(pos), "group_ids": as_row(gids), "parts": as_row(parts),
-            "index": index}
+    lengths = torch.tensor([len(responses[b]) for b in order])
+    column = torch.arange(len(row["source"])) - torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths)
+    index[torch.tensor(order).repeat_interleave(lengths), column] = row["source"]
+    return {key: row[key] for key in ("input_ids", "position_ids", "group_ids", "parts")} | {"index": index}
 
 
 def response_lengths(batch: dict) -> torch.Tensor:
