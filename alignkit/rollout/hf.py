@@ -30,6 +30,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from alignkit.rollout.base import Completion, SamplingParams
+from alignkit.rollout.decode_attention import decode_attention
 from alignkit.rollout.merged import MergedTwin
 
 _DTYPES = {
@@ -124,7 +125,7 @@ class HFGenerator:
         else:
             grad_off, autocast = torch.inference_mode(), nullcontext()
         try:
-            with grad_off, autocast:
+            with grad_off, autocast, decode_attention(model):
                 for start in range(0, len(order), self.batch_size):
                     chunk = order[start:start + self.batch_size]
                     outs = self._generate_batch(model, [encoded[i] for i in chunk], params, gen, device)
@@ -172,7 +173,7 @@ class HFGenerator:
         out = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
                          past_key_values=cache, use_cache=True, logits_to_keep=1)
         cache = out.past_key_values
-        logits = out.logits[:, -1, :].float()
+        logits = out.logits[:, -1, :]  # the model's dtype: _sample converts only what it uses
         del out
         lengths = mask.sum(-1)  # position id of the next token = real tokens so far
         if n > 1:  # one prefill per prompt, shared by its n samples
@@ -195,7 +196,8 @@ class HFGenerator:
         for step in range(params.max_new_tokens):
             nxt = _sample(logits, params, gen)
             if logps is not None:
-                lp = (logits.gather(1, nxt[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)).tolist()
+                full = logits.float()
+                lp = (full.gather(1, nxt[:, None]).squeeze(1) - torch.logsumexp(full, dim=-1)).tolist()
             done = torch.isin(nxt, eos) & alive
             nxt_list, alive_list = nxt.tolist(), alive.tolist()
             for j, r in enumerate(rows):
@@ -233,7 +235,7 @@ class HFGenerator:
             out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=lengths[:, None],
                         past_key_values=cache, use_cache=True)
             cache = out.past_key_values
-            logits = out.logits[:, -1, :].float()
+            logits = out.logits[:, -1, :]
             del out
             lengths = lengths + 1
 
@@ -344,14 +346,18 @@ def _crop_front(cache, cut: int) -> bool:
 
 
 def _sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator) -> torch.Tensor:
-    """Next token per row from float32 logits [rows, vocab]."""
+    """Next token per row from logits [rows, vocab] of any float dtype. Top-k runs on the raw
+    logits (dividing by a positive temperature keeps the order), so only the k kept scores are
+    converted to float32 and tempered: on a 49k vocabulary that is most of the sampling cost."""
     if params.temperature == 0:
         return logits.argmax(dim=-1)
-    scores = logits / params.temperature
-    vocab = scores.shape[-1]
+    vocab = logits.shape[-1]
     index = None
     if 0 < params.top_k < vocab:
-        scores, index = torch.topk(scores, params.top_k, dim=-1)  # sorted, descending
+        scores, index = torch.topk(logits, params.top_k, dim=-1)  # sorted, descending
+        scores = scores.float() / params.temperature
+    else:
+        scores = logits.float() / params.temperature
     if params.top_p < 1.0:
         if index is None:
             scores, index = torch.sort(scores, dim=-1, descending=True)
