@@ -259,3 +259,23 @@ def test_merged_twin_decodes_the_current_adapters():
     out = HFGenerator(wrapped, TOK).generate(PROMPTS, SamplingParams(temperature=0, max_new_tokens=8))
     plain = HFGenerator(wrapped, TOK, merge_lora=False).generate(PROMPTS, SamplingParams(temperature=0, max_new_tokens=8))
     assert [c.token_ids for c in out] == [c.token_ids for c in plain]
+
+
+def test_max_rows_sets_prompts_per_batch_from_n(monkeypatch):
+    sizes = []
+    real = HFGenerator._generate_batch
+    monkeypatch.setattr(HFGenerator, "_generate_batch", lambda self, m, ids, *a: sizes.append(len(ids)) or real(self, m, ids, *a))
+    gen = HFGenerator(_model(0.0), TOK, batch_size=1, max_rows=4)
+    prompts = PROMPTS * 3  # 9 prompts
+    greedy = gen.generate(prompts, SamplingParams(temperature=0, max_new_tokens=3))
+    assert sizes == [4, 4, 1]
+    sizes.clear()
+    gen.generate(prompts, SamplingParams(n=2, temperature=1.0, max_new_tokens=3, seed=0))
+    assert sizes == [2, 2, 2, 2, 1]
+    sizes.clear()
+    gen.generate(prompts, SamplingParams(n=8, temperature=1.0, max_new_tokens=3, seed=0))
+    assert sizes == [1] * 9  # never fewer than one prompt per batch
+    one_by_one = HFGenerator(_model(0.0), TOK, batch_size=1).generate(prompts, SamplingParams(temperature=0, max_new_tokens=3))
+    assert [c.token_ids for c in greedy] == [c.token_ids for c in one_by_one]
+    with pytest.raises(ValueError, match="max_rows"):
+        HFGenerator(_model(0.0), TOK, max_rows=0)

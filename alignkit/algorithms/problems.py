@@ -57,7 +57,7 @@ class SamplerConfig:
     top_k: int = opt(40, "top-k sampling (the paper's 40; 0 = off)")
     top_p: float = opt(1.0, "nucleus sampling mass")
     max_new_tokens: int = opt(16, "generation budget (answers are short in the 'answer' style)")
-    batch_size: int = opt(64, "prompts decoded together")
+    batch_size: int = opt(64, "prompts decoded together when sampling N per prompt (greedy passes take batch_size x N)")
     dtype: str = opt("fp32", "generation autocast dtype: fp32 or bf16")
 
 
@@ -109,6 +109,12 @@ def sampled_metrics(generator, tokenizer, task: Task, problems: list[Problem], n
     return pass_maj_at_k(samples, task.reward().answer_for, [k for k in ks if k <= n])
 
 
+def generator_for(model, tokenizer, s: SamplerConfig) -> HFGenerator:
+    """The sampler's generator: batch_size prompts of samples_per_problem rows each, and as many
+    rows per batch for any other n (greedy evaluation decodes batch_size * N prompts at once)."""
+    return HFGenerator(model, tokenizer, s.batch_size, s.dtype, max_rows=s.batch_size * s.samples_per_problem)
+
+
 def sampling(s: SamplerConfig, n: int, seed: int) -> SamplingParams:
     return SamplingParams(n=n, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
                           max_new_tokens=s.max_new_tokens, seed=seed)
@@ -117,7 +123,7 @@ def sampling(s: SamplerConfig, n: int, seed: int) -> SamplingParams:
 def iteration_row(model, tokenizer, task: Task, s: SamplerConfig, m: MetricsConfig, seed: int, base: bool = False) -> dict:
     """Greedy train / held-out / validation accuracy and held-out pass@k, maj@k of a policy
     (for the base model only with `m.baseline_samples`)."""
-    gen = HFGenerator(model, tokenizer, s.batch_size, s.dtype)
+    gen = generator_for(model, tokenizer, s)
     row = {"train_acc": greedy_accuracy(gen, tokenizer, task, task.train[: m.train_problems], s.max_new_tokens),
            "val_acc": greedy_accuracy(gen, tokenizer, task, task.val, s.max_new_tokens),
            "heldout_acc": greedy_accuracy(gen, tokenizer, task, task.heldout, s.max_new_tokens)}

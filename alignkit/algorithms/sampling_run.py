@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from alignkit.algorithms.problems import iteration_row, load_task, print_table, sampling
+from alignkit.algorithms.problems import generator_for, iteration_row, load_task, print_table, sampling
 from alignkit.algorithms.stages import Sample, collect, score, tokenize_samples
 from alignkit.algorithms.train_stage import train_stage
 from alignkit.engine.config import TrainConfig
@@ -44,7 +44,7 @@ class SamplingRun:
         return round((time.time() - self.start) / 60, 2)
 
     def generator(self, model) -> HFGenerator:
-        return HFGenerator(model, self.tokenizer, self.cfg.sampler.batch_size, self.cfg.sampler.dtype)
+        return generator_for(model, self.tokenizer, self.cfg.sampler)
 
     def sample(self, model, prompts: list[str], reward_fn, seed: int, temperature: float | None = None,
                truncated: float | None = None, iteration: int = 0, source: str = "") -> list[Sample]:

@@ -64,11 +64,17 @@ class HFGenerator:
     merge_lora: decode a LoRA-wrapped model through a plain twin with merged weights
         (`rollout.merged.MergedTwin`, refreshed at every `generate` call, so it always samples the
         adapters as they are now): one matrix product per linear instead of three.
+    max_rows: when set, each batch takes max_rows // n prompts instead (at least one), so a
+        greedy pass (n=1) decodes as many rows at once as a sampling pass does.
     """
 
-    def __init__(self, model, tokenizer, batch_size: int = 16, dtype=None, merge_lora: bool = True):
+    def __init__(self, model, tokenizer, batch_size: int = 16, dtype=None, merge_lora: bool = True,
+                 max_rows: int | None = None):
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        if max_rows is not None and (not isinstance(max_rows, int) or max_rows < 1):
+            raise ValueError(f"max_rows must be None or an integer >= 1, got {max_rows!r}")
+        self.max_rows = max_rows
         self.model = model
         self.twin = MergedTwin.of(model) if merge_lora else None
         self.tokenizer = tokenizer
@@ -126,8 +132,9 @@ class HFGenerator:
             grad_off, autocast = torch.inference_mode(), nullcontext()
         try:
             with grad_off, autocast, decode_attention(model):
-                for start in range(0, len(order), self.batch_size):
-                    chunk = order[start:start + self.batch_size]
+                per_batch = self.batch_size if self.max_rows is None else max(1, self.max_rows // params.n)
+                for start in range(0, len(order), per_batch):
+                    chunk = order[start:start + per_batch]
                     outs = self._generate_batch(model, [encoded[i] for i in chunk], params, gen, device)
                     for j, i in enumerate(chunk):
                         results[i] = [
