@@ -279,3 +279,38 @@ def test_max_rows_sets_prompts_per_batch_from_n(monkeypatch):
     assert [c.token_ids for c in greedy] == [c.token_ids for c in one_by_one]
     with pytest.raises(ValueError, match="max_rows"):
         HFGenerator(_model(0.0), TOK, max_rows=0)
+
+
+SHARED = chat_prompts(TOK, [
+    (Message("system", "you are a careful assistant who answers every question briefly"), Message("user", question))
+    for question in ("hi", "what is 12 + 30?", "name a colour, then another one")
+])
+
+
+@pytest.mark.parametrize("eos_boost", [0.0, 3.0])
+def test_shared_root_prefilled_once_per_batch_and_output_unchanged(eos_boost):
+    model = _model(eos_boost)
+    ids = [TOK(p, add_special_tokens=False)["input_ids"] for p in SHARED]
+    root = hf._shared_root(ids)
+    assert root >= hf.MIN_SHARED_ROOT and all(x[:root] == ids[0][:root] for x in ids)
+    assert ids[0][root] != ids[1][root] or ids[0][root] != ids[2][root]  # the longest common prefix
+    calls = []
+    hook = model.model.embed_tokens.register_forward_pre_hook(lambda mod, args: calls.append(tuple(args[0].shape)))
+    params = SamplingParams(n=2, temperature=0, max_new_tokens=10)
+    out = HFGenerator(model, TOK, batch_size=3).generate(SHARED, params)
+    # the root once, then the rest of the three prompts (left-padded), then one token per step
+    assert calls[:2] == [(1, root), (3, max(len(x) for x in ids) - root)]
+    assert all(shape[1] == 1 for shape in calls[2:])
+    hook.remove()
+    alone = HFGenerator(model, TOK, batch_size=1).generate(SHARED, params)  # one prompt: no root
+    assert [c.token_ids for c in out] == [c.token_ids for c in alone]
+    refs = [_greedy_reference(model, p, 10) for p in SHARED]
+    assert [c.token_ids for c in out] == [r for r in refs for _ in range(2)]
+    if eos_boost:
+        assert len({len(c.token_ids) for c in out}) > 1  # rows finished at different steps
+
+
+def test_shared_root_needs_a_long_enough_common_prefix():
+    assert hf._shared_root([[1] * 20, [1] * 5 + [2] * 15]) == 0  # 5 common tokens: below the minimum
+    assert hf._shared_root([[1] * 20, [1] * 12 + [2]]) == 12
+    assert hf._shared_root([[7] * 10, [7] * 10]) == 9  # identical prompts: the last token stays out

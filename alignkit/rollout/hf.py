@@ -3,6 +3,8 @@
 What makes it cheaper than `model.generate(num_return_sequences=n)`:
 - each prompt is prefilled once and its KV cache is shared by its n samples
   (`Cache.batch_repeat_interleave` after the prefill), instead of prefilling n copies;
+- a prefix that all prompts of a batch share (the system prompt of a chat template, a task's
+  fixed wording) is prefilled once for the whole batch (`_shared_root`);
 - finished rows leave the running batch (`Cache.batch_select_indices`, compacting the cache in
   place) as soon as the decoding they would still cost outweighs the copy (`COMPACT_AFTER`), so
   little compute is spent after eos, and left-padding columns that no running row needs any
@@ -167,18 +169,27 @@ class HFGenerator:
     def _generate_batch(self, model, batch_ids: list[list[int]], params: SamplingParams, gen, device):
         """Decode n samples for each prompt of the batch; returns rows in prompt-major order."""
         n, B = params.n, len(batch_ids)
-        L = max(len(ids) for ids in batch_ids)
+        root = _shared_root(batch_ids) if B > 1 else 0
+        L = max(len(ids) for ids in batch_ids) - root
         input_ids = torch.full((B, L), self.pad_id, dtype=torch.long)
         mask = torch.zeros((B, L), dtype=torch.long)
         for b, ids in enumerate(batch_ids):
-            input_ids[b, L - len(ids):] = torch.tensor(ids, dtype=torch.long)
-            mask[b, L - len(ids):] = 1
+            input_ids[b, L - len(ids) + root:] = torch.tensor(ids[root:], dtype=torch.long)
+            mask[b, L - len(ids) + root:] = 1
         input_ids, mask = input_ids.to(device), mask.to(device)
-        position_ids = (mask.cumsum(-1) - 1).clamp_(min=0)
 
-        cache = self._new_cache(L + params.max_new_tokens)
+        cache = self._new_cache(root + L + params.max_new_tokens)
+        if root:
+            # The prefix every prompt of the batch shares (a system prompt, a template) is
+            # prefilled once and its cache copied to the B rows; the rest of each prompt follows
+            # it, left-padded, so padding columns sit between the shared part and the rest.
+            shared = torch.tensor([batch_ids[0][:root]], dtype=torch.long, device=device)
+            cache = model(input_ids=shared, past_key_values=cache, use_cache=True, logits_to_keep=1).past_key_values
+            cache.batch_repeat_interleave(B)
+            mask = torch.cat([mask.new_ones((B, root)), mask], dim=1)
+        position_ids = ((mask.cumsum(-1) - 1).clamp_(min=0))[:, root:]
         out = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
-                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+                    past_key_values=cache, use_cache=True, logits_to_keep=1)
         cache = out.past_key_values
         logits = out.logits[:, -1, :]  # the model's dtype: _sample converts only what it uses
         del out
@@ -234,8 +245,9 @@ class HFGenerator:
                 rows = [rows[j] for j in keep.tolist()]
                 cache.batch_select_indices(keep)
                 mask, lengths, nxt, alive = mask[keep], lengths[keep], nxt[keep], alive[keep]
-                # Drop leading columns that are padding for every remaining row.
-                cut = int(mask.argmax(-1).min())  # rows are 0..0 1..1
+                # Drop leading columns that are padding for every remaining row (none when a
+                # shared root leads every row).
+                cut = int(mask.argmax(-1).min())  # rows are 0..0 1..1 (or 1..1 0..0 1..1)
                 if cut > 0 and _crop_front(cache, cut):
                     mask = mask[:, cut:]
             mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
@@ -334,6 +346,22 @@ class _BufferLayer(DynamicLayer):
         self._k = self._v = None
         self._start = self._end = 0
         super().reset()
+
+
+# A batch's prompts share a prefilled root when their common prefix has at least this many
+# tokens: below it, the extra forward call and cache copy cost more than they save.
+MIN_SHARED_ROOT = 8
+
+
+def _shared_root(batch_ids: list[list[int]]) -> int:
+    """Tokens of the prefix common to every prompt, prefilled once for the batch (0 when shorter
+    than MIN_SHARED_ROOT). Every prompt keeps at least its last token outside it, whose logits
+    give the first sample."""
+    first, limit = batch_ids[0], min(len(ids) for ids in batch_ids) - 1
+    k = 0
+    while k < limit and all(ids[k] == first[k] for ids in batch_ids):
+        k += 1
+    return k if k >= MIN_SHARED_ROOT else 0
 
 
 def _crop_front(cache, cut: int) -> bool:
