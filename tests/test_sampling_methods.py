@@ -159,3 +159,24 @@ def test_recipes_load(command, recipe):
     module, cls, _, _ = COMMANDS[command]
     cfg = load_config(getattr(importlib.import_module(module), cls), f"recipes/{recipe}.yaml")
     assert cfg.model.path == "default"
+
+
+@pytest.mark.parametrize("scores, kept_epoch", [([0.5, 0.5, 0.4], 2), ([0.5, 0.4, 0.6], 1), ([0.3, 0.5, 0.5], 3)])
+def test_train_stage_keeps_the_best_validated_epoch_and_ties_go_later(tmp_path, scores, kept_epoch):
+    """Patience 1: training stops at the first epoch that validates worse than the best so far
+    and restores the best weights; an equal score counts as no worse (the later epoch is kept)."""
+    tok = tiny_tokenizer()
+    task = load_task(ProblemsConfig(train_problems=8, val_problems=0, eval_problems=0, min_digits=1, max_digits=1, ops=["+"]))
+    data = tokenize_samples(tok, [Sample(task.prompt(p), p.answer) for p in task.train])
+    cfg = TrainConfig(output_dir=str(tmp_path), lr=1e-3, epochs=3, max_tokens_per_batch=128, progress=False)
+    snapshots, calls = [], iter(scores)
+
+    def val_fn(model):
+        snapshots.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return {"reward": next(calls)}
+
+    model, metrics = train_stage(tiny_model(seed=0), tok, data, cfg, val_fn=val_fn, patience=1)
+    assert metrics["val/best_epoch"] == kept_epoch and metrics["epochs_run"] == min(3, len(snapshots))
+    assert len({round(float(s["lm_head.weight"].sum()), 6) for s in snapshots}) == len(snapshots)  # each epoch moved
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, snapshots[kept_epoch - 1][k], rtol=0, atol=0)

@@ -120,12 +120,16 @@ def sampling(s: SamplerConfig, n: int, seed: int) -> SamplingParams:
                           max_new_tokens=s.max_new_tokens, seed=seed)
 
 
-def iteration_row(model, tokenizer, task: Task, s: SamplerConfig, m: MetricsConfig, seed: int, base: bool = False) -> dict:
+def iteration_row(model, tokenizer, task: Task, s: SamplerConfig, m: MetricsConfig, seed: int, base: bool = False,
+                  val_acc: float | None = None) -> dict:
     """Greedy train / held-out / validation accuracy and held-out pass@k, maj@k of a policy
-    (for the base model only with `m.baseline_samples`)."""
+    (for the base model only with `m.baseline_samples`). `val_acc`: the policy's validation
+    accuracy when already measured (by the train stage's early stopping)."""
     gen = generator_for(model, tokenizer, s)
+    if val_acc is None:
+        val_acc = greedy_accuracy(gen, tokenizer, task, task.val, s.max_new_tokens)
     row = {"train_acc": greedy_accuracy(gen, tokenizer, task, task.train[: m.train_problems], s.max_new_tokens),
-           "val_acc": greedy_accuracy(gen, tokenizer, task, task.val, s.max_new_tokens),
+           "val_acc": val_acc,
            "heldout_acc": greedy_accuracy(gen, tokenizer, task, task.heldout, s.max_new_tokens)}
     if m.eval_samples and (m.baseline_samples or not base):
         row.update(sampled_metrics(gen, tokenizer, task, task.heldout, m.eval_samples, m.ks,

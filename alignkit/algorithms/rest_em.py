@@ -89,7 +89,7 @@ def run(cfg: RestEMConfig) -> dict:
         job.policy.eval()
         m_s, t0 = round(time.time() - t0, 1), time.time()
         row = {"iteration": it, **e_step, "m_epochs": m_step.get("epochs_run", cfg.train.epochs), "m_step_s": m_s,
-               **job.evaluate(job.policy, cfg.train.seed + it)}
+               **job.evaluate(job.policy, cfg.train.seed + it, val_acc=m_step.get("val/reward"))}
         row["eval_s"] = round(time.time() - t0, 1)
         job.log_row(it, row)
         log.info("iteration %d: %s", it, row)

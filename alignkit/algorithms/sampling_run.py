@@ -71,9 +71,10 @@ class SamplingRun:
         self.policy = model.merge_and_unload() if hasattr(model, "peft_config") else model
         return metrics
 
-    def evaluate(self, policy, seed: int, base: bool = False) -> dict:
+    def evaluate(self, policy, seed: int, base: bool = False, val_acc: float | None = None) -> dict:
         """`problems.iteration_row` of `policy` under the run's sampler and metrics settings."""
-        return iteration_row(policy, self.tokenizer, self.task, self.cfg.sampler, self.cfg.metrics, seed, base=base)
+        return iteration_row(policy, self.tokenizer, self.task, self.cfg.sampler, self.cfg.metrics, seed, base=base,
+                             val_acc=val_acc)
 
     def log_row(self, step: int, row: dict, context: dict | None = None) -> dict:
         """Add the minutes so far to `row`, keep it for the table and the result, and log it

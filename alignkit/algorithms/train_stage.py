@@ -69,8 +69,8 @@ def train_stage(model, tokenizer, train: list[Tokenized], cfg: TrainConfig, pack
     packing: "prefix" (shared-prompt-prefix rows, the cheapest), "pack" (plain padding-free
     packing) or "pad" (padded batches of cfg.batch_size). With `val_fn(model) -> {"reward": ...}`
     the model is validated after every epoch and training stops after `patience` epochs without
-    improvement; the best epoch's weights are restored (ReST-EM's "until validation reward stops
-    improving"). Returns (model, metrics). No checkpoints: a stage is short and re-runs from its
+    improvement (a tie is no worse); the best epoch's weights are restored, the latest of tied
+    ones (ReST-EM's "until validation reward stops improving"). Returns (model, metrics). No checkpoints: a stage is short and re-runs from its
     samples.
     """
     if packing not in PACKINGS:
@@ -95,7 +95,9 @@ def train_stage(model, tokenizer, train: list[Tokenized], cfg: TrainConfig, pack
                     engine.log({**last, "epoch": epoch + min(1.0, (s + cfg.grad_accum) / len(rows))})
             if val_fn is not None:
                 value = engine.evaluate(val_fn)["reward"]
-                if value > best:
+                # A tie goes to the later epoch (more training on the same verified data): on a
+                # small validation set, ties between epochs that differ a lot are common.
+                if value >= best:
                     best, best_epoch, worse = value, epoch + 1, 0
                     best_state = {k: v.detach().clone() for k, v in engine.model.state_dict().items()}
                 else:
