@@ -180,3 +180,14 @@ def test_train_stage_keeps_the_best_validated_epoch_and_ties_go_later(tmp_path, 
     assert len({round(float(s["lm_head.weight"].sum()), 6) for s in snapshots}) == len(snapshots)  # each epoch moved
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, snapshots[kept_epoch - 1][k], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("allow_negative", [True, False])
+def test_built_in_task_negative_results_knob(allow_negative):
+    """task.allow_negative=false keeps every answer of the built-in task (train, validation and
+    held-out) at zero or above; the default draws some 'a - b' with a < b."""
+    task = load_task(ProblemsConfig(train_problems=200, val_problems=20, eval_problems=50, ops=["-"],
+                                    allow_negative=allow_negative))
+    answers = [int(p.answer) for p in task.train + task.val + task.heldout]
+    assert len(answers) == 270
+    assert any(a < 0 for a in answers) == allow_negative

@@ -29,6 +29,7 @@ class ProblemsConfig:
     min_digits: int = opt(2, "built-in task: fewest digits of an operand")
     max_digits: int = opt(2, "built-in task: most digits of an operand")
     ops: list[str] = opt(factory=lambda: ["+", "-"], help="built-in task: operators")
+    allow_negative: bool = opt(True, "built-in task: allow negative results (false: 'a - b' only with a >= b)")
     seed: int = opt(0, "seed of the built-in training problems")
     eval_seed: int = opt(1234, "seed of the built-in held-out problems")
 
@@ -83,7 +84,7 @@ def load_task(cfg: ProblemsConfig) -> Task:
         train, val = problems[: min(len(problems) - cfg.val_problems, cfg.train_problems)], problems[-cfg.val_problems:] if cfg.val_problems else []
     else:
         arith = ArithmeticConfig(min_digits=cfg.min_digits, max_digits=cfg.max_digits, ops=tuple(cfg.ops),
-                                 word_problems=cfg.word_problems)
+                                 word_problems=cfg.word_problems, allow_negative=cfg.allow_negative)
         pool = generate_problems(need, seed=cfg.seed, split="train", config=arith)
         train, val = pool[: cfg.train_problems], pool[cfg.train_problems:]
         heldout = generate_problems(cfg.eval_problems, seed=cfg.eval_seed, split="heldout", config=arith) if cfg.eval_problems else []
