@@ -70,8 +70,8 @@ def train_stage(model, tokenizer, train: list[Tokenized], cfg: TrainConfig, pack
     packing) or "pad" (padded batches of cfg.batch_size). With `val_fn(model) -> {"reward": ...}`
     the model is validated after every epoch and training stops after `patience` epochs without
     improvement (a tie is no worse); the best epoch's weights are restored, the latest of tied
-    ones (ReST-EM's "until validation reward stops improving"). Returns (model, metrics). No checkpoints: a stage is short and re-runs from its
-    samples.
+    ones (ReST-EM's "until validation reward stops improving"). Returns (model, metrics). No
+    checkpoints: a stage is short and re-runs from its samples.
     """
     if packing not in PACKINGS:
         raise ValueError(f"packing must be one of {PACKINGS}, not {packing!r}")
