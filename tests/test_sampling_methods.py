@@ -191,3 +191,27 @@ def test_built_in_task_negative_results_knob(allow_negative):
     answers = [int(p.answer) for p in task.train + task.val + task.heldout]
     assert len(answers) == 270
     assert any(a < 0 for a in answers) == allow_negative
+
+
+def test_rest_em_e_step_rounds_stop_sampling_solved_problems(answering_model, tmp_path, capsys):
+    """N=4 in two rounds of 2 with cap 1: a problem solved in round 1 gets no round-2 samples, an
+    unsolved one gets all 4; the kept answers are still one per solved problem."""
+    out = tmp_path / "rounds"
+    cli(["rest-em", f"model.path={answering_model}", f"train.output_dir={out}", "train.lr=1e-3", "train.epochs=1",
+         "iterations=1", "cap_per_problem=1", "e_step_rounds=2", "metrics.eval_samples=0"] + COMMON, capsys)
+    rows = [json.loads(line) for line in (out / "samples-iter-1.jsonl").read_text().splitlines()]
+    by = {}
+    for r in rows:
+        by.setdefault(r["prompt"], []).append(r["reward"])
+    assert len(by) == 16
+    solved_early = [p for p, rs in by.items() if max(rs[:2]) == 1.0]
+    assert solved_early and len(solved_early) < 16  # both cases occur, so the check below can fail
+    for p, rs in by.items():
+        assert len(rs) == (2 if p in solved_early else 4)
+    log = read_metrics(out)[-1]
+    assert log["samples"] == len(rows) < 4 * 16 and "train_pass@2" in log and "train_pass@4" not in log
+    assert log["kept"] == sum(max(rs) == 1.0 for rs in by.values())
+    assert main(["rest-em", f"model.path={answering_model}", f"train.output_dir={tmp_path / 'bad'}", "e_step_rounds=5"]
+                + COMMON) != 0
+    assert "e_step_rounds must be between 1 and sampler.samples_per_problem (4), got 5" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()  # refused before any work

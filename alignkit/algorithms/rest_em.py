@@ -3,7 +3,8 @@
 Iteration i:
   E-step  sample N responses per training problem from the current policy, score them with a
           binary verifier reward, keep the correct ones (at most `cap_per_problem` per problem;
-          identical responses once when `dedupe`).
+          identical responses once when `dedupe`). With `e_step_rounds` the N samples come in
+          rounds, and a problem that has its cap of correct responses is not sampled again.
   M-step  fine-tune the BASE model (not the previous iterate) on J = E[r(x,y) log p(y|x)], the
           reward-weighted NLL, until the validation reward stops improving (best epoch kept).
 Each iteration logs greedy train / held-out accuracy, pass@k (unbiased) and maj@k to
@@ -27,7 +28,9 @@ from alignkit.algorithms.problems import (
 )
 from alignkit.algorithms.sampling_run import SamplingRun
 from alignkit.algorithms.stages import (
+    Sample,
     above_threshold,
+    by_prompt,
     cap_per_prompt,
     dedupe,
     pass_maj_at_k,
@@ -50,6 +53,8 @@ class RestEMConfig:
     metrics: MetricsConfig = opt(factory=MetricsConfig, help="per-iteration evaluation")
     iterations: int = opt(2, "EM iterations")
     cap_per_problem: int = opt(10, "most correct responses kept per problem")
+    e_step_rounds: int = opt(1, "split the N samples of a problem into this many rounds; a problem with "
+                                "cap_per_problem correct responses already is not sampled again")
     dedupe: bool = opt(True, "keep identical correct responses once")
     patience: int = opt(1, "M-step epochs without validation improvement before stopping")
     stop_when_worse: bool = opt(True, "stop iterating when validation accuracy falls")
@@ -57,7 +62,34 @@ class RestEMConfig:
     max_length: int = opt(256, "tokens per training example")
 
 
+def _correct(samples: list[Sample], cfg: RestEMConfig) -> list[Sample]:
+    kept = above_threshold(samples, 1.0)
+    return dedupe(kept) if cfg.dedupe else kept
+
+
+def e_step(job: SamplingRun, reward, seed: int, it: int) -> tuple[list[Sample], list[Sample]]:
+    """Sample N responses per training problem and score them; with `e_step_rounds` > 1 in
+    rounds, each after the first only for the problems still short of `cap_per_problem` correct
+    responses (the same problems end up kept as with N at once, for fewer samples). Returns (all
+    samples in round order, the first round's: every problem has the same number there)."""
+    cfg = job.cfg
+    n, rounds = cfg.sampler.samples_per_problem, cfg.e_step_rounds
+    todo, samples, first = job.task.prompts(job.task.train), [], []
+    for r in range(rounds):
+        new = job.sample(job.policy, todo, reward, seed + 7919 * r, truncated=0.0, iteration=it,
+                         n=n // rounds + (r < n % rounds))
+        samples, first = samples + new, first or new
+        done = {p for p, group in by_prompt(_correct(samples, cfg)).items() if len(group) >= cfg.cap_per_problem}
+        todo = [p for p in todo if p not in done]
+        if not todo:
+            break
+    return samples, first
+
+
 def run(cfg: RestEMConfig) -> dict:
+    if not 1 <= cfg.e_step_rounds <= cfg.sampler.samples_per_problem:
+        raise ValueError(f"e_step_rounds must be between 1 and sampler.samples_per_problem "
+                         f"({cfg.sampler.samples_per_problem}), got {cfg.e_step_rounds}")
     job = SamplingRun(cfg)
     task = job.task
     reward = task.reward("binary")
@@ -67,16 +99,15 @@ def run(cfg: RestEMConfig) -> dict:
     for it in range(1, cfg.iterations + 1):
         # E-step: sample from the current policy, keep the correct responses.
         t0 = time.time()
-        n = cfg.sampler.samples_per_problem
-        samples = job.sample(job.policy, task.prompts(task.train), reward, cfg.train.seed + it, truncated=0.0, iteration=it)
-        kept = above_threshold(samples, 1.0)
-        kept = cap_per_prompt(dedupe(kept) if cfg.dedupe else kept, cfg.cap_per_problem, cfg.train.seed + it)
-        e_step = {"sample_acc": sum(x.reward for x in samples) / len(samples), "kept": len(kept),
-                  "problems_solved": len({x.prompt for x in kept}) / len(task.train),
-                  **{f"train_{k}": v for k, v in pass_maj_at_k(samples, reward.answer_for, [1, n]).items()}}
-        e_step["e_step_s"] = round(time.time() - t0, 1)
+        samples, first = e_step(job, reward, cfg.train.seed + it, it)
+        kept = cap_per_prompt(_correct(samples, cfg), cfg.cap_per_problem, cfg.train.seed + it)
+        n = len(first) // len(task.train)  # first-round samples per problem: sample_acc and train pass@k use those
+        e_row = {"sample_acc": sum(x.reward for x in first) / len(first), "samples": len(samples), "kept": len(kept),
+                 "problems_solved": len({x.prompt for x in kept}) / len(task.train),
+                 **{f"train_{k}": v for k, v in pass_maj_at_k(first, reward.answer_for, [1, n]).items()}}
+        e_row["e_step_s"] = round(time.time() - t0, 1)
         write_samples(job.run_dir / f"samples-iter-{it}.jsonl", samples)
-        log.info("iteration %d E-step: %s", it, e_step)
+        log.info("iteration %d E-step: %s", it, e_row)
         if not kept:
             log.warning("iteration %d: no correct samples; stopping", it)
             break
@@ -88,7 +119,7 @@ def run(cfg: RestEMConfig) -> dict:
         m_step = job.train(model, kept, f"iter-{it}", weighted=True, val_fn=val_gen if task.val else None, patience=cfg.patience)
         job.policy.eval()
         m_s, t0 = round(time.time() - t0, 1), time.time()
-        row = {"iteration": it, **e_step, "m_epochs": m_step.get("epochs_run", cfg.train.epochs), "m_step_s": m_s,
+        row = {"iteration": it, **e_row, "m_epochs": m_step.get("epochs_run", cfg.train.epochs), "m_step_s": m_s,
                **job.evaluate(job.policy, cfg.train.seed + it, val_acc=m_step.get("val/reward"))}
         row["eval_s"] = round(time.time() - t0, 1)
         job.log_row(it, row)

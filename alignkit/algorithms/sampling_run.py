@@ -47,10 +47,10 @@ class SamplingRun:
         return generator_for(model, self.tokenizer, self.cfg.sampler)
 
     def sample(self, model, prompts: list[str], reward_fn, seed: int, temperature: float | None = None,
-               truncated: float | None = None, iteration: int = 0, source: str = "") -> list[Sample]:
-        """Collect sampler.samples_per_problem responses per prompt from `model` (at `temperature`
-        instead of sampler.temperature when given) and score them (`stages.score`)."""
-        params = sampling(self.cfg.sampler, self.cfg.sampler.samples_per_problem, seed)
+               truncated: float | None = None, iteration: int = 0, source: str = "", n: int | None = None) -> list[Sample]:
+        """Collect `n` (default sampler.samples_per_problem) responses per prompt from `model` (at
+        `temperature` instead of sampler.temperature when given) and score them (`stages.score`)."""
+        params = sampling(self.cfg.sampler, n or self.cfg.sampler.samples_per_problem, seed)
         if temperature is not None:
             params.temperature = temperature
         samples = collect(self.generator(model), self.tokenizer, prompts, params, iteration=iteration, source=source)
