@@ -1,0 +1,50 @@
+"""A/B of ReST-EM's `e_step_rounds`: one E-step of the recipe (recipes/rest_em.yaml: 1280
+training problems x 8 samples) from one policy, with the N samples drawn at once and in rounds
+(a problem with `cap_per_problem` correct answers is not sampled again), in one process and in
+the order given (the machine's speed drifts by the hour). Prints seconds, samples drawn and
+problems solved for each.
+
+    python benchmarks/rest_em_rounds.py --model default --rounds 2,1
+    python benchmarks/rest_em_rounds.py --model runs/rest_em/final --rounds 1,2
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from alignkit.algorithms.rest_em import RestEMConfig, _correct, e_step  # noqa: E402
+from alignkit.algorithms.sampling_run import SamplingRun  # noqa: E402
+from alignkit.algorithms.stages import by_prompt  # noqa: E402
+from alignkit.config import load_config  # noqa: E402
+from benchmarks._common import machine  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="default", help="the policy that samples")
+    p.add_argument("--rounds", default="1,2", help="e_step_rounds values, run in this order")
+    p.add_argument("--recipe", default=str(ROOT / "recipes" / "rest_em.yaml"))
+    p.add_argument("--output-dir", default="/tmp/alignkit-rest-em-rounds")
+    args = p.parse_args()
+    for rounds in [int(r) for r in args.rounds.split(",")]:
+        cfg = load_config(RestEMConfig, args.recipe, [f"model.path={args.model}", f"e_step_rounds={rounds}",
+                                                      f"train.output_dir={args.output_dir}"])
+        job = SamplingRun(cfg)
+        start = time.perf_counter()
+        samples, _ = e_step(job, job.task.reward("binary"), seed=3, it=1)
+        seconds = time.perf_counter() - start
+        solved = len(by_prompt(_correct(samples, cfg)))
+        print(f"e_step_rounds={rounds}: {seconds:6.1f} s  {len(samples)} samples  {solved} of "
+              f"{len(job.task.train)} problems solved", flush=True)
+    print(f"{machine(cfg.train.threads)}; policy {args.model}; {len(job.task.train)} problems x "
+          f"{cfg.sampler.samples_per_problem} samples, {cfg.sampler.max_new_tokens} tokens, {cfg.sampler.dtype}")
+
+
+if __name__ == "__main__":
+    main()
