@@ -75,3 +75,32 @@ def test_generator_decodes_through_it_and_restores_the_model(monkeypatch):
     model.config._attn_implementation = "eager"  # other implementations are left alone
     with da.decode_attention(model):
         assert model.config._attn_implementation == "eager"
+
+
+@pytest.mark.parametrize("q_len", [1, 3])
+def test_shared_root_kept_once_equals_attending_to_the_concatenation(q_len):
+    """A root of 5 positions held once ([1, KV, 5, D]) plus each row's own 7 positions gives what
+    attending to the root copied into every row gives, for a decoding step and for a prefill."""
+    q, k, v, keep = _inputs(torch.float32)
+    q = torch.randn(4, 6, q_len, 8, generator=torch.Generator().manual_seed(1))
+    g = torch.Generator().manual_seed(2)
+    root_k, root_v = (torch.randn(1, 2, 5, 8, generator=g) for _ in range(2))
+    full_k, full_v = torch.cat([root_k.expand(4, -1, -1, -1), k], 2), torch.cat([root_v.expand(4, -1, -1, -1), v], 2)
+    mask = torch.cat([torch.ones(4, 1, q_len, 5, dtype=torch.bool), keep.expand(-1, -1, q_len, -1)], dim=-1)
+
+    class Layer:
+        root_keys, root_values = root_k, root_v
+
+    class Cache:
+        layers = [None, Layer()]
+
+    module = _Module()
+    module.layer_idx = 1
+    ref, _ = sdpa_attention_forward(module, q, full_k, full_v, mask)
+    with da.shared_root(Cache()):
+        ours, _ = da.single_query_attention(module, q, k, v, mask)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+    module.layer_idx = 0  # a layer without a root attends to its own keys only
+    with da.shared_root(Cache()):
+        plain, _ = da.single_query_attention(module, q, k, v, mask[..., 5:])
+    torch.testing.assert_close(plain, sdpa_attention_forward(module, q, k, v, mask[..., 5:])[0], rtol=1e-5, atol=1e-6)

@@ -294,10 +294,18 @@ def test_shared_root_prefilled_once_per_batch_and_output_unchanged(eos_boost):
     root = hf._shared_root(ids)
     assert root >= hf.MIN_SHARED_ROOT and all(x[:root] == ids[0][:root] for x in ids)
     assert ids[0][root] != ids[1][root] or ids[0][root] != ids[2][root]  # the longest common prefix
-    calls = []
+    calls, split = [], []
     hook = model.model.embed_tokens.register_forward_pre_hook(lambda mod, args: calls.append(tuple(args[0].shape)))
+    real_split = hf._BufferLayer.split_root
+
+    def spy(layer, rows):  # the root's keys stay one row; the layer's own buffers get the batch's rows
+        real_split(layer, rows)
+        split.append((rows, layer.root_keys.shape[0], layer.root_keys.shape[2], layer.keys.shape[0]))
     params = SamplingParams(n=2, temperature=0, max_new_tokens=10)
-    out = HFGenerator(model, TOK, batch_size=3).generate(SHARED, params)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(hf._BufferLayer, "split_root", spy)
+        out = HFGenerator(model, TOK, batch_size=3).generate(SHARED, params)
+    assert split == [(3, 1, root, 3)] * model.config.num_hidden_layers
     # the root once, then the rest of the three prompts (left-padded), then one token per step
     assert calls[:2] == [(1, root), (3, max(len(x) for x in ids) - root)]
     assert all(shape[1] == 1 for shape in calls[2:])

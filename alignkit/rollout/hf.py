@@ -32,7 +32,8 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from alignkit.rollout.base import Completion, SamplingParams
-from alignkit.rollout.decode_attention import decode_attention
+from alignkit.rollout.decode_attention import NAME as DECODE_ATTENTION
+from alignkit.rollout.decode_attention import decode_attention, shared_root
 from alignkit.rollout.merged import MergedTwin
 
 _DTYPES = {
@@ -179,86 +180,91 @@ class HFGenerator:
         input_ids, mask = input_ids.to(device), mask.to(device)
 
         cache = self._new_cache(root + L + params.max_new_tokens)
-        if root:
-            # The prefix every prompt of the batch shares (a system prompt, a template) is
-            # prefilled once and its cache copied to the B rows; the rest of each prompt follows
-            # it, left-padded, so padding columns sit between the shared part and the rest.
-            shared = torch.tensor([batch_ids[0][:root]], dtype=torch.long, device=device)
-            cache = model(input_ids=shared, past_key_values=cache, use_cache=True, logits_to_keep=1).past_key_values
-            cache.batch_repeat_interleave(B)
-            mask = torch.cat([mask.new_ones((B, root)), mask], dim=1)
-        position_ids = ((mask.cumsum(-1) - 1).clamp_(min=0))[:, root:]
-        out = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
-                    past_key_values=cache, use_cache=True, logits_to_keep=1)
-        cache = out.past_key_values
-        logits = out.logits[:, -1, :]  # the model's dtype: _sample converts only what it uses
-        del out
-        lengths = mask.sum(-1)  # position id of the next token = real tokens so far
-        if n > 1:  # one prefill per prompt, shared by its n samples
-            cache.batch_repeat_interleave(n)
-            logits = logits.repeat_interleave(n, dim=0)
-            mask = mask.repeat_interleave(n, dim=0)
-            lengths = lengths.repeat_interleave(n, dim=0)
-
-        R = B * n
-        rows = list(range(R))  # global row of each running row
-        tokens: list[list[int]] = [[] for _ in range(R)]
-        logps: list[list[float]] | None = [[] for _ in range(R)] if params.logprobs else None
-        reasons = ["length"] * R
-        eos = torch.tensor(self.eos_ids, device=device)
-        stops = params.stop
-        # Tokens to re-decode when checking stop strings: every ordinary token is at least one byte.
-        window = max((len(s.encode("utf-8")) for s in stops), default=0) + 2
-
-        alive = torch.ones(R, dtype=torch.bool, device=device)  # finished rows stay until a compaction pays
-        for step in range(params.max_new_tokens):
-            nxt = _sample(logits, params, gen)
-            if logps is not None:
-                full = logits.float()
-                lp = (full.gather(1, nxt[:, None]).squeeze(1) - torch.logsumexp(full, dim=-1)).tolist()
-            done = torch.isin(nxt, eos) & alive
-            nxt_list, alive_list = nxt.tolist(), alive.tolist()
-            for j, r in enumerate(rows):
-                if alive_list[j]:
-                    tokens[r].append(nxt_list[j])
-                    if logps is not None:
-                        logps[r].append(lp[j])
-            if stops:
-                done_list = done.tolist()
-                check = [j for j in range(len(rows)) if alive_list[j] and not done_list[j]]
-                if check:
-                    tails = self.tokenizer.batch_decode([tokens[rows[j]][-window:] for j in check],
-                                                        skip_special_tokens=True)
-                    hit = [j for j, t in zip(check, tails) if any(s in t for s in stops)]
-                    if hit:
-                        done[hit] = True
-            for j in done.nonzero().squeeze(1).tolist():
-                reasons[rows[j]] = "stop"
-            if step == params.max_new_tokens - 1:
-                break
-            alive &= ~done
-            if not bool(alive.any()):
-                break
-            dead = len(rows) - int(alive.sum())
-            if bool(done.any()) and dead * (params.max_new_tokens - 1 - step) >= COMPACT_AFTER * len(rows):
-                keep = alive.nonzero().squeeze(1)
-                rows = [rows[j] for j in keep.tolist()]
-                cache.batch_select_indices(keep)
-                mask, lengths, nxt, alive = mask[keep], lengths[keep], nxt[keep], alive[keep]
-                # Drop leading columns that are padding for every remaining row (none when a
-                # shared root leads every row).
-                cut = int(mask.argmax(-1).min())  # rows are 0..0 1..1 (or 1..1 0..0 1..1)
-                if cut > 0 and _crop_front(cache, cut):
-                    mask = mask[:, cut:]
-            mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
-            out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=lengths[:, None],
-                        past_key_values=cache, use_cache=True)
+        with shared_root(cache):  # a root split off below is found by the attention there
+            if root:
+                # The prefix every prompt of the batch shares (a system prompt, a template) is
+                # prefilled once and its cache copied to the B rows; the rest of each prompt follows
+                # it, left-padded, so padding columns sit between the shared part and the rest.
+                shared = torch.tensor([batch_ids[0][:root]], dtype=torch.long, device=device)
+                cache = model(input_ids=shared, past_key_values=cache, use_cache=True, logits_to_keep=1).past_key_values
+                if _splits_root(model, cache):  # kept once, the attention adds it (decode_attention)
+                    for layer in cache.layers:
+                        layer.split_root(B)
+                else:
+                    cache.batch_repeat_interleave(B)
+                mask = torch.cat([mask.new_ones((B, root)), mask], dim=1)
+            position_ids = ((mask.cumsum(-1) - 1).clamp_(min=0))[:, root:]
+            out = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+                        past_key_values=cache, use_cache=True, logits_to_keep=1)
             cache = out.past_key_values
-            logits = out.logits[:, -1, :]
+            logits = out.logits[:, -1, :]  # the model's dtype: _sample converts only what it uses
             del out
-            lengths = lengths + 1
+            lengths = mask.sum(-1)  # position id of the next token = real tokens so far
+            if n > 1:  # one prefill per prompt, shared by its n samples
+                cache.batch_repeat_interleave(n)
+                logits = logits.repeat_interleave(n, dim=0)
+                mask = mask.repeat_interleave(n, dim=0)
+                lengths = lengths.repeat_interleave(n, dim=0)
 
-        return [self._finish(tokens[r], reasons[r], None if logps is None else logps[r], stops) for r in range(R)]
+            R = B * n
+            rows = list(range(R))  # global row of each running row
+            tokens: list[list[int]] = [[] for _ in range(R)]
+            logps: list[list[float]] | None = [[] for _ in range(R)] if params.logprobs else None
+            reasons = ["length"] * R
+            eos = torch.tensor(self.eos_ids, device=device)
+            stops = params.stop
+            # Tokens to re-decode when checking stop strings: every ordinary token is at least one byte.
+            window = max((len(s.encode("utf-8")) for s in stops), default=0) + 2
+
+            alive = torch.ones(R, dtype=torch.bool, device=device)  # finished rows stay until a compaction pays
+            for step in range(params.max_new_tokens):
+                nxt = _sample(logits, params, gen)
+                if logps is not None:
+                    full = logits.float()
+                    lp = (full.gather(1, nxt[:, None]).squeeze(1) - torch.logsumexp(full, dim=-1)).tolist()
+                done = torch.isin(nxt, eos) & alive
+                nxt_list, alive_list = nxt.tolist(), alive.tolist()
+                for j, r in enumerate(rows):
+                    if alive_list[j]:
+                        tokens[r].append(nxt_list[j])
+                        if logps is not None:
+                            logps[r].append(lp[j])
+                if stops:
+                    done_list = done.tolist()
+                    check = [j for j in range(len(rows)) if alive_list[j] and not done_list[j]]
+                    if check:
+                        tails = self.tokenizer.batch_decode([tokens[rows[j]][-window:] for j in check],
+                                                            skip_special_tokens=True)
+                        hit = [j for j, t in zip(check, tails) if any(s in t for s in stops)]
+                        if hit:
+                            done[hit] = True
+                for j in done.nonzero().squeeze(1).tolist():
+                    reasons[rows[j]] = "stop"
+                if step == params.max_new_tokens - 1:
+                    break
+                alive &= ~done
+                if not bool(alive.any()):
+                    break
+                dead = len(rows) - int(alive.sum())
+                if bool(done.any()) and dead * (params.max_new_tokens - 1 - step) >= COMPACT_AFTER * len(rows):
+                    keep = alive.nonzero().squeeze(1)
+                    rows = [rows[j] for j in keep.tolist()]
+                    cache.batch_select_indices(keep)
+                    mask, lengths, nxt, alive = mask[keep], lengths[keep], nxt[keep], alive[keep]
+                    # Drop leading columns that are padding for every remaining row (none when a
+                    # shared root leads every row).
+                    cut = int(mask.argmax(-1).min())  # rows are 0..0 1..1 (or 1..1 0..0 1..1)
+                    if cut > 0 and _crop_front(cache, cut):
+                        mask = mask[:, cut:]
+                mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
+                out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=lengths[:, None],
+                            past_key_values=cache, use_cache=True)
+                cache = out.past_key_values
+                logits = out.logits[:, -1, :]
+                del out
+                lengths = lengths + 1
+
+            return [self._finish(tokens[r], reasons[r], None if logps is None else logps[r], stops) for r in range(R)]
 
     def _finish(self, ids: list[int], reason: str, lps, stops):
         body = ids[:-1] if ids and ids[-1] in self.eos_ids else ids
@@ -281,6 +287,21 @@ class _BufferLayer(DynamicLayer):
         self.capacity = capacity
         self._k = self._v = None
         self._start = self._end = 0
+        self.root_keys = self.root_values = None  # a prefix every row shares, kept once [1, KV, P, D]
+
+    def split_root(self, rows: int) -> None:
+        """Make the cached positions (one row: the batch's shared prefix) the shared root, and
+        start empty buffers of `rows` rows for each row's own positions. The cache then returns
+        those only; `decode_attention.shared_root` tells the attention where the root is."""
+        self.root_keys, self.root_values = self.keys.clone(), self.values.clone()
+        shape = (rows,) + self._k.shape[1:2] + (max(1, self.capacity - self.root_keys.shape[2]),) + self._k.shape[3:]
+        self._k, self._v = self._k.new_empty(shape), self._v.new_empty(shape)
+        self._start = self._end = 0
+        self._views()
+
+    def get_seq_length(self) -> int:
+        own = super().get_seq_length()
+        return own if self.root_keys is None else own + self.root_keys.shape[2]
 
     def _views(self) -> None:
         self.keys = self._k[:, :, self._start:self._end]
@@ -345,12 +366,19 @@ class _BufferLayer(DynamicLayer):
     def reset(self) -> None:
         self._k = self._v = None
         self._start = self._end = 0
+        self.root_keys = self.root_values = None
         super().reset()
 
 
 # A batch's prompts share a prefilled root when their common prefix has at least this many
 # tokens: below it, the extra forward call and cache copy cost more than they save.
 MIN_SHARED_ROOT = 8
+
+
+def _splits_root(model, cache) -> bool:
+    """Whether the shared root can be kept once: buffer layers, and the decode attention on."""
+    return (getattr(getattr(model, "config", None), "_attn_implementation", None) == DECODE_ATTENTION
+            and bool(cache.layers) and all(isinstance(layer, _BufferLayer) for layer in cache.layers))
 
 
 def _shared_root(batch_ids: list[list[int]]) -> int:
