@@ -215,3 +215,35 @@ def test_rest_em_e_step_rounds_stop_sampling_solved_problems(answering_model, tm
                 + COMMON) != 0
     assert "e_step_rounds must be between 1 and sampler.samples_per_problem (4), got 5" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()  # refused before any work
+
+
+def test_rest_em_few_shot_exemplars_only_in_the_first_e_step(answering_model, tmp_path, capsys, monkeypatch):
+    """sampler.shots go before the E-step prompts of iterations up to shot_iterations (1 here),
+    never before the evaluation's; a malformed exemplar is refused before any work."""
+    import alignkit.algorithms.problems as problems
+    import alignkit.algorithms.sampling_run as sampling_run
+
+    calls = []
+
+    def spy(module):
+        real = module.collect
+
+        def collect(*args, **kwargs):
+            calls.append((module.__name__.rsplit(".", 1)[-1], kwargs.get("iteration"), kwargs.get("shots", ())))
+            return real(*args, **kwargs)
+        monkeypatch.setattr(module, "collect", collect)
+
+    spy(sampling_run)
+    spy(problems)
+    shots = 'sampler.shots=[["What is 2 + 2?", "2 + 2 = 4"]]'
+    cli(["rest-em", f"model.path={answering_model}", f"train.output_dir={tmp_path / 'fs'}", "train.lr=1e-3",
+         "train.epochs=1", "iterations=2", "stop_when_worse=false", "metrics.eval_samples=0", "metrics.baseline=false",
+         shots] + COMMON, capsys)
+    e_steps = [(it, len(s)) for where, it, s in calls if where == "sampling_run"]
+    assert e_steps == [(1, 2), (2, 0)]  # one exemplar = a user and an assistant turn, in iteration 1 only
+    assert [len(s) for where, _, s in calls if where == "problems"] and all(
+        not s for where, _, s in calls if where == "problems")
+    assert main(["rest-em", f"model.path={answering_model}", f"train.output_dir={tmp_path / 'bad'}",
+                 'sampler.shots=[["What is 2 + 2?"]]'] + COMMON) != 0
+    assert "sampler.shots[0]: expected a [question, reply] pair" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

@@ -177,3 +177,29 @@ def test_score_can_fail_replies_cut_off_by_the_budget():
     always = lambda prompts, responses: [1.0] * len(prompts)
     assert [x.reward for x in score([done, cut], always)] == [1.0, 1.0]
     assert [x.reward for x in score([done, cut], always, truncated=0.0)] == [1.0, 0.0]
+
+
+def test_collect_puts_few_shot_turns_before_each_prompt(tok):
+    """Exemplar turns go into the text the generator continues, before the user message; the
+    samples keep the bare prompt (what the M-step trains on and the reward sees)."""
+    from alignkit.algorithms.problems import ProblemsConfig, load_task
+    from alignkit.data.chat import prompt_text
+    from alignkit.data.records import Message, user_prompt
+    from alignkit.rollout.base import Completion
+
+    seen = []
+
+    class Recorder:
+        def generate(self, prompts, params):
+            seen.extend(prompts)
+            return [Completion(i, 0, "7", [1], "stop") for i in range(len(prompts))]
+
+    task = load_task(ProblemsConfig(train_problems=4, val_problems=0, eval_problems=2))
+    shots = task.shot_turns([["What is 2 + 3?", "2 + 3 = 5"], ["What is 1 - 4?", "1 - 4 = -3"]])
+    assert shots == (Message("user", "What is 2 + 3?\nAnswer with only the number."), Message("assistant", "2 + 3 = 5"),
+                     Message("user", "What is 1 - 4?\nAnswer with only the number."), Message("assistant", "1 - 4 = -3"))
+    samples = collect(Recorder(), tok, ["q1"], SamplingParams(), shots=shots)
+    assert seen == [prompt_text(tok, shots + (Message("user", "q1"),))] == [prompt_text(tok, user_prompt("q1", None, shots))]
+    assert seen[0].index("1 - 4 = -3") < seen[0].index("q1") and samples[0].prompt == "q1"
+    collect(Recorder(), tok, ["q1"], SamplingParams())
+    assert seen[1] == prompt_text(tok, (Message("user", "q1"),)) and "2 + 3" not in seen[1]

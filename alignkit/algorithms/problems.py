@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from alignkit.algorithms.stages import collect, pass_maj_at_k, score
 from alignkit.config import opt
 from alignkit.data.formats import load_problems
-from alignkit.data.records import Problem
+from alignkit.data.records import Message, Problem
 from alignkit.data.tasks.arithmetic import ArithmeticConfig, generate_problems
 from alignkit.data.tasks.arithmetic import prompt_text as task_prompt
 from alignkit.rewards.verifier_reward import VerifierReward
@@ -47,6 +47,11 @@ class Task:
     def prompts(self, problems: list[Problem]) -> list[str]:
         return [self.prompt(p) for p in problems]
 
+    def shot_turns(self, shots: list[list[str]]) -> tuple[Message, ...]:
+        """Few-shot exemplars as chat turns: each question in the task's prompt wording, then its reply."""
+        return tuple(m for q, a in shots for m in (Message("user", task_prompt(Problem(q, ""), self.style)),
+                                                   Message("assistant", a)))
+
     def reward(self, mode: str = "binary") -> VerifierReward:
         return VerifierReward(self.train + self.val + self.heldout, mode=mode, prompt_fn=self.prompt)
 
@@ -60,6 +65,17 @@ class SamplerConfig:
     max_new_tokens: int = opt(16, "generation budget (answers are short in the 'answer' style)")
     batch_size: int = opt(64, "prompts decoded together when sampling N per prompt (greedy passes take batch_size x N)")
     dtype: str = opt("fp32", "generation autocast dtype: fp32 or bf16")
+    shots: list[list[str]] = opt(factory=list, help="few-shot exemplars, [question, reply] pairs: earlier chat turns "
+                                                     "of the prompts sampled for training (never of evaluation or training prompts)")
+    shot_iterations: int = opt(1, "iterations whose sampling uses the shots: the first this many (1: only the "
+                                  "first, from the initial model; one-round methods count as iteration 1)")
+
+    def __post_init__(self):
+        for i, shot in enumerate(self.shots):
+            if len(shot) != 2 or not all(isinstance(t, str) and t.strip() for t in shot):
+                raise ValueError(f"sampler.shots[{i}]: expected a [question, reply] pair of non-empty texts, got {shot!r}")
+        if self.shot_iterations < 0:
+            raise ValueError(f"sampler.shot_iterations must be >= 0, got {self.shot_iterations}")
 
 
 @dataclass

@@ -51,11 +51,12 @@ class RSConfig:
     max_length: int = opt(256, "tokens per training example")
 
 
-def pick_temperature(job: SamplingRun, sampler, prompts: list[str], reward_fn, seed: int) -> tuple[float, dict]:
+def pick_temperature(job: SamplingRun, sampler, prompts: list[str], reward_fn, seed: int,
+                     iteration: int) -> tuple[float, dict]:
     """The candidate temperature with the highest mean best-of-K reward of `sampler` on `prompts`."""
     scores = {}
     for t in job.cfg.temperatures:
-        best = best_per_prompt(job.sample(sampler, prompts, reward_fn, seed, temperature=t))
+        best = best_per_prompt(job.sample(sampler, prompts, reward_fn, seed, temperature=t, iteration=iteration))
         scores[t] = reward_stats(best)["mean"]
     return max(scores, key=scores.__getitem__), scores
 
@@ -69,7 +70,7 @@ def run(cfg: RSConfig) -> dict:
     prompts = job.task.prompts(job.task.train)
     for it in range(1, cfg.iterations + 1):
         sampler = teacher if teacher is not None else job.policy
-        t, t_scores = pick_temperature(job, sampler, prompts[: cfg.temperature_prompts], reward_fn, cfg.train.seed + 100 * it)
+        t, t_scores = pick_temperature(job, sampler, prompts[: cfg.temperature_prompts], reward_fn, cfg.train.seed + 100 * it, it)
         new = job.sample(sampler, prompts, reward_fn, cfg.train.seed + it, temperature=t, iteration=it,
                          source=cfg.sampler_model or f"iter-{it - 1}")
         pool = pool + new if cfg.pool else new

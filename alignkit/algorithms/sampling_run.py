@@ -49,11 +49,15 @@ class SamplingRun:
     def sample(self, model, prompts: list[str], reward_fn, seed: int, temperature: float | None = None,
                truncated: float | None = None, iteration: int = 0, source: str = "", n: int | None = None) -> list[Sample]:
         """Collect `n` (default sampler.samples_per_problem) responses per prompt from `model` (at
-        `temperature` instead of sampler.temperature when given) and score them (`stages.score`)."""
-        params = sampling(self.cfg.sampler, n or self.cfg.sampler.samples_per_problem, seed)
+        `temperature` instead of sampler.temperature when given) and score them (`stages.score`).
+        Iterations up to sampler.shot_iterations prompt with the sampler's few-shot exemplars."""
+        s = self.cfg.sampler
+        params = sampling(s, n or s.samples_per_problem, seed)
         if temperature is not None:
             params.temperature = temperature
-        samples = collect(self.generator(model), self.tokenizer, prompts, params, iteration=iteration, source=source)
+        shots = self.task.shot_turns(s.shots) if max(iteration, 1) <= s.shot_iterations else ()
+        samples = collect(self.generator(model), self.tokenizer, prompts, params, iteration=iteration, source=source,
+                          shots=shots)
         return score(samples, reward_fn, truncated=truncated)
 
     def continue_from(self, policy):

@@ -44,9 +44,10 @@ class Sample:
 
 # ---------------------------------------------------------------------------------- collect
 def collect(generator, tokenizer, prompts: list[str], params: SamplingParams, iteration: int = 0,
-            source: str = "", system: str | None = None) -> list[Sample]:
-    """`params.n` samples per user prompt text, prompt-major (the chat template is applied here)."""
-    texts = [prompt_text(tokenizer, user_prompt(p, system)) for p in prompts]
+            source: str = "", system: str | None = None, shots: tuple[Message, ...] = ()) -> list[Sample]:
+    """`params.n` samples per user prompt text, prompt-major (the chat template is applied here;
+    `shots`, exemplar turns, go before each prompt and are not part of the samples' prompts)."""
+    texts = [prompt_text(tokenizer, user_prompt(p, system, shots)) for p in prompts]
     out = generator.generate(texts, params)
     return [Sample(prompts[c.prompt_index], c.text, c.prompt_index, c.sample_index, None, iteration, source,
                    c.finish_reason) for c in out]

@@ -86,7 +86,8 @@ class Rollout:
     meta: dict = field(default_factory=dict)
 
 
-def user_prompt(text: str, system: str | None = None) -> tuple[Message, ...]:
-    """The prompt conversation for a single user message."""
+def user_prompt(text: str, system: str | None = None, shots: tuple[Message, ...] = ()) -> tuple[Message, ...]:
+    """The prompt conversation for a single user message, after `shots` (worked exemplars:
+    user / assistant turns) when given."""
     head = (Message("system", system),) if system else ()
-    return head + (Message("user", text),)
+    return head + tuple(shots) + (Message("user", text),)
