@@ -2,7 +2,9 @@
 drifts by the hour, so only interleaved runs compare):
 
 - decode-attention: single-query decoding attention against transformers' SDPA;
-- shared-root: the prompt prefix common to a batch prefilled once, against once per prompt.
+- shared-root: the prompt prefix common to a batch prefilled once, against once per prompt;
+- root-kept-once: that prefix's keys/values kept once for the batch, against copied into
+  every row (with `--shots K`, the first K few-shot exemplars of recipes/rest_em.yaml lengthen it).
 
 Default shape: a ReST-EM E-step (built-in arithmetic prompts, answer only, 8 samples each,
 12 new tokens, T=0.7, top-k 40, bf16, 64 prompts per batch); `--n 1 --temperature 0` with
@@ -11,6 +13,7 @@ Default shape: a ReST-EM E-step (built-in arithmetic prompts, answer only, 8 sam
     python benchmarks/generator_ab.py --feature decode-attention --problems 128 --repeats 4
     python benchmarks/generator_ab.py --feature shared-root --problems 128 --repeats 4
     python benchmarks/generator_ab.py --feature shared-root --problems 512 --n 1 --temperature 0 --max-rows 512
+    python benchmarks/generator_ab.py --feature root-kept-once --problems 256 --shots 4 --repeats 2
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ sys.path.insert(0, str(ROOT))
 
 import alignkit.rollout.hf as hf  # noqa: E402
 from alignkit.algorithms.problems import ProblemsConfig, load_task  # noqa: E402
+from alignkit.algorithms.rest_em import RestEMConfig  # noqa: E402
+from alignkit.config import load_config  # noqa: E402
 from alignkit.data.records import user_prompt  # noqa: E402
 from alignkit.models.load import ModelConfig, load_model  # noqa: E402
 from alignkit.rollout.base import SamplingParams, chat_prompts  # noqa: E402
@@ -46,20 +51,26 @@ def main() -> None:
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16")
     p.add_argument("--repeats", type=int, default=4)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--feature", choices=["decode-attention", "shared-root"], default="decode-attention")
+    p.add_argument("--feature", choices=["decode-attention", "shared-root", "root-kept-once"], default="decode-attention")
+    p.add_argument("--shots", type=int, default=0, help="few-shot exemplars (recipes/rest_em.yaml's) before each prompt")
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--max-rows", type=int, default=None, help="rows per batch (HFGenerator max_rows)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     model, tok, _ = load_model(ModelConfig(path=args.model), train=False)
     task = load_task(ProblemsConfig(train_problems=args.problems, val_problems=0, eval_problems=0))
-    prompts = chat_prompts(tok, [user_prompt(task.prompt(q)) for q in task.train])
+    shots = task.shot_turns(load_config(RestEMConfig, str(ROOT / "recipes" / "rest_em.yaml")).sampler.shots[:args.shots])
+    prompts = chat_prompts(tok, [user_prompt(task.prompt(q), None, shots) for q in task.train])
     params = SamplingParams(n=args.n, temperature=args.temperature, top_k=args.top_k,
                             max_new_tokens=args.max_new_tokens, seed=0)
     if args.feature == "decode-attention":
         on, off = hf.decode_attention, (lambda m: contextlib.nullcontext())
         sides = {"single-query attention": lambda: setattr(hf, "decode_attention", on),
                  "transformers SDPA": lambda: setattr(hf, "decode_attention", off)}
+    elif args.feature == "root-kept-once":
+        split = hf._splits_root
+        sides = {"root kept once": lambda: setattr(hf, "_splits_root", split),
+                 "root copied to every row": lambda: setattr(hf, "_splits_root", lambda model, cache: False)}
     else:
         root = hf.MIN_SHARED_ROOT
         sides = {"shared root prefilled once": lambda: setattr(hf, "MIN_SHARED_ROOT", root),
@@ -74,7 +85,7 @@ def main() -> None:
             times[name].append(time.perf_counter() - start)
             print(f"{name:28s} {times[name][-1]:7.2f} s  {sum(len(c.token_ids) for c in out)} tokens", flush=True)
     print(f"{machine(args.threads)}; {args.problems} prompts x n={args.n}, {args.max_new_tokens} tokens, "
-          f"T={args.temperature}, top-k {args.top_k}, {args.dtype}, "
+          f"{args.shots} exemplars, T={args.temperature}, top-k {args.top_k}, {args.dtype}, "
           f"{args.max_rows or args.batch_size * args.n} rows per batch")
     for name, ts in times.items():
         print(f"{name:28s} mean {statistics.mean(ts):.2f} s  runs {[round(t, 2) for t in ts]}")
