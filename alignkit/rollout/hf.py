@@ -4,7 +4,9 @@ What makes it cheaper than `model.generate(num_return_sequences=n)`:
 - each prompt is prefilled once and its KV cache is shared by its n samples
   (`Cache.batch_repeat_interleave` after the prefill), instead of prefilling n copies;
 - a prefix that all prompts of a batch share (the system prompt of a chat template, a task's
-  fixed wording) is prefilled once for the whole batch (`_shared_root`);
+  fixed wording, few-shot exemplars) is prefilled once for the whole batch (`_shared_root`),
+  and its keys/values are kept once, not copied into every row (`_BufferLayer.split_root`,
+  added by the decoding attention: `decode_attention.shared_root`);
 - finished rows leave the running batch (`Cache.batch_select_indices`, compacting the cache in
   place) as soon as the decoding they would still cost outweighs the copy (`COMPACT_AFTER`), so
   little compute is spent after eos, and left-padding columns that no running row needs any
@@ -182,9 +184,10 @@ class HFGenerator:
         cache = self._new_cache(root + L + params.max_new_tokens)
         with shared_root(cache):  # a root split off below is found by the attention there
             if root:
-                # The prefix every prompt of the batch shares (a system prompt, a template) is
-                # prefilled once and its cache copied to the B rows; the rest of each prompt follows
-                # it, left-padded, so padding columns sit between the shared part and the rest.
+                # The prefix every prompt of the batch shares (a system prompt, a template, few-shot
+                # exemplars) is prefilled once and kept once for the B rows (copied to each row when
+                # the attention cannot add it); the rest of each prompt follows it, left-padded, so
+                # padding columns sit between the shared part and the rest.
                 shared = torch.tensor([batch_ids[0][:root]], dtype=torch.long, device=device)
                 cache = model(input_ids=shared, past_key_values=cache, use_cache=True, logits_to_keep=1).past_key_values
                 if _splits_root(model, cache):  # kept once, the attention adds it (decode_attention)
