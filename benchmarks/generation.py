@@ -6,6 +6,7 @@ tokens: each completion up to and including its eos token (padding after eos is 
 
     python benchmarks/generation.py --model /tmp/smol --prompts 8 --n 8 --max-new-tokens 32
     python benchmarks/generation.py --dtype bf16 --record     # appends a row to benchmarks/RESULTS.md
+    python benchmarks/generation.py --device cuda --random-init --model DIR   # DIR: config + tokenizer only
 """
 
 from __future__ import annotations
@@ -40,8 +41,10 @@ def arithmetic_questions(count: int, seed: int = 0) -> list[str]:
     return out
 
 
-def load(spec: str):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load(spec: str, random_init: bool = False):
+    """The model and tokenizer of `spec`; random_init: the model's architecture from its config
+    with random weights (a GPU machine that cannot hold the weights' files still times it)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     if spec == "default":
         try:
@@ -54,8 +57,14 @@ def load(spec: str):
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True,
-                                                 attn_implementation="sdpa")
+    if random_init:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        config._attn_implementation = "sdpa"
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True,
+                                                     attn_implementation="sdpa")
     model.eval()
     return path, model, tokenizer
 
@@ -74,7 +83,7 @@ def run_transformers(model, tokenizer, prompts, args, autocast) -> int:
     total = 0
     for start in range(0, len(prompts), args.batch_size):
         batch = tokenizer(prompts[start:start + args.batch_size], add_special_tokens=False,
-                          return_tensors="pt", padding=True)
+                          return_tensors="pt", padding=True).to(model.device)
         with torch.no_grad(), autocast():  # no_grad, as generate() itself: autocast caches bf16 weights
             out = model.generate(
                 **batch, do_sample=True, temperature=args.temperature, top_k=0, top_p=1.0,
@@ -95,7 +104,9 @@ def run_alignkit(model, tokenizer, prompts, args) -> int:
     return sum(len(c.token_ids) for c in gen.generate(prompts, params))
 
 
-def machine() -> str:
+def machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
     cpu = platform.processor() or platform.machine()
     try:
         for line in open("/proc/cpuinfo"):
@@ -118,15 +129,20 @@ def main(argv=None) -> None:
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--batch-size", type=int, default=16, help="prompts per batch (n rows each), both backends")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--random-init", action="store_true",
+                   help="the model's architecture with random weights (only config and tokenizer are read)")
     p.add_argument("--record", action="store_true", help="append a row to benchmarks/RESULTS.md")
     args = p.parse_args(argv)
 
-    path, model, tokenizer = load(args.model)
+    path, model, tokenizer = load(args.model, args.random_init)
+    device = torch.device(args.device)
+    model.to(device)
     prompts = chat_prompts(tokenizer, [user_prompt(q) for q in arithmetic_questions(args.prompts, args.seed)])
     torch.manual_seed(args.seed)
 
     def autocast():
-        return torch.autocast("cpu", dtype=torch.bfloat16) if args.dtype == "bf16" else nullcontext()
+        return torch.autocast(device.type, dtype=torch.bfloat16) if args.dtype == "bf16" else nullcontext()
 
     # warm-up (one-time allocations, autocast and kernel selection) for both, untimed
     warm = argparse.Namespace(**{**vars(args), "n": 2, "max_new_tokens": 4})
@@ -137,13 +153,13 @@ def main(argv=None) -> None:
     for name, fn in [("transformers generate", lambda: run_transformers(model, tokenizer, prompts, args, autocast)),
                      ("alignkit HFGenerator", lambda: run_alignkit(model, tokenizer, prompts, args))]:
         t0 = time.perf_counter()
-        tokens = fn()
+        tokens = fn()  # counting the tokens copies them to the host: the GPU has finished
         seconds = time.perf_counter() - t0
         rows.append((name, tokens, seconds, tokens / seconds))
 
     peer_tps = rows[0][3]
     print(f"model {path}, {args.dtype}, {args.prompts} prompts x n={args.n}, max_new_tokens={args.max_new_tokens}, "
-          f"temperature {args.temperature}, batch {args.batch_size} prompts; {machine()}")
+          f"temperature {args.temperature}, batch {args.batch_size} prompts; {machine(device)}")
     print(f"{'backend':<24}{'gen tokens':>12}{'seconds':>10}{'tokens/s':>11}{'speed-up':>10}")
     for name, tokens, seconds, tps in rows:
         print(f"{name:<24}{tokens:>12}{seconds:>10.2f}{tps:>11.1f}{tps / peer_tps:>9.2f}x")
@@ -156,11 +172,11 @@ def main(argv=None) -> None:
                 "# Benchmark results\n\n"
                 "| date | method | precision | setup | peer | peer figure | alignkit figure | speed-up | command | machine |\n"
                 "|---|---|---|---|---|---|---|---|---|---|\n")
-        setup = (f"{Path(path).name}, {args.prompts} prompts x n={args.n}, max_new_tokens={args.max_new_tokens}, "
+        setup = (f"{Path(path).name}{' (random weights)' if args.random_init else ''}, {args.prompts} prompts x n={args.n}, max_new_tokens={args.max_new_tokens}, "
                  f"T={args.temperature}, batch {args.batch_size}")
         row = (f"| {datetime.date.today()} | generation | {args.dtype} | {setup} | transformers generate "
                f"| {peer_tps:.1f} tok/s | {rows[1][3]:.1f} tok/s | {rows[1][3] / peer_tps:.2f}x "
-               f"| `{command}` | {machine()} |\n")
+               f"| `{command}` | {machine(device)} |\n")
         with results.open("a") as f:
             f.write(row)
         print(f"recorded in {results}")

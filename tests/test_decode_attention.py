@@ -1,6 +1,8 @@
 """The single-query decoding attention equals transformers' SDPA path and is used only inside
 `decode_attention`, only for one-query steps."""
 
+import os
+
 import pytest
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -11,6 +13,10 @@ from alignkit.rollout.base import SamplingParams
 from alignkit.rollout.hf import HFGenerator
 
 
+# ALIGNKIT_TEST_DEVICE=cuda runs these tests on a GPU (benchmarks/RESULTS.md, "CUDA checks")
+DEVICE = torch.device(os.environ.get("ALIGNKIT_TEST_DEVICE", "cpu"))
+
+
 class _Module(torch.nn.Module):  # what the attention functions read from the calling layer
     num_key_value_groups = 3
     is_causal = True
@@ -18,9 +24,9 @@ class _Module(torch.nn.Module):  # what the attention functions read from the ca
 
 def _inputs(dtype, L=7, B=4):
     g = torch.Generator().manual_seed(0)
-    q = torch.randn(B, 6, 1, 8, generator=g).to(dtype)
-    k, v = (torch.randn(B, 2, L, 8, generator=g).to(dtype) for _ in range(2))
-    keep = torch.ones(B, 1, 1, L, dtype=torch.bool)
+    q = torch.randn(B, 6, 1, 8, generator=g).to(DEVICE, dtype)
+    k, v = (torch.randn(B, 2, L, 8, generator=g).to(DEVICE, dtype) for _ in range(2))
+    keep = torch.ones(B, 1, 1, L, dtype=torch.bool, device=DEVICE)
     keep[0, ..., :3] = False  # row 0 is left-padded by three positions
     keep[2, ..., :1] = False
     return q, k, v, keep
@@ -30,7 +36,7 @@ def _inputs(dtype, L=7, B=4):
 @pytest.mark.parametrize("scaling", [None, 0.3])
 def test_single_query_attention_equals_sdpa(mask_kind, scaling):
     q, k, v, keep = _inputs(torch.float32)
-    mask = {"none": None, "bool": keep, "float": torch.zeros(keep.shape).masked_fill(~keep, float("-inf"))}[mask_kind]
+    mask = {"none": None, "bool": keep, "float": torch.zeros(keep.shape, device=DEVICE).masked_fill(~keep, float("-inf"))}[mask_kind]
     ours, _ = da.single_query_attention(_Module(), q, k, v, mask, scaling=scaling)
     ref, _ = sdpa_attention_forward(_Module(), q, k, v, mask, scaling=scaling)
     assert ours.shape == ref.shape == (4, 1, 6, 8)
@@ -62,7 +68,7 @@ def test_longer_queries_go_to_sdpa(monkeypatch):
 
 def test_generator_decodes_through_it_and_restores_the_model(monkeypatch):
     tok = tiny_tokenizer()
-    model = tiny_model(0)
+    model = tiny_model(0).to(DEVICE)
     queries = []
     real = da.single_query_attention
     monkeypatch.setitem(da.AttentionInterface._global_mapping, da.NAME,
@@ -82,11 +88,11 @@ def test_shared_root_kept_once_equals_attending_to_the_concatenation(q_len):
     """A root of 5 positions held once ([1, KV, 5, D]) plus each row's own 7 positions gives what
     attending to the root copied into every row gives, for a decoding step and for a prefill."""
     q, k, v, keep = _inputs(torch.float32)
-    q = torch.randn(4, 6, q_len, 8, generator=torch.Generator().manual_seed(1))
+    q = torch.randn(4, 6, q_len, 8, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     g = torch.Generator().manual_seed(2)
-    root_k, root_v = (torch.randn(1, 2, 5, 8, generator=g) for _ in range(2))
+    root_k, root_v = (torch.randn(1, 2, 5, 8, generator=g).to(DEVICE) for _ in range(2))
     full_k, full_v = torch.cat([root_k.expand(4, -1, -1, -1), k], 2), torch.cat([root_v.expand(4, -1, -1, -1), v], 2)
-    mask = torch.cat([torch.ones(4, 1, q_len, 5, dtype=torch.bool), keep.expand(-1, -1, q_len, -1)], dim=-1)
+    mask = torch.cat([torch.ones(4, 1, q_len, 5, dtype=torch.bool, device=DEVICE), keep.expand(-1, -1, q_len, -1)], dim=-1)
 
     class Layer:
         root_keys, root_values = root_k, root_v

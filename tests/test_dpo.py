@@ -97,8 +97,8 @@ def _engine(tmp_path, model, steps=20):
 def test_overfit_batch_margin_and_accuracy_rise(tok, tmp_path):
     model = tiny_model(seed=0)
     rows = pack_rows(tokenize_pairs(tok, PAIRS, 512), max_tokens=4096)
-    frozen = copy.deepcopy(model).requires_grad_(False).eval()
-    engine = _engine(tmp_path, model)
+    engine = _engine(tmp_path, model)  # moves the model to the engine's device
+    frozen = copy.deepcopy(engine.model).requires_grad_(False).eval()
     fit(engine, dpo_step(engine.model, DPOConfig(beta=0.1), reference_fn(model, frozen)), lambda epoch: rows)
     log = [r for r in read_metrics(tmp_path) if "loss" in r]
     assert log[0]["rewards/margin"] == pytest.approx(0.0, abs=1e-6)  # policy == reference at step 1

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -12,6 +14,8 @@ from alignkit.rollout import hf
 from alignkit.rollout.hf import HFGenerator
 
 TOK = tiny_tokenizer()
+# ALIGNKIT_TEST_DEVICE=cuda runs the generator tests on a GPU (benchmarks/RESULTS.md, "CUDA checks")
+DEVICE = torch.device(os.environ.get("ALIGNKIT_TEST_DEVICE", "cpu"))
 EOS = TOK.eos_token_id
 
 
@@ -25,10 +29,10 @@ def _model(eos_boost: float = 0.0):
             if p.dim() == 2:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
     if eos_boost:
-        bonus = torch.zeros(model.config.vocab_size)
+        bonus = torch.zeros(model.config.vocab_size, device=DEVICE)
         bonus[EOS] = eos_boost
         model.lm_head.register_forward_hook(lambda mod, args, out: out + bonus)
-    return model
+    return model.to(DEVICE)
 
 
 PROMPTS = chat_prompts(TOK, [
@@ -44,7 +48,7 @@ def _greedy_reference(model, prompt: str, max_new: int) -> list[int]:
     ids = TOK(prompt, add_special_tokens=False)["input_ids"]
     out = []
     for _ in range(max_new):
-        logits = model(torch.tensor([ids + out])).logits[0, -1]
+        logits = model(torch.tensor([ids + out], device=DEVICE)).logits[0, -1]
         out.append(int(logits.argmax()))
         if out[-1] == EOS:
             break
@@ -177,9 +181,9 @@ def test_max_new_tokens_gives_length_and_logprobs_are_untempered():
     for c in out:
         ids = TOK(PROMPTS[c.prompt_index], add_special_tokens=False)["input_ids"]
         with torch.no_grad():
-            logits = model(torch.tensor([ids + c.token_ids])).logits[0, len(ids) - 1:-1]
-        expected = torch.log_softmax(logits.float(), -1).gather(1, torch.tensor(c.token_ids)[:, None]).squeeze(1)
-        assert torch.allclose(torch.tensor(c.logprobs), expected, atol=1e-4)
+            logits = model(torch.tensor([ids + c.token_ids], device=DEVICE)).logits[0, len(ids) - 1:-1]
+        expected = torch.log_softmax(logits.float(), -1).gather(1, torch.tensor(c.token_ids, device=DEVICE)[:, None]).squeeze(1)
+        assert torch.allclose(torch.tensor(c.logprobs), expected.cpu(), atol=1e-4)
     assert HFGenerator(model, TOK).generate(PROMPTS[:1], SamplingParams(max_new_tokens=2, seed=0))[0].logprobs is None
 
 
@@ -238,7 +242,7 @@ def test_merged_twin_decodes_the_current_adapters():
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=gen))
     twin = MergedTwin.of(wrapped)
-    ids = torch.tensor([[5, 9, 14, 20, 33, 41]])
+    ids = torch.tensor([[5, 9, 14, 20, 33, 41]], device=DEVICE)
     with torch.no_grad():
         want = wrapped(input_ids=ids).logits
         assert not torch.allclose(want, wrapped.get_base_model()(input_ids=ids).logits * 0 + want.mean())

@@ -1,5 +1,6 @@
 """The shared stages of the sampling methods: selection, dedupe, pooling, weights, pass@k/maj@k."""
 
+import importlib.util
 import math
 
 import pytest
@@ -111,7 +112,8 @@ def test_verifier_reward_binary_graded_gsm8k_math():
     binary = VerifierReward(problems)
     assert binary(["What is 40 + 2?", "What is 40 + 2?\nAnswer with only the number."], ["42", "41"]) == [1.0, 0.0]
     assert binary(["How many?"], ["The answer is 1000."]) == [1.0]  # GSM8K '####' with a comma
-    assert binary(["Half of one?", "Half of one?"], ["\\boxed{\\frac{1}{2}}", "0.3"]) == [1.0, 0.0]  # math_equal
+    if importlib.util.find_spec("math_verify"):  # LaTeX answers need math-verify (a test extra)
+        assert binary(["Half of one?", "Half of one?"], ["\\boxed{\\frac{1}{2}}", "0.3"]) == [1.0, 0.0]
     graded = VerifierReward(problems, mode="graded")
     assert graded(["What is 40 + 2?"] * 3, ["42", "41", "no idea"]) == pytest.approx([1.0, 0.5 * (1 - 1 / 42), 0.0])
     with pytest.raises(KeyError, match="no problem"):

@@ -64,7 +64,7 @@ def pick_temperature(job: SamplingRun, sampler, prompts: list[str], reward_fn, s
 def run(cfg: RSConfig) -> dict:
     job = SamplingRun(cfg)
     reward_fn = make_reward(cfg.reward, job.task.reward("binary"))
-    teacher = load_model(ModelConfig(path=cfg.sampler_model), train=False)[0] if cfg.sampler_model else None
+    teacher = job.sampler_model(cfg.sampler_model) if cfg.sampler_model else None
     pool = []
     job.baseline()
     prompts = job.task.prompts(job.task.train)

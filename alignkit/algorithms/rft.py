@@ -65,7 +65,7 @@ def run(cfg: RFTConfig) -> dict:
     union: list[Sample] = []
     per_model = {}
     for i, spec in enumerate(cfg.sampler_models or ["self"]):
-        sampler = base if spec in ("self", cfg.model.path) else load_model(ModelConfig(path=spec), train=False)[0]
+        sampler = base if spec in ("self", cfg.model.path) else job.sampler_model(spec)
         samples = job.sample(sampler, prompts, reward, cfg.train.seed + i, truncated=0.0, source=spec)
         paths = correct_paths(samples, cfg.dedupe_by)
         per_model[spec] = {"correct": sum(x.reward for x in samples) / len(samples), "paths": len(paths)}

@@ -20,7 +20,8 @@ from alignkit.algorithms.stages import Sample, collect, score, tokenize_samples
 from alignkit.algorithms.train_stage import train_stage
 from alignkit.engine.config import TrainConfig
 from alignkit.engine.logging import MetricsLogger
-from alignkit.models.load import add_lora, load_model, save_model
+from alignkit.engine.trainer import resolve_device
+from alignkit.models.load import ModelConfig, add_lora, load_model, save_model
 from alignkit.rollout.hf import HFGenerator
 
 
@@ -37,8 +38,14 @@ class SamplingRun:
         self.task = load_task(cfg.task)
         self.run_dir = Path(cfg.train.output_dir)
         self.logger = MetricsLogger(self.run_dir, config=asdict(cfg))
+        self.device = resolve_device(cfg.train.device)  # sampling runs where training runs
         self.policy, self.tokenizer, _ = load_model(cfg.model, train=False)
+        self.policy.to(self.device)
         self.rows: list[dict] = []
+
+    def sampler_model(self, path: str):
+        """Another model that samples (a teacher, one of RFT's sampler models), on the run's device."""
+        return load_model(ModelConfig(path=path), train=False)[0].to(self.device)
 
     def minutes(self) -> float:
         return round((time.time() - self.start) / 60, 2)

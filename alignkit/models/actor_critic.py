@@ -239,7 +239,7 @@ def restore_frozen_base(module: nn.Module, path: str) -> None:
         with safe_open(str(file), "pt") as f:
             for key in f.keys():
                 if key in layers:
-                    layers[key].weight.data = f.get_tensor(key).to(dtype)
+                    layers[key].weight.data = f.get_tensor(key).to(layers[key].weight.device, dtype)
 
 
 def trainable_parameters(module: nn.Module) -> tuple[int, int]:
