@@ -217,6 +217,29 @@ def test_rest_em_e_step_rounds_stop_sampling_solved_problems(answering_model, tm
     assert not (tmp_path / "bad").exists()  # refused before any work
 
 
+def test_rest_em_e_step_samples_by_iteration(answering_model, tmp_path, capsys):
+    """e_step_samples=[2, 4]: iteration 1 draws 2 per problem, iteration 2 (and any later) 4, in
+    rounds of half each; an unsolved problem gets them all."""
+    out = tmp_path / "by_iteration"
+    cli(["rest-em", f"model.path={answering_model}", f"train.output_dir={out}", "train.lr=1e-3", "train.epochs=1",
+         "iterations=2", "cap_per_problem=1", "e_step_rounds=2", "e_step_samples=[2,4]", "stop_when_worse=false",
+         "metrics.eval_samples=0"] + COMMON, capsys)
+    for it, n in ((1, 2), (2, 4)):
+        by = {}
+        for line in (out / f"samples-iter-{it}.jsonl").read_text().splitlines():
+            r = json.loads(line)
+            by.setdefault(r["prompt"], []).append(r["reward"])
+        assert len(by) == 16
+        unsolved = [rs for rs in by.values() if max(rs) == 0.0]
+        assert unsolved and all(len(rs) == n for rs in unsolved)  # every sample of N was drawn
+        assert all(len(rs) in (n // 2, n) for rs in by.values())
+    for bad in ("e_step_samples=[4,1]", "e_step_samples=[2,x]"):
+        assert main(["rest-em", f"model.path={answering_model}", f"train.output_dir={tmp_path / 'bad'}",
+                     "e_step_rounds=2", bad] + COMMON) != 0
+        assert "e_step_samples" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
 def test_rest_em_few_shot_exemplars_only_in_the_first_e_step(answering_model, tmp_path, capsys, monkeypatch):
     """sampler.shots go before the E-step prompts of iterations up to shot_iterations (1 here),
     never before the evaluation's; a malformed exemplar is refused before any work."""

@@ -4,7 +4,8 @@ Iteration i:
   E-step  sample N responses per training problem from the current policy, score them with a
           binary verifier reward, keep the correct ones (at most `cap_per_problem` per problem;
           identical responses once when `dedupe`). With `e_step_rounds` the N samples come in
-          rounds, and a problem that has its cap of correct responses is not sampled again.
+          rounds, and a problem that has its cap of correct responses is not sampled again;
+          `e_step_samples` sets N by iteration.
   M-step  fine-tune the BASE model (not the previous iterate) on J = E[r(x,y) log p(y|x)], the
           reward-weighted NLL, until the validation reward stops improving (best epoch kept).
 Each iteration logs greedy train / held-out accuracy, pass@k (unbiased) and maj@k to
@@ -55,6 +56,8 @@ class RestEMConfig:
     cap_per_problem: int = opt(10, "most correct responses kept per problem")
     e_step_rounds: int = opt(1, "split the N samples of a problem into this many rounds; a problem with "
                                 "cap_per_problem correct responses already is not sampled again")
+    e_step_samples: list[int] = opt(factory=list, help="N of each iteration's E-step, the last one repeating (e.g. "
+                                    "[8, 16]); empty: sampler.samples_per_problem in every iteration")
     dedupe: bool = opt(True, "keep identical correct responses once")
     patience: int = opt(1, "M-step epochs without validation improvement before stopping")
     stop_when_worse: bool = opt(True, "stop iterating when validation accuracy falls")
@@ -67,13 +70,18 @@ def _correct(samples: list[Sample], cfg: RestEMConfig) -> list[Sample]:
     return dedupe(kept) if cfg.dedupe else kept
 
 
+def samples_per_problem(cfg: RestEMConfig, it: int) -> int:
+    """N of iteration `it`'s E-step (iterations count from 1)."""
+    return cfg.e_step_samples[min(it, len(cfg.e_step_samples)) - 1] if cfg.e_step_samples else cfg.sampler.samples_per_problem
+
+
 def e_step(job: SamplingRun, reward, seed: int, it: int) -> tuple[list[Sample], list[Sample]]:
     """Sample N responses per training problem and score them; with `e_step_rounds` > 1 in
     rounds, each after the first only for the problems still short of `cap_per_problem` correct
     responses (the same problems end up kept as with N at once, for fewer samples). Returns (all
     samples in round order, the first round's: every problem has the same number there)."""
     cfg = job.cfg
-    n, rounds = cfg.sampler.samples_per_problem, cfg.e_step_rounds
+    n, rounds = samples_per_problem(cfg, it), cfg.e_step_rounds
     todo, samples, first = job.task.prompts(job.task.train), [], []
     for r in range(rounds):
         new = job.sample(job.policy, todo, reward, seed + 7919 * r, truncated=0.0, iteration=it,
@@ -90,6 +98,9 @@ def run(cfg: RestEMConfig) -> dict:
     if not 1 <= cfg.e_step_rounds <= cfg.sampler.samples_per_problem:
         raise ValueError(f"e_step_rounds must be between 1 and sampler.samples_per_problem "
                          f"({cfg.sampler.samples_per_problem}), got {cfg.e_step_rounds}")
+    for i, n in enumerate(cfg.e_step_samples):
+        if not isinstance(n, int) or isinstance(n, bool) or n < cfg.e_step_rounds:
+            raise ValueError(f"e_step_samples[{i}] must be an integer >= e_step_rounds ({cfg.e_step_rounds}), got {n!r}")
     job = SamplingRun(cfg)
     task = job.task
     reward = task.reward("binary")
