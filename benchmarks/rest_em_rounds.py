@@ -1,11 +1,11 @@
-"""A/B of ReST-EM's `e_step_rounds`: one E-step of the recipe (recipes/rest_em.yaml: 1280
-training problems x 8 samples) from one policy, with the N samples drawn at once and in rounds
+"""A/B of ReST-EM's `e_step_round_size`: one E-step of the recipe (recipes/rest_em.yaml: 1280
+training problems x 8 samples) from one policy, with the N samples drawn at once (size 0) and in rounds
 (a problem with `cap_per_problem` correct answers is not sampled again), in one process and in
 the order given (the machine's speed drifts by the hour). Prints seconds, samples drawn and
 problems solved for each.
 
-    python benchmarks/rest_em_rounds.py --model default --rounds 2,1
-    python benchmarks/rest_em_rounds.py --model runs/rest_em/final --rounds 1,2
+    python benchmarks/rest_em_rounds.py --model default --sizes 4,0
+    python benchmarks/rest_em_rounds.py --model runs/rest_em/final --sizes 0,4,2
 """
 
 from __future__ import annotations
@@ -28,19 +28,19 @@ from benchmarks._common import machine  # noqa: E402
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="default", help="the policy that samples")
-    p.add_argument("--rounds", default="1,2", help="e_step_rounds values, run in this order")
+    p.add_argument("--sizes", default="0,4", help="e_step_round_size values, run in this order")
     p.add_argument("--recipe", default=str(ROOT / "recipes" / "rest_em.yaml"))
     p.add_argument("--output-dir", default="/tmp/alignkit-rest-em-rounds")
     args = p.parse_args()
-    for rounds in [int(r) for r in args.rounds.split(",")]:
-        cfg = load_config(RestEMConfig, args.recipe, [f"model.path={args.model}", f"e_step_rounds={rounds}",
+    for size in [int(r) for r in args.sizes.split(",")]:
+        cfg = load_config(RestEMConfig, args.recipe, [f"model.path={args.model}", f"e_step_round_size={size}",
                                                       f"train.output_dir={args.output_dir}"])
         job = SamplingRun(cfg)
         start = time.perf_counter()
         samples, _ = e_step(job, job.task.reward("binary"), seed=3, it=1)
         seconds = time.perf_counter() - start
         solved = len(by_prompt(_correct(samples, cfg)))
-        print(f"e_step_rounds={rounds}: {seconds:6.1f} s  {len(samples)} samples  {solved} of "
+        print(f"e_step_round_size={size}: {seconds:6.1f} s  {len(samples)} samples  {solved} of "
               f"{len(job.task.train)} problems solved", flush=True)
     print(f"{machine(cfg.train.threads)}; policy {args.model}; {len(job.task.train)} problems x "
           f"{cfg.sampler.samples_per_problem} samples, {cfg.sampler.max_new_tokens} tokens, {cfg.sampler.dtype}")

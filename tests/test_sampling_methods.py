@@ -198,7 +198,7 @@ def test_rest_em_e_step_rounds_stop_sampling_solved_problems(answering_model, tm
     unsolved one gets all 4; the kept answers are still one per solved problem."""
     out = tmp_path / "rounds"
     cli(["rest-em", f"model.path={answering_model}", f"train.output_dir={out}", "train.lr=1e-3", "train.epochs=1",
-         "iterations=1", "cap_per_problem=1", "e_step_rounds=2", "metrics.eval_samples=0"] + COMMON, capsys)
+         "iterations=1", "cap_per_problem=1", "e_step_round_size=2", "metrics.eval_samples=0"] + COMMON, capsys)
     rows = [json.loads(line) for line in (out / "samples-iter-1.jsonl").read_text().splitlines()]
     by = {}
     for r in rows:
@@ -211,18 +211,18 @@ def test_rest_em_e_step_rounds_stop_sampling_solved_problems(answering_model, tm
     log = read_metrics(out)[-1]
     assert log["samples"] == len(rows) < 4 * 16 and "train_pass@2" in log and "train_pass@4" not in log
     assert log["kept"] == sum(max(rs) == 1.0 for rs in by.values())
-    assert main(["rest-em", f"model.path={answering_model}", f"train.output_dir={tmp_path / 'bad'}", "e_step_rounds=5"]
+    assert main(["rest-em", f"model.path={answering_model}", f"train.output_dir={tmp_path / 'bad'}", "e_step_round_size=-1"]
                 + COMMON) != 0
-    assert "e_step_rounds must be between 1 and sampler.samples_per_problem (4), got 5" in capsys.readouterr().err
+    assert "e_step_round_size must be >= 0 (0: all N samples in one round), got -1" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()  # refused before any work
 
 
 def test_rest_em_e_step_samples_by_iteration(answering_model, tmp_path, capsys):
-    """e_step_samples=[2, 4]: iteration 1 draws 2 per problem, iteration 2 (and any later) 4, in
-    rounds of half each; an unsolved problem gets them all."""
+    """e_step_samples=[2, 4]: iteration 1 draws 2 per problem (one round of 2), iteration 2 (and
+    any later) 4 (two rounds of 2); an unsolved problem gets them all."""
     out = tmp_path / "by_iteration"
     cli(["rest-em", f"model.path={answering_model}", f"train.output_dir={out}", "train.lr=1e-3", "train.epochs=1",
-         "iterations=2", "cap_per_problem=1", "e_step_rounds=2", "e_step_samples=[2,4]", "stop_when_worse=false",
+         "iterations=2", "cap_per_problem=1", "e_step_round_size=2", "e_step_samples=[2,4]", "stop_when_worse=false",
          "metrics.eval_samples=0"] + COMMON, capsys)
     for it, n in ((1, 2), (2, 4)):
         by = {}
@@ -232,10 +232,12 @@ def test_rest_em_e_step_samples_by_iteration(answering_model, tmp_path, capsys):
         assert len(by) == 16
         unsolved = [rs for rs in by.values() if max(rs) == 0.0]
         assert unsolved and all(len(rs) == n for rs in unsolved)  # every sample of N was drawn
-        assert all(len(rs) in (n // 2, n) for rs in by.values())
-    for bad in ("e_step_samples=[4,1]", "e_step_samples=[2,x]"):
-        assert main(["rest-em", f"model.path={answering_model}", f"train.output_dir={tmp_path / 'bad'}",
-                     "e_step_rounds=2", bad] + COMMON) != 0
+        assert all(len(rs) in {2, n} for rs in by.values())
+    solved_in_round_1 = [rs for rs in by.values() if max(rs[:2]) == 1.0]
+    assert solved_in_round_1 and all(len(rs) == 2 for rs in solved_in_round_1)  # iteration 2 stopped them early
+    for bad in ("e_step_samples=[4,0]", "e_step_samples=[2,x]"):
+        assert main(["rest-em", f"model.path={answering_model}", f"train.output_dir={tmp_path / 'bad'}", bad]
+                    + COMMON) != 0
         assert "e_step_samples" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
 

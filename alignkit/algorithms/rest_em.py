@@ -3,7 +3,7 @@
 Iteration i:
   E-step  sample N responses per training problem from the current policy, score them with a
           binary verifier reward, keep the correct ones (at most `cap_per_problem` per problem;
-          identical responses once when `dedupe`). With `e_step_rounds` the N samples come in
+          identical responses once when `dedupe`). With `e_step_round_size` the N samples come in
           rounds, and a problem that has its cap of correct responses is not sampled again;
           `e_step_samples` sets N by iteration.
   M-step  fine-tune the BASE model (not the previous iterate) on J = E[r(x,y) log p(y|x)], the
@@ -54,8 +54,8 @@ class RestEMConfig:
     metrics: MetricsConfig = opt(factory=MetricsConfig, help="per-iteration evaluation")
     iterations: int = opt(2, "EM iterations")
     cap_per_problem: int = opt(10, "most correct responses kept per problem")
-    e_step_rounds: int = opt(1, "split the N samples of a problem into this many rounds; a problem with "
-                                "cap_per_problem correct responses already is not sampled again")
+    e_step_round_size: int = opt(0, "draw the N samples of a problem in rounds of this many (0: all at once); "
+                                    "a problem with cap_per_problem correct responses already is not sampled again")
     e_step_samples: list[int] = opt(factory=list, help="N of each iteration's E-step, the last one repeating (e.g. "
                                     "[8, 16]); empty: sampler.samples_per_problem in every iteration")
     dedupe: bool = opt(True, "keep identical correct responses once")
@@ -76,16 +76,17 @@ def samples_per_problem(cfg: RestEMConfig, it: int) -> int:
 
 
 def e_step(job: SamplingRun, reward, seed: int, it: int) -> tuple[list[Sample], list[Sample]]:
-    """Sample N responses per training problem and score them; with `e_step_rounds` > 1 in
+    """Sample N responses per training problem and score them; with `e_step_round_size` < N in
     rounds, each after the first only for the problems still short of `cap_per_problem` correct
     responses (the same problems end up kept as with N at once, for fewer samples). Returns (all
     samples in round order, the first round's: every problem has the same number there)."""
     cfg = job.cfg
-    n, rounds = samples_per_problem(cfg, it), cfg.e_step_rounds
+    n = samples_per_problem(cfg, it)
+    size = cfg.e_step_round_size or n
     todo, samples, first = job.task.prompts(job.task.train), [], []
-    for r in range(rounds):
+    for r, start in enumerate(range(0, n, size)):
         new = job.sample(job.policy, todo, reward, seed + 7919 * r, truncated=0.0, iteration=it,
-                         n=n // rounds + (r < n % rounds))
+                         n=min(size, n - start))
         samples, first = samples + new, first or new
         done = {p for p, group in by_prompt(_correct(samples, cfg)).items() if len(group) >= cfg.cap_per_problem}
         todo = [p for p in todo if p not in done]
@@ -95,12 +96,11 @@ def e_step(job: SamplingRun, reward, seed: int, it: int) -> tuple[list[Sample], 
 
 
 def run(cfg: RestEMConfig) -> dict:
-    if not 1 <= cfg.e_step_rounds <= cfg.sampler.samples_per_problem:
-        raise ValueError(f"e_step_rounds must be between 1 and sampler.samples_per_problem "
-                         f"({cfg.sampler.samples_per_problem}), got {cfg.e_step_rounds}")
+    if cfg.e_step_round_size < 0:
+        raise ValueError(f"e_step_round_size must be >= 0 (0: all N samples in one round), got {cfg.e_step_round_size}")
     for i, n in enumerate(cfg.e_step_samples):
-        if not isinstance(n, int) or isinstance(n, bool) or n < cfg.e_step_rounds:
-            raise ValueError(f"e_step_samples[{i}] must be an integer >= e_step_rounds ({cfg.e_step_rounds}), got {n!r}")
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"e_step_samples[{i}] must be an integer >= 1, got {n!r}")
     job = SamplingRun(cfg)
     task = job.task
     reward = task.reward("binary")
