@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 
 import pytest
@@ -326,3 +327,17 @@ def test_shared_root_needs_a_long_enough_common_prefix():
     assert hf._shared_root([[1] * 20, [1] * 5 + [2] * 15]) == 0  # 5 common tokens: below the minimum
     assert hf._shared_root([[1] * 20, [1] * 12 + [2]]) == 12
     assert hf._shared_root([[7] * 10, [7] * 10]) == 9  # identical prompts: the last token stays out
+
+
+def test_cache_keyword_follows_the_installed_forward(recwarn):
+    class OldStyle(torch.nn.Module):
+        def forward(self, input_ids=None, past_key_values=None, use_cache=None):
+            raise NotImplementedError
+
+    assert hf.cache_keyword(OldStyle()) == "past_key_values"
+    model = _model()
+    kw = hf.cache_keyword(model)
+    assert kw in ("cache", "past_key_values")
+    assert kw in inspect.signature(type(model).forward).parameters
+    HFGenerator(model, TOK).generate(PROMPTS, SamplingParams(n=2, temperature=1.0, max_new_tokens=4, seed=0))
+    assert not [w for w in recwarn if "past_key_values" in str(w.message)]  # no deprecated name passed

@@ -27,12 +27,14 @@ Conventions:
 
 from __future__ import annotations
 
+import inspect
 from contextlib import nullcontext
 
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from alignkit.models.forward import unwrap
 from alignkit.rollout.base import Completion, SamplingParams
 from alignkit.rollout.decode_attention import NAME as DECODE_ATTENTION
 from alignkit.rollout.decode_attention import decode_attention, shared_root
@@ -57,6 +59,13 @@ def _resolve_dtype(dtype) -> torch.dtype | None:
 # decoding steps they would still cost, dead rows × steps left, reach this many batch-steps: a
 # compaction costs about half a decoding step of the whole batch (measured on CPU).
 COMPACT_AFTER = 0.5
+
+
+def cache_keyword(model) -> str:
+    """The name of the KV-cache argument (and output field) of the model's forward: transformers
+    5.24 renamed `past_key_values` to `cache` (the old name warns, and is to go in 5.40)."""
+    forward = type(unwrap(model)).forward
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
 
 class HFGenerator:
@@ -182,6 +191,7 @@ class HFGenerator:
         input_ids, mask = input_ids.to(device), mask.to(device)
 
         cache = self._new_cache(root + L + params.max_new_tokens)
+        kw = cache_keyword(model)
         with shared_root(cache):  # a root split off below is found by the attention there
             if root:
                 # The prefix every prompt of the batch shares (a system prompt, a template, few-shot
@@ -189,7 +199,7 @@ class HFGenerator:
                 # the attention cannot add it); the rest of each prompt follows it, left-padded, so
                 # padding columns sit between the shared part and the rest.
                 shared = torch.tensor([batch_ids[0][:root]], dtype=torch.long, device=device)
-                cache = model(input_ids=shared, past_key_values=cache, use_cache=True, logits_to_keep=1).past_key_values
+                cache = getattr(model(input_ids=shared, **{kw: cache}, use_cache=True, logits_to_keep=1), kw)
                 if _splits_root(model, cache):  # kept once, the attention adds it (decode_attention)
                     for layer in cache.layers:
                         layer.split_root(B)
@@ -198,8 +208,8 @@ class HFGenerator:
                 mask = torch.cat([mask.new_ones((B, root)), mask], dim=1)
             position_ids = ((mask.cumsum(-1) - 1).clamp_(min=0))[:, root:]
             out = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
-                        past_key_values=cache, use_cache=True, logits_to_keep=1)
-            cache = out.past_key_values
+                        **{kw: cache}, use_cache=True, logits_to_keep=1)
+            cache = getattr(out, kw)
             logits = out.logits[:, -1, :]  # the model's dtype: _sample converts only what it uses
             del out
             lengths = mask.sum(-1)  # position id of the next token = real tokens so far
@@ -261,8 +271,8 @@ class HFGenerator:
                         mask = mask[:, cut:]
                 mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
                 out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=lengths[:, None],
-                            past_key_values=cache, use_cache=True)
-                cache = out.past_key_values
+                            **{kw: cache}, use_cache=True)
+                cache = getattr(out, kw)
                 logits = out.logits[:, -1, :]
                 del out
                 lengths = lengths + 1
