@@ -9,6 +9,7 @@ import os
 import sys
 
 from alignkit.config import ConfigError, defaults, describe, load_config
+from alignkit.engine.allocator import tune_malloc
 
 # command -> (module, config class, run function, one-line description)
 COMMANDS = {
@@ -92,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         cfg = load_config(cls, recipe, overrides)
+        tune_malloc()
         result = getattr(module, fn_name)(cfg)
     except (ConfigError, ValueError, FileNotFoundError) as err:
         if os.environ.get("ALIGNKIT_DEBUG"):

@@ -9,7 +9,7 @@ from alignkit.algorithms.ppo import PPOConfig, compute_advantages
 from alignkit.losses.ppo import kl_penalized_rewards
 from alignkit.models.actor_critic import response_logprobs
 from alignkit.models.tiny import tiny_model
-from alignkit.models.forward import group_attention_mask
+from alignkit.models.forward import group_visibility
 from alignkit.rollout.batch import assemble, select_rows, shared_prefix_row
 
 PROMPTS = [[1, 2, 3], [4]]
@@ -62,7 +62,7 @@ def test_shared_prefix_row_hand_example():
     assert row["parts"].tolist() == [[0, 0, 0, 1, 2, 2, 0, 0, 1]]
     # hidden state predicting reply token j: the prompt's last token for j = 0, then the reply's own tokens
     assert row["index"].tolist() == [[2, 3, 0], [7, 0, 0], [2, 4, 5], [1, 8, 0]]
-    mask = group_attention_mask(row["group_ids"], row["parts"], "sdpa")[0, 0]
+    mask = group_visibility(row["group_ids"], row["parts"])[0, 0]
     assert mask[5].tolist() == [1, 1, 1, 0, 1, 1, 0, 0, 0]  # token 10 sees root, its prompt, its reply; not 6
     assert mask[8].tolist() == [1, 1, 0, 0, 0, 0, 0, 0, 1]  # token 12 sees the root only
 

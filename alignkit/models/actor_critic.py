@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from alignkit.models.forward import group_attention_mask, unwrap
+from alignkit.models.forward import group_hidden, unwrap
 from alignkit.models.load import (
     LoraConfig,
     ModelConfig,
@@ -82,10 +82,8 @@ def _hidden(decoder: nn.Module, batch: dict) -> torch.Tensor:
     prompt) that several rows share is computed once."""
     row = shared_prefix_row(batch)
     device = batch["input_ids"].device
-    mask = group_attention_mask(row["group_ids"].to(device), row["parts"].to(device), decoder.config._attn_implementation)
-    out = decoder(input_ids=row["input_ids"].to(device), attention_mask=mask, position_ids=row["position_ids"].to(device),
-                  use_cache=False)
-    return out.last_hidden_state[0, row["index"].to(device)]
+    hidden = group_hidden(decoder, {k: row[k].to(device) for k in ("input_ids", "position_ids", "group_ids", "parts")})
+    return hidden[0, row["index"].to(device)]
 
 
 def response_logprobs(model, batch: dict, temperature: float = 1.0, entropy: bool = False):

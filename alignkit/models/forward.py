@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from alignkit.data.chat import IGNORE
+from alignkit.models.segment_attention import segment_layout, segmented
 from alignkit.ops import gather_logprobs
 
 
@@ -55,29 +56,43 @@ def sequence_logprobs(model, batch: dict, segment_ids: torch.Tensor) -> torch.Te
     return torch.zeros(total, dtype=logps.dtype, device=logps.device).index_add(0, seg, logps)
 
 
-def group_attention_mask(group_ids: torch.Tensor, parts: torch.Tensor, implementation: str) -> torch.Tensor:
-    """The [B, 1, L, L] mask of a prompt-sharing row (data.groups): causal, inside one group,
-    and a response sees its prompt and itself but no sibling response. Tokens of group -1 are a
-    prefix shared by every group (`rollout.batch.shared_prefix_row`)."""
+def group_visibility(group_ids: torch.Tensor, parts: torch.Tensor) -> torch.Tensor:
+    """[B, 1, L, L] bool (query, key) of a prompt-sharing row (data.groups): causal, inside one
+    group, and a response sees its prompt and itself but no sibling response. Tokens of group -1
+    are a prefix shared by every group (`rollout.batch.shared_prefix_row`)."""
     length = group_ids.shape[1]
     causal = torch.ones(length, length, dtype=torch.bool, device=group_ids.device).tril()
     same_group = (group_ids[:, :, None] == group_ids[:, None, :]) | (group_ids[:, None, :] == -1)
     visible = (parts[:, None, :] == 0) | (parts[:, :, None] == parts[:, None, :])
-    mask = (causal & same_group & visible)[:, None]
-    if implementation == "sdpa":
-        return mask
+    return (causal & same_group & visible)[:, None]
+
+
+def group_hidden(decoder, row: dict) -> torch.Tensor:
+    """Last hidden states [1, L, H] of a prompt-sharing row (input_ids, position_ids, group_ids,
+    parts [1, L]) run through `decoder` (a transformers decoder stack). With SDPA or eager
+    attention the row runs as a batch of segments (`segment_attention`) when that scores fewer
+    pairs than the dense mask; otherwise the dense mask goes to the attention implementation."""
+    implementation = decoder.config._attn_implementation
+    if implementation not in ("sdpa", "eager"):
+        raise ValueError(f"prompt-sharing rows need attn_implementation sdpa or eager, not {implementation!r}")
+    visible = group_visibility(row["group_ids"], row["parts"])
+    inputs = {"input_ids": row["input_ids"], "position_ids": row["position_ids"], "use_cache": False}
+    change = (row["group_ids"][0, 1:] != row["group_ids"][0, :-1]) | (row["parts"][0, 1:] != row["parts"][0, :-1])
+    segments = torch.cat([change.new_zeros(1), change]).long().cumsum(0)
+    layout = segment_layout(visible[0, 0], segments) if row["input_ids"].shape[0] == 1 else None
+    if layout is not None and layout.pays:
+        with segmented(decoder):
+            return decoder(**inputs, segment_layout=layout).last_hidden_state
     if implementation == "eager":
-        return torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, torch.finfo(torch.float32).min)
-    raise ValueError(f"prompt-sharing rows need attn_implementation sdpa or eager, not {implementation!r}")
+        visible = torch.zeros(visible.shape, device=visible.device).masked_fill(~visible, torch.finfo(torch.float32).min)
+    return decoder(**inputs, attention_mask=visible).last_hidden_state
 
 
 def group_logprobs(model, batch: dict, chunk_size: int = 1024) -> torch.Tensor:
     """Summed target log-probs of every response of a prompt-sharing row (`data.groups.group_row`,
     batch size 1): a tensor [num_responses]. The output head runs on target positions only."""
     lm = unwrap(model)
-    mask = group_attention_mask(batch["group_ids"], batch["parts"], lm.config._attn_implementation)
-    hidden = decoder_hidden(model, {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"],
-                                    "attention_mask": mask})
+    hidden = group_hidden(lm.get_decoder(), batch)
     logits = lm.get_output_embeddings()(hidden[0, batch["source"]])
     logps = gather_logprobs(logits, batch["targets"], chunk_size=chunk_size)
     total = batch["lengths"].shape[0]

@@ -79,7 +79,7 @@ def select_rows(batch: dict, rows: list[int] | torch.Tensor) -> dict:
 def shared_prefix_row(batch: dict) -> dict:
     """The rows of `batch` as ONE padding-free row [1, L] (`data.groups.group_row`) that holds every
     token once: the prefix common to all prompts (the root), then per distinct prompt its
-    remainder followed by its responses. With `models.forward.group_attention_mask` every token
+    remainder followed by its responses. With `models.forward.group_visibility` every token
     sees exactly what it sees in its own padded row, so hidden states are those of the padded
     layout, without padding and without recomputing a prompt (or a system prompt) that several
     rows share.

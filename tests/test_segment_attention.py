@@ -1,0 +1,82 @@
+"""Segment-batched attention over prompt-sharing rows: the same hidden states and gradients as
+the dense visibility mask, the layout on a hand example, and the dense fallback when batching
+segments would cost more."""
+
+from __future__ import annotations
+
+import torch
+
+from alignkit.data.groups import Group, group_row
+from alignkit.models.forward import group_hidden, group_visibility
+from alignkit.models.segment_attention import segment_layout
+from alignkit.models.tiny import tiny_model
+
+
+def _segments(row: dict) -> torch.Tensor:
+    gid, part = row["group_ids"][0], row["parts"][0]
+    change = (gid[1:] != gid[:-1]) | (part[1:] != part[:-1])
+    return torch.cat([change.new_zeros(1), change]).long().cumsum(0)
+
+
+def _row() -> dict:
+    """A root, six groups (one with no prompt of its own) of one to three replies each."""
+    groups = []
+    for g in range(6):
+        replies = [[40 + 10 * g + r + t for t in range(2 + (g + r) % 3)] for r in range(1 + g % 3)]
+        groups.append(Group([] if g == 2 else [30 + g, 31 + g], replies, replies))
+    return group_row(groups, root=[10, 11, 12, 13])
+
+
+def test_layout_hand_example():
+    # root [0, 1] | group 0: prompt [2], reply [3, 4] | group 1: reply [5]
+    groups = [Group([7], [[8, 9, 1]], [[8, 9, 1]]), Group([], [[6, 1]], [[6, 1]])]
+    row = group_row(groups, root=[3, 4])
+    assert row["input_ids"].tolist() == [[3, 4, 7, 8, 9, 6]]
+    visible = group_visibility(row["group_ids"], row["parts"])[0, 0]
+    layout = segment_layout(visible, _segments(row))
+    # segments: root (0, 1), prompt (2), reply (3, 4), reply (5); padded to 2 queries
+    assert layout.queries.tolist() == [[0, 1], [2, 0], [3, 4], [5, 0]]
+    # keys seen by each segment's last token: the root; root + prompt; root + prompt + reply; root + own reply
+    assert layout.keys.tolist() == [[0, 1, 0, 0, 0], [0, 1, 2, 0, 0], [0, 1, 2, 3, 4], [0, 1, 5, 0, 0]]
+    T, F = True, False
+    assert layout.mask[0, 0].tolist() == [[T, F, F, F, F], [T, T, F, F, F]]
+    assert layout.mask[1, 0].tolist() == [[T, T, T, F, F], [T, F, F, F, F]]  # padding query: key 0 only
+    assert layout.mask[2, 0].tolist() == [[T, T, T, T, F], [T, T, T, T, T]]
+    assert layout.mask[3, 0].tolist() == [[T, T, T, F, F], [T, F, F, F, F]]
+    assert layout.inverse.tolist() == [0, 1, 2, 4, 5, 6]
+    assert not layout.pays  # 4 x 2 x 5 scores > 6 x 6
+
+
+def test_segments_equal_the_dense_mask_in_values_and_gradients():
+    row = _row()
+    visible = group_visibility(row["group_ids"], row["parts"])
+    assert segment_layout(visible[0, 0], _segments(row)).pays  # the segmented path is the one tested
+    results = []
+    for dense in (False, True):
+        model = tiny_model(3).double()  # float64: the two orders of summation agree to ~1e-12
+        decoder = model.get_decoder()
+        if dense:
+            hidden = decoder(input_ids=row["input_ids"], position_ids=row["position_ids"],
+                             attention_mask=visible, use_cache=False).last_hidden_state
+        else:
+            hidden = group_hidden(decoder, row)
+        (hidden * torch.linspace(-1, 1, hidden.shape[-1], dtype=torch.float64)).sum().backward()
+        results.append((hidden.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (h_seg, g_seg), (h_dense, g_dense) = results
+    torch.testing.assert_close(h_seg, h_dense, rtol=1e-10, atol=1e-10)
+    assert g_seg.keys() == g_dense.keys() and len(g_seg) > 0
+    for name in g_seg:
+        torch.testing.assert_close(g_seg[name], g_dense[name], rtol=1e-9, atol=1e-10)
+
+
+def test_a_costlier_batching_falls_back_to_the_dense_mask():
+    # one long prompt, one short reply: 2 segments x 30 queries x 32 keys > 32 x 32
+    prompt = list(range(20, 50))
+    row = group_row([Group(prompt, [[60, 61, 62]], [[60, 61, 62]])])
+    visible = group_visibility(row["group_ids"], row["parts"])
+    assert not segment_layout(visible[0, 0], _segments(row)).pays
+    model = tiny_model(1).eval()
+    with torch.no_grad():
+        hidden = group_hidden(model.get_decoder(), row)
+        alone = model.get_decoder()(input_ids=torch.tensor([prompt + [60, 61]])).last_hidden_state
+    torch.testing.assert_close(hidden, alone, rtol=1e-5, atol=1e-5)
