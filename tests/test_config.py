@@ -26,7 +26,7 @@ def test_unknown_key_names_nearest(tmp_path):
 def test_wrong_type_is_an_error():
     with pytest.raises(ConfigError, match=r"train.grad_accum: expected an integer, got 'two'"):
         load_config(SFTConfig, None, ["train.grad_accum=two"])
-    with pytest.raises(ConfigError, match=r"precision must be fp32 or bf16"):
+    with pytest.raises(ConfigError, match=r"precision must be fp32, bf16 or auto"):
         load_config(SFTConfig, None, ["train.precision=fp8"])
 
 

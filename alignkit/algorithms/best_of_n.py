@@ -58,7 +58,7 @@ class BestOfNConfig:
     top_k: int = opt(0, "top-k sampling (0 = off)")
     max_new_tokens: int = opt(48, "generation budget")
     batch_size: int = opt(16, "prompts decoded together")
-    dtype: str = opt("fp32", "generation autocast dtype: fp32 or bf16")
+    dtype: str = opt("fp32", "generation autocast dtype: fp32, bf16, or auto (bf16 where the device computes it natively)")
     threads: int = opt(0, "torch CPU threads (0 = default)")
     seed: int = opt(0, "sampling seed and prompt seed")
     output_dir: str = opt("runs/best_of_n", "sweep.jsonl, table.md, best.jsonl, curves.png")

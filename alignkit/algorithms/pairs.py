@@ -42,7 +42,7 @@ class PairsConfig:
     pairs_per_problem: int = opt(1, "pairs per problem (each with a different incorrect answer)")
     gold_chosen: bool = opt(True, "when the model has no correct sample, prefer the gold answer; false = only the model's own answers (on-policy pairs)")
     batch_size: int = opt(16, "prompts decoded together (each with `samples` rows)")
-    dtype: str = opt("fp32", "sampling precision: fp32, or bf16 autocast (faster on CPUs with bf16 matmul)")
+    dtype: str = opt("fp32", "sampling precision: fp32, or bf16 autocast (faster on CPUs with bf16 matmul), or auto (bf16 where the device computes it natively)")
     seed: int = opt(0, "seed of the problems and of the sampler")
 
 

@@ -64,7 +64,7 @@ class SamplerConfig:
     top_p: float = opt(1.0, "nucleus sampling mass")
     max_new_tokens: int = opt(16, "generation budget (answers are short in the 'answer' style)")
     batch_size: int = opt(64, "prompts decoded together when sampling N per prompt (greedy passes take batch_size x N)")
-    dtype: str = opt("fp32", "generation autocast dtype: fp32 or bf16")
+    dtype: str = opt("fp32", "generation autocast dtype: fp32 or bf16, or auto (bf16 where the device computes it natively)")
     shots: list[list[str]] = opt(factory=list, help="few-shot exemplars, [question, reply] pairs: earlier chat turns "
                                                      "of the prompts sampled for training (never of evaluation or training prompts)")
     shot_iterations: int = opt(1, "iterations whose sampling uses the shots: the first this many (1: only the "

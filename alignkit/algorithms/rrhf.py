@@ -56,7 +56,7 @@ class CandidatesConfig:
     drop_ties: bool = opt(True, "leave out prompts whose candidates all score the same (no ranking to learn, no best response)")
     word_problems: bool = opt(True, "arithmetic: short stories; false gives the plain form 'What is 47 + 38?'")
     batch_size: int = opt(16, "prompts decoded together (each with `samples` rows)")
-    dtype: str = opt("fp32", "sampling precision: fp32, or bf16 autocast (faster on CPUs with bf16 matmul)")
+    dtype: str = opt("fp32", "sampling precision: fp32, or bf16 autocast (faster on CPUs with bf16 matmul), or auto (bf16 where the device computes it natively)")
     seed: int = opt(0, "seed of the prompts and of the sampler")
 
 

@@ -38,7 +38,7 @@ class ScoreConfig:
     probabilities: bool = opt(False, "single model: write σ(r) instead of the raw scalar")
     whiten: bool = opt(False, "standardise the scores over the file (mean 0, std 1)")
     dtype: str = opt("float32", "weight dtype")
-    precision: str = opt("fp32", "fp32, or bf16 autocast")
+    precision: str = opt("fp32", "fp32, or bf16 autocast, or auto (bf16 where the device computes it natively)")
     max_length: int = opt(1024, "tokens per prompt + response")
     max_tokens: int = opt(2048, "tokens per packed scoring row")
     threads: int = opt(0, "torch CPU threads (0 = torch default)")

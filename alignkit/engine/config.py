@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from alignkit.config import opt
+from alignkit.engine.precision import resolve_precision
 
 
 @dataclass
@@ -25,7 +26,8 @@ class TrainConfig:
     beta2: float = opt(0.95, "AdamW beta2")
     eps: float = opt(1e-5, "AdamW epsilon")
     max_grad_norm: float = opt(1.0, "clip the global gradient norm (0 = off)")
-    precision: str = opt("fp32", "fp32, or bf16 (autocast; weights and optimizer stay fp32)")
+    precision: str = opt("fp32", "fp32, bf16 (autocast; weights and optimizer stay fp32), or auto (bf16 where the "
+                                  "device computes it natively, else fp32: engine/precision.py)")
     device: str = opt("auto", "auto, cpu, cuda")
     seed: int = opt(0, "seed for data order, initialisation and sampling")
     log_every: int = opt(1, "write metrics every N steps")
@@ -40,8 +42,9 @@ class TrainConfig:
     threads: int = opt(0, "torch CPU threads (0 = torch default)")
 
     def __post_init__(self):
-        if self.precision not in ("fp32", "bf16"):
-            raise ValueError(f"precision must be fp32 or bf16, not {self.precision!r}")
+        if self.precision not in ("fp32", "bf16", "auto"):
+            raise ValueError(f"precision must be fp32, bf16 or auto, not {self.precision!r}")
+        self.precision = resolve_precision(self.precision, self.device)
         if self.schedule not in ("cosine", "constant"):
             raise ValueError(f"schedule must be cosine or constant, not {self.schedule!r}")
         if self.on_nonfinite not in ("stop", "skip"):

