@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from alignkit.config import opt
-from alignkit.engine.precision import resolve_precision
+from alignkit.engine.precision import native_bf16
 
 DEFAULT_MODEL = "default"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -52,7 +52,7 @@ class ModelConfig:
 
     def __post_init__(self):
         if self.dtype == "auto":
-            self.dtype = "bfloat16" if resolve_precision("auto") == "bf16" else "float32"
+            self.dtype = "bfloat16" if native_bf16() else "float32"
 
 
 def cache_dir() -> Path:
