@@ -3,7 +3,7 @@
 bf16 autocast halves the bytes each matrix product reads, and pays on CUDA GPUs that support it
 and on x86 CPUs with AVX-512 BF16 or AMX instructions. On other CPUs PyTorch converts bf16 in
 software: on a 2-core AVX2-only AMD EPYC (Zen 3) a ReST-EM train step took 89.8 s in bf16
-against 4.2 s in fp32, and sampling 6x as long (benchmarks/RESULTS.md). So `auto` (the
+against 4.2 s in fp32, and sampling 6x as long (`benchmarks/precision.py`, RESULTS.md). So `auto` (the
 recipes' setting for `train.precision`, sampler `dtype` and `model.dtype`) picks bf16 only there.
 """
 
