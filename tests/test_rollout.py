@@ -91,7 +91,7 @@ def test_greedy_matches_no_cache_argmax_loop(eos_boost, monkeypatch):
                          - len(TOK(PROMPTS[1], add_special_tokens=False)["input_ids"])]
 
 
-def test_prompt_prefilled_once_for_n_samples_and_finished_rows_dropped(monkeypatch):
+def test_prompt_prefilled_once_for_n_samples_and_decoded_once_per_distinct_prefix(monkeypatch):
     monkeypatch.setattr(hf, "COMPACT_AFTER", 0.0)  # finished rows leave at once
     model = _model(eos_boost=3.0)
     calls = []
@@ -103,14 +103,49 @@ def test_prompt_prefilled_once_for_n_samples_and_finished_rows_dropped(monkeypat
     prefills = [shape for shape in calls if shape[1] > 1]
     # every prompt token went through the model exactly once, not n times
     assert sorted(prefills) == sorted((1, length) for length in lengths)
-    # decode calls: step t feeds the running rows only, i.e. those whose sample is longer than t
+    # decode calls: step t feeds one row per distinct t-token prefix of the samples still running
     for p in range(len(PROMPTS)):
         samples = out[p * n:(p + 1) * n]
-        expected = [sum(len(c.token_ids) > t for c in samples) for t in range(1, 12)]
+        expected = [len({tuple(c.token_ids[:t]) for c in samples if len(c.token_ids) > t}) for t in range(1, 12)]
         expected = [e for e in expected if e > 0]
         start = calls.index((1, lengths[p])) + 1
         assert [s[0] for s in calls[start:start + len(expected)]] == expected
     assert len({len(c.token_ids) for c in out}) > 1  # some rows did stop early
+    # and some prefixes were shared, some split
+    assert any(0 < len({tuple(c.token_ids[:1]) for c in out[p * n:(p + 1) * n]}) < n for p in range(len(PROMPTS)))
+    assert any(len({tuple(c.token_ids) for c in out[p * n:(p + 1) * n]}) > 1 for p in range(len(PROMPTS)))
+
+
+@torch.no_grad()
+def _independent_rows_reference(model, prompts: list[str], params: SamplingParams) -> list[list[int]]:
+    """Every sample as its own row, with a full no-cache forward pass per row and step, drawing
+    one uniform number per running row in row order, as the generator does."""
+    gen = torch.Generator(device=DEVICE).manual_seed(params.seed)
+    ids = [TOK(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    rows = [(i, []) for i in range(len(prompts)) for _ in range(params.n)]
+    running = list(range(len(rows)))
+    for _ in range(params.max_new_tokens):
+        logits = torch.stack([model(torch.tensor([ids[rows[r][0]] + rows[r][1]], device=DEVICE)).logits[0, -1]
+                              for r in running])
+        for r, token in zip(running, hf._sample(logits, params, gen).tolist()):
+            rows[r][1].append(token)
+        running = [r for r in running if rows[r][1][-1] != EOS]
+        if not running:
+            break
+    return [tokens for _, tokens in rows]
+
+
+@pytest.mark.parametrize("kw", [dict(temperature=0.6, top_k=20), dict(temperature=1.0, top_p=0.9), dict(temperature=0.3)])
+def test_shared_prefix_decoding_equals_independent_rows(kw):
+    """Rows that share a prefix share one forward pass; the samples are exactly those of
+    independent rows given the same random numbers."""
+    model = _model(eos_boost=2.0)
+    params = SamplingParams(n=6, max_new_tokens=10, seed=5, **kw)
+    out = HFGenerator(model, TOK, batch_size=len(PROMPTS)).generate(PROMPTS, params)
+    assert [c.token_ids for c in out] == _independent_rows_reference(model, PROMPTS, params)
+    per_prompt = [[tuple(c.token_ids) for c in out[p * 6:(p + 1) * 6]] for p in range(len(PROMPTS))]
+    assert any(len({s[:1] for s in samples}) < 6 for samples in per_prompt)  # some rows shared a prefix
+    assert any(len(set(samples)) > 1 for samples in per_prompt)  # and split later
 
 
 def test_when_finished_rows_leave_changes_no_output(monkeypatch):

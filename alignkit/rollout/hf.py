@@ -1,14 +1,19 @@
 """Sampling with a plain Hugging Face model: alignkit's own decoding loop over `model(...)`.
 
 What makes it cheaper than `model.generate(num_return_sequences=n)`:
-- each prompt is prefilled once and its KV cache is shared by its n samples
-  (`Cache.batch_repeat_interleave` after the prefill), instead of prefilling n copies;
+- each prompt is prefilled once for its n samples, instead of prefilling n copies;
+- samples that have drawn the same tokens so far are decoded as one row of the batch (a node):
+  their next-token distribution is the same, so one forward pass serves them all, and each
+  sample still draws its own token from it (exact, independent samples). A node splits, its
+  cache row copied (`Cache.batch_select_indices`), when its samples draw different tokens. So
+  a decoding step costs the distinct prefixes, not the samples: a policy that starts its
+  replies the same way (restating the question, a fixed format) decodes that part once;
 - a prefix that all prompts of a batch share (the system prompt of a chat template, a task's
   fixed wording, few-shot exemplars) is prefilled once for the whole batch (`_shared_root`),
   and its keys/values are kept once, not copied into every row (`_BufferLayer.split_root`,
   added by the decoding attention: `decode_attention.shared_root`);
-- finished rows leave the running batch (`Cache.batch_select_indices`, compacting the cache in
-  place) as soon as the decoding they would still cost outweighs the copy (`COMPACT_AFTER`), so
+- finished samples leave the running batch (nodes without a running sample are dropped from the
+  cache in place) as soon as the decoding they would still cost outweighs the copy (`COMPACT_AFTER`), so
   little compute is spent after eos, and left-padding columns that no running row needs any
   more are cut from the cache;
 - the lm head runs only on the last prompt position; stop strings are checked on the last few
@@ -169,16 +174,17 @@ class HFGenerator:
         except StopIteration:
             return torch.device("cpu")
 
-    def _new_cache(self, capacity: int):
+    def _new_cache(self, capacity: int, rows: int):
         """A DynamicCache; when every layer is plain full attention, its layers write into
-        buffers sized for the whole generation instead of concatenating at every step."""
+        buffers sized for the whole generation (`capacity` positions, `rows` rows) instead of
+        concatenating at every step."""
         config = getattr(self.model, "config", None)
         try:
             cache = DynamicCache(config=config) if config is not None else DynamicCache()
         except Exception:  # configs that the layer-type inference does not understand
             return DynamicCache()
         if cache.layers and all(type(layer) is DynamicLayer for layer in cache.layers):
-            cache.layers = [_BufferLayer(capacity) for _ in cache.layers]
+            cache.layers = [_BufferLayer(capacity, rows) for _ in cache.layers]
         return cache
 
     def _generate_batch(self, model, batch_ids: list[list[int]], params: SamplingParams, gen, device):
@@ -193,7 +199,7 @@ class HFGenerator:
             mask[b, L - len(ids) + root:] = 1
         input_ids, mask = input_ids.to(device), mask.to(device)
 
-        cache = self._new_cache(root + L + params.max_new_tokens)
+        cache = self._new_cache(root + L + params.max_new_tokens, B * n)
         kw = cache_keyword(model)
         with shared_root(cache):  # a root split off below is found by the attention there
             if root:
@@ -216,14 +222,16 @@ class HFGenerator:
             logits = out.logits[:, -1, :]  # the model's dtype: _sample converts only what it uses
             del out
             lengths = mask.sum(-1)  # position id of the next token = real tokens so far
-            if n > 1:  # one prefill per prompt, shared by its n samples
-                cache.batch_repeat_interleave(n)
-                logits = logits.repeat_interleave(n, dim=0)
-                mask = mask.repeat_interleave(n, dim=0)
-                lengths = lengths.repeat_interleave(n, dim=0)
 
+            # The n samples of a prompt are rows; rows that have drawn the same tokens so far have
+            # the same next-token distribution, so the decoding batch holds one entry (a node: a
+            # row of the cache) per distinct prefix, not one per row. Every row draws its own token
+            # from its node's logits; a node whose rows drew different tokens splits (its cache row
+            # is copied), so forward passes cost the distinct prefixes (exact: each row is still an
+            # independent sample). After the prefill, each prompt is one node for its n rows.
             R = B * n
             rows = list(range(R))  # global row of each running row
+            node = torch.arange(B, device=device).repeat_interleave(n)  # cache row of each running row
             tokens: list[list[int]] = [[] for _ in range(R)]
             logps: list[list[float]] | None = [[] for _ in range(R)] if params.logprobs else None
             reasons = ["length"] * R
@@ -232,22 +240,19 @@ class HFGenerator:
             # Tokens to re-decode when checking stop strings: every ordinary token is at least one byte.
             window = max((len(s.encode("utf-8")) for s in stops), default=0) + 2
 
-            alive = torch.ones(R, dtype=torch.bool, device=device)  # finished rows stay until a compaction pays
             for step in range(params.max_new_tokens):
-                nxt = _sample(logits, params, gen)
+                nxt = _sample(logits, params, gen, node)
                 if logps is not None:
                     full = logits.float()
-                    lp = (full.gather(1, nxt[:, None]).squeeze(1) - torch.logsumexp(full, dim=-1)).tolist()
-                done = torch.isin(nxt, eos) & alive
-                nxt_list, alive_list = nxt.tolist(), alive.tolist()
+                    lp = (full[node, nxt] - torch.logsumexp(full, dim=-1)[node]).tolist()
+                done = torch.isin(nxt, eos)
+                nxt_list = nxt.tolist()
                 for j, r in enumerate(rows):
-                    if alive_list[j]:
-                        tokens[r].append(nxt_list[j])
-                        if logps is not None:
-                            logps[r].append(lp[j])
+                    tokens[r].append(nxt_list[j])
+                    if logps is not None:
+                        logps[r].append(lp[j])
                 if stops:
-                    done_list = done.tolist()
-                    check = [j for j in range(len(rows)) if alive_list[j] and not done_list[j]]
+                    check = (~done).nonzero().squeeze(1).tolist()
                     if check:
                         tails = self.tokenizer.batch_decode([tokens[rows[j]][-window:] for j in check],
                                                             skip_special_tokens=True)
@@ -256,24 +261,34 @@ class HFGenerator:
                             done[hit] = True
                 for j in done.nonzero().squeeze(1).tolist():
                     reasons[rows[j]] = "stop"
-                if step == params.max_new_tokens - 1:
+                if step == params.max_new_tokens - 1 or bool(done.all()):
                     break
-                alive &= ~done
-                if not bool(alive.any()):
-                    break
-                dead = len(rows) - int(alive.sum())
-                if bool(done.any()) and dead * (params.max_new_tokens - 1 - step) >= COMPACT_AFTER * len(rows):
-                    keep = alive.nonzero().squeeze(1)
+                if bool(done.any()):
+                    keep = (~done).nonzero().squeeze(1)
                     rows = [rows[j] for j in keep.tolist()]
-                    cache.batch_select_indices(keep)
-                    mask, lengths, nxt, alive = mask[keep], lengths[keep], nxt[keep], alive[keep]
+                    node, nxt = node[keep], nxt[keep]
+                # The next nodes: one per distinct (node, token) of the running rows, in order.
+                vocab = logits.shape[-1]
+                pairs, child = torch.unique(node * vocab + nxt, return_inverse=True)
+                parent, token = pairs // vocab, pairs % vocab
+                nodes = mask.shape[0]  # cache rows now, some maybe without running rows
+                split = bool((parent[1:] == parent[:-1]).any())
+                # Cache rows without running rows stay until the decoding they would still cost,
+                # dead rows x steps left, reaches COMPACT_AFTER batch-steps (a copy of the cache);
+                # a split copies anyway.
+                if split or (nodes - parent.numel()) * (params.max_new_tokens - 1 - step) >= COMPACT_AFTER * nodes:
+                    cache.batch_select_indices(parent)
+                    mask, lengths, node, step_ids = mask[parent], lengths[parent], child, token
                     # Drop leading columns that are padding for every remaining row (none when a
                     # shared root leads every row).
                     cut = int(mask.argmax(-1).min())  # rows are 0..0 1..1 (or 1..1 0..0 1..1)
                     if cut > 0 and _crop_front(cache, cut):
                         mask = mask[:, cut:]
+                else:  # each cache row keeps its place; rows without a running row get padding
+                    step_ids = torch.full((nodes,), self.pad_id, dtype=token.dtype, device=device)
+                    step_ids[parent] = token
                 mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
-                out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=lengths[:, None],
+                out = model(input_ids=step_ids[:, None], attention_mask=mask, position_ids=lengths[:, None],
                             **{kw: cache}, use_cache=True)
                 cache = getattr(out, kw)
                 logits = out.logits[:, -1, :]
@@ -296,22 +311,29 @@ class HFGenerator:
 class _BufferLayer(DynamicLayer):
     """A DynamicLayer that keeps keys/values in a buffer with room for `capacity` positions:
     a decoding step writes one column in place instead of copying the whole cache (`torch.cat`).
-    `keys`/`values` are views of the filled part, so the rest of transformers sees a DynamicLayer."""
+    `keys`/`values` are views of the filled part, so the rest of transformers sees a DynamicLayer.
+    The rows of the decoding batch (distinct prefixes of the samples) grow as samples split, up
+    to `rows` (prompts x n); the buffers then double their rows, up to that."""
 
-    def __init__(self, capacity: int):
+    def __init__(self, capacity: int, rows: int = 0):
         super().__init__()
-        self.capacity = capacity
-        self._k = self._v = None
+        self.capacity, self.rows = capacity, rows
+        self._k = self._v = None  # the rows in use of the buffers _kb / _vb
+        self._kb = self._vb = None
         self._start = self._end = 0
         self.root_keys = self.root_values = None  # a prefix every row shares, kept once [1, KV, P, D]
+
+    def _allocate(self, like: torch.Tensor, rows: int, positions: int, room: int = 0) -> None:
+        shape = (max(rows, room), like.shape[1], positions, like.shape[3])
+        self._kb, self._vb = like.new_empty(shape), like.new_empty(shape)
+        self._k, self._v = self._kb[:rows], self._vb[:rows]
 
     def split_root(self, rows: int) -> None:
         """Make the cached positions (one row: the batch's shared prefix) the shared root, and
         start empty buffers of `rows` rows for each row's own positions. The cache then returns
         those only; `decode_attention.shared_root` tells the attention where the root is."""
         self.root_keys, self.root_values = self.keys.clone(), self.values.clone()
-        shape = (rows,) + self._k.shape[1:2] + (max(1, self.capacity - self.root_keys.shape[2]),) + self._k.shape[3:]
-        self._k, self._v = self._k.new_empty(shape), self._v.new_empty(shape)
+        self._allocate(self._k, rows, max(1, self.capacity - self.root_keys.shape[2]))
         self._start = self._end = 0
         self._views()
 
@@ -326,9 +348,7 @@ class _BufferLayer(DynamicLayer):
     def _rebuild(self, fn) -> None:
         """Replace the buffers by fn(filled part), copied to the front of new buffers."""
         k, v = fn(self.keys), fn(self.values)
-        size = max(self.capacity, k.shape[2])
-        self._k = k.new_empty(k.shape[:2] + (size,) + k.shape[3:])
-        self._v = v.new_empty(v.shape[:2] + (size,) + v.shape[3:])
+        self._allocate(k, k.shape[0], max(self.capacity, k.shape[2]))
         self._start, self._end = 0, k.shape[2]
         self._k[:, :, :self._end] = k
         self._v[:, :, :self._end] = v
@@ -354,13 +374,15 @@ class _BufferLayer(DynamicLayer):
             self._rebuild(lambda t: t.repeat_interleave(repeats, dim=0))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        """Keep rows `indices`, compacted into the front rows of the SAME buffers: only the filled
-        part is copied, and no new buffer is allocated (a fresh one of full capacity per finished
-        row costs more than the copy itself, in page faults)."""
+        """Keep rows `indices` (a row may be named more than once: a prefix whose samples split),
+        written to the front rows of the SAME buffers when they fit: only the filled part is
+        copied (a fresh buffer of full capacity costs more than the copy itself, in page faults)."""
         if self.is_initialized:
             index = indices.to(self._k.device)
             k, v = self.keys.index_select(0, index), self.values.index_select(0, index)
-            self._k, self._v = self._k[:index.numel()], self._v[:index.numel()]
+            if index.numel() > self._kb.shape[0]:
+                self._allocate(k, index.numel(), self._kb.shape[2], min(2 * self._kb.shape[0], self.rows))
+            self._k, self._v = self._kb[:index.numel()], self._vb[:index.numel()]
             self._k[:, :, self._start:self._end] = k
             self._v[:, :, self._start:self._end] = v
             self._views()
@@ -380,7 +402,7 @@ class _BufferLayer(DynamicLayer):
         self._views()
 
     def reset(self) -> None:
-        self._k = self._v = None
+        self._k = self._v = self._kb = self._vb = None
         self._start = self._end = 0
         self.root_keys = self.root_values = None
         super().reset()
@@ -424,12 +446,16 @@ def _crop_front(cache, cut: int) -> bool:
     return True
 
 
-def _sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator) -> torch.Tensor:
-    """Next token per row from logits [rows, vocab] of any float dtype. Top-k runs on the raw
-    logits (dividing by a positive temperature keeps the order), so only the k kept scores are
-    converted to float32 and tempered: on a 49k vocabulary that is most of the sampling cost."""
+def _sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator,
+            node: torch.Tensor | None = None) -> torch.Tensor:
+    """Next token per row from logits [nodes, vocab] of any float dtype; `node` [rows] names the
+    logits row each sampled row draws from (rows sharing a prefix share it), None: one row each.
+    Each row draws its own uniform number, in row order. Top-k runs on the raw logits (dividing by
+    a positive temperature keeps the order), so only the k kept scores are converted to float32
+    and tempered: on a 49k vocabulary that is most of the sampling cost."""
     if params.temperature == 0:
-        return logits.argmax(dim=-1)
+        best = logits.argmax(dim=-1)
+        return best if node is None else best[node]
     vocab = logits.shape[-1]
     index = None
     if 0 < params.top_k < vocab:
@@ -445,7 +471,11 @@ def _sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator) 
         scores = scores.masked_fill(before >= params.top_p, float("-inf"))
     # Inverse-CDF sampling: one uniform number per row (torch.multinomial draws one per vocab entry).
     cdf = torch.softmax(scores, dim=-1).cumsum_(dim=-1)
+    best = scores.argmax(dim=-1)
+    if node is not None:
+        cdf, best = cdf[node], best[node]
+        index = None if index is None else index[node]
     u = torch.rand((cdf.shape[0], 1), generator=gen, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]
     choice = torch.searchsorted(cdf, u, right=True).squeeze(1)
-    choice = torch.where(choice < cdf.shape[-1], choice, scores.argmax(dim=-1))  # u rounded up to the total
+    choice = torch.where(choice < cdf.shape[-1], choice, best)  # u rounded up to the total
     return choice if index is None else index.gather(1, choice[:, None]).squeeze(1)
