@@ -4,7 +4,9 @@ drifts by the hour, so only interleaved runs compare):
 - decode-attention: single-query decoding attention against transformers' SDPA;
 - shared-root: the prompt prefix common to a batch prefilled once, against once per prompt;
 - root-kept-once: that prefix's keys/values kept once for the batch, against copied into
-  every row (with `--shots K`, the first K few-shot exemplars of recipes/rest_em.yaml lengthen it).
+  every row (with `--shots K`, the first K few-shot exemplars of recipes/rest_em.yaml lengthen it);
+- shared-prefixes: the samples of a prompt that have drawn the same tokens so far decoded as one
+  row, against every sample in its own row (the same samples either way).
 
 Default shape: a ReST-EM E-step (built-in arithmetic prompts, answer only, 8 samples each,
 12 new tokens, T=0.7, top-k 40, bf16, 64 prompts per batch); `--n 1 --temperature 0` with
@@ -14,6 +16,7 @@ Default shape: a ReST-EM E-step (built-in arithmetic prompts, answer only, 8 sam
     python benchmarks/generator_ab.py --feature shared-root --problems 128 --repeats 4
     python benchmarks/generator_ab.py --feature shared-root --problems 512 --n 1 --temperature 0 --max-rows 512
     python benchmarks/generator_ab.py --feature root-kept-once --problems 256 --shots 4 --repeats 2
+    python benchmarks/generator_ab.py --feature shared-prefixes --problems 128 --n 16 --shots 4 --temperature 1 --dtype fp32 --repeats 2
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ def main() -> None:
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16")
     p.add_argument("--repeats", type=int, default=4)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--feature", choices=["decode-attention", "shared-root", "root-kept-once"], default="decode-attention")
+    p.add_argument("--feature", choices=["decode-attention", "shared-root", "root-kept-once", "shared-prefixes"], default="decode-attention")
     p.add_argument("--shots", type=int, default=0, help="few-shot exemplars (recipes/rest_em.yaml's) before each prompt")
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--max-rows", type=int, default=None, help="rows per batch (HFGenerator max_rows)")
@@ -67,6 +70,9 @@ def main() -> None:
         on, off = hf.decode_attention, (lambda m: contextlib.nullcontext())
         sides = {"single-query attention": lambda: setattr(hf, "decode_attention", on),
                  "transformers SDPA": lambda: setattr(hf, "decode_attention", off)}
+    elif args.feature == "shared-prefixes":
+        sides = {"shared prefixes, one row": lambda: setattr(hf, "SHARE_PREFIXES", True),
+                 "every sample its own row": lambda: setattr(hf, "SHARE_PREFIXES", False)}
     elif args.feature == "root-kept-once":
         split = hf._splits_root
         sides = {"root kept once": lambda: setattr(hf, "_splits_root", split),

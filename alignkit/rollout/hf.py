@@ -63,6 +63,10 @@ def _resolve_dtype(dtype) -> torch.dtype | None:
     raise ValueError(f"dtype must be None, a torch.dtype, 'auto' or one of {sorted(_DTYPES)}, got {dtype!r}")
 
 
+# Samples of a prompt that have drawn the same tokens so far share one row of the decoding batch
+# (False: every sample decodes in its own row; the same samples, more compute; for A/B runs).
+SHARE_PREFIXES = True
+
 # Finished rows leave the decoding batch (a copy of the KV cache of the rows that stay) once the
 # decoding steps they would still cost, dead rows × steps left, reach this many batch-steps: a
 # compaction costs about half a decoding step of the whole batch (measured on CPU).
@@ -232,6 +236,9 @@ class HFGenerator:
             R = B * n
             rows = list(range(R))  # global row of each running row
             node = torch.arange(B, device=device).repeat_interleave(n)  # cache row of each running row
+            if not SHARE_PREFIXES and n > 1:  # every sample its own row from the start
+                cache.batch_select_indices(node)
+                mask, lengths, logits, node = mask[node], lengths[node], logits[node], torch.arange(R, device=device)
             tokens: list[list[int]] = [[] for _ in range(R)]
             logps: list[list[float]] | None = [[] for _ in range(R)] if params.logprobs else None
             reasons = ["length"] * R
