@@ -1,5 +1,5 @@
-"""A/B of ReST-EM's `e_step_round_size`: one E-step of the recipe (recipes/rest_em.yaml: 1280
-training problems x 8 samples) from one policy, with the N samples drawn at once (size 0) and in rounds
+"""A/B of ReST-EM's `e_step_round_size`: one E-step of the recipe (recipes/rest_em.yaml: its
+training problems x N samples) from one policy, with the N samples drawn at once (size 0) and in rounds
 (a problem with `cap_per_problem` correct answers is not sampled again), in one process and in
 the order given (the machine's speed drifts by the hour). Prints seconds, samples drawn and
 problems solved for each.
