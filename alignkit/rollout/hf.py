@@ -227,12 +227,8 @@ class HFGenerator:
             del out
             lengths = mask.sum(-1)  # position id of the next token = real tokens so far
 
-            # The n samples of a prompt are rows; rows that have drawn the same tokens so far have
-            # the same next-token distribution, so the decoding batch holds one entry (a node: a
-            # row of the cache) per distinct prefix, not one per row. Every row draws its own token
-            # from its node's logits; a node whose rows drew different tokens splits (its cache row
-            # is copied), so forward passes cost the distinct prefixes (exact: each row is still an
-            # independent sample). After the prefill, each prompt is one node for its n rows.
+            # Rows are samples; nodes are cache rows, one per distinct prefix (module docstring).
+            # After the prefill, each prompt is one node for its n rows.
             R = B * n
             rows = list(range(R))  # global row of each running row
             node = torch.arange(B, device=device).repeat_interleave(n)  # cache row of each running row
