@@ -6,9 +6,10 @@ drifts by the hour, so only interleaved runs compare):
 - root-kept-once: that prefix's keys/values kept once for the batch, against copied into
   every row (with `--shots K`, the first K few-shot exemplars of recipes/rest_em.yaml lengthen it);
 - shared-prefixes: the samples of a prompt that have drawn the same tokens so far decoded as one
-  row, against every sample in its own row (the same samples either way).
+  row, against every sample in its own row (the same samples either way);
+- packed-linears: in fp32, the linears through oneDNN on reordered weights, against F.linear (MKL).
 
-Default shape: a ReST-EM E-step (built-in arithmetic prompts, answer only, 8 samples each,
+The process tunes glibc malloc as the CLI does (`engine/allocator.py`). Default shape: a ReST-EM E-step (built-in arithmetic prompts, answer only, 8 samples each,
 12 new tokens, T=0.7, top-k 40, bf16, 64 prompts per batch); `--n 1 --temperature 0` with
 `--max-rows 512` is its greedy evaluation.
 
@@ -17,6 +18,7 @@ Default shape: a ReST-EM E-step (built-in arithmetic prompts, answer only, 8 sam
     python benchmarks/generator_ab.py --feature shared-root --problems 512 --n 1 --temperature 0 --max-rows 512
     python benchmarks/generator_ab.py --feature root-kept-once --problems 256 --shots 4 --repeats 2
     python benchmarks/generator_ab.py --feature shared-prefixes --problems 128 --n 16 --shots 4 --temperature 1 --dtype fp32 --repeats 2
+    python benchmarks/generator_ab.py --feature packed-linears --problems 128 --n 16 --shots 4 --temperature 1 --dtype fp32 --repeats 2
 """
 
 from __future__ import annotations
@@ -34,10 +36,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import alignkit.rollout.hf as hf  # noqa: E402
+import alignkit.rollout.packed_linear as packed_linear  # noqa: E402
 from alignkit.algorithms.problems import ProblemsConfig, load_task  # noqa: E402
 from alignkit.algorithms.rest_em import RestEMConfig  # noqa: E402
 from alignkit.config import load_config  # noqa: E402
 from alignkit.data.records import user_prompt  # noqa: E402
+from alignkit.engine.allocator import tune_malloc  # noqa: E402
 from alignkit.models.load import ModelConfig, load_model  # noqa: E402
 from alignkit.rollout.base import SamplingParams, chat_prompts  # noqa: E402
 from benchmarks._common import machine  # noqa: E402
@@ -54,12 +58,14 @@ def main() -> None:
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16")
     p.add_argument("--repeats", type=int, default=4)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--feature", choices=["decode-attention", "shared-root", "root-kept-once", "shared-prefixes"], default="decode-attention")
+    p.add_argument("--feature", choices=["decode-attention", "shared-root", "root-kept-once", "shared-prefixes", "packed-linears"],
+                   default="decode-attention")
     p.add_argument("--shots", type=int, default=0, help="few-shot exemplars (recipes/rest_em.yaml's) before each prompt")
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--max-rows", type=int, default=None, help="rows per batch (HFGenerator max_rows)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    tune_malloc()
     model, tok, _ = load_model(ModelConfig(path=args.model), train=False)
     task = load_task(ProblemsConfig(train_problems=args.problems, val_problems=0, eval_problems=0))
     shots = task.shot_turns(load_config(RestEMConfig, str(ROOT / "recipes" / "rest_em.yaml")).sampler.shots[:args.shots])
@@ -73,6 +79,9 @@ def main() -> None:
     elif args.feature == "shared-prefixes":
         sides = {"shared prefixes, one row": lambda: setattr(hf, "SHARE_PREFIXES", True),
                  "every sample its own row": lambda: setattr(hf, "SHARE_PREFIXES", False)}
+    elif args.feature == "packed-linears":
+        sides = {"oneDNN, reordered weights": lambda: setattr(packed_linear, "PACKED_LINEARS", True),
+                 "F.linear (MKL)": lambda: setattr(packed_linear, "PACKED_LINEARS", False)}
     elif args.feature == "root-kept-once":
         split = hf._splits_root
         sides = {"root kept once": lambda: setattr(hf, "_splits_root", split),

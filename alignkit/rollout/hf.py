@@ -17,7 +17,9 @@ What makes it cheaper than `model.generate(num_return_sequences=n)`:
   little compute is spent after eos, and left-padding columns that no running row needs any
   more are cut from the cache;
 - the lm head runs only on the last prompt position; stop strings are checked on the last few
-  tokens only; optional bf16 autocast (`dtype=torch.bfloat16`).
+  tokens only; optional bf16 autocast (`dtype=torch.bfloat16`);
+- in fp32 on an x86 CPU the linears run through oneDNN on weights reordered at the start of
+  each call (`packed_linear`), not through MKL's sgemm on the weights as stored.
 
 Conventions:
 - `Completion.token_ids` includes the eos id when generation ended on eos (a policy trained on
@@ -45,6 +47,7 @@ from alignkit.rollout.base import Completion, SamplingParams
 from alignkit.rollout.decode_attention import NAME as DECODE_ATTENTION
 from alignkit.rollout.decode_attention import decode_attention, shared_root
 from alignkit.rollout.merged import MergedTwin
+from alignkit.rollout.packed_linear import packed_linears
 
 _DTYPES = {
     "fp32": torch.float32, "float32": torch.float32,
@@ -157,7 +160,7 @@ class HFGenerator:
         else:
             grad_off, autocast = torch.inference_mode(), nullcontext()
         try:
-            with grad_off, autocast, decode_attention(model):
+            with grad_off, autocast, decode_attention(model), packed_linears(model):
                 per_batch = self.batch_size if self.max_rows is None else max(1, self.max_rows // params.n)
                 for start in range(0, len(order), per_batch):
                     chunk = order[start:start + per_batch]
