@@ -83,16 +83,21 @@ def test_generator_decodes_through_it_and_restores_the_model(monkeypatch):
         assert model.config._attn_implementation == "eager"
 
 
-@pytest.mark.parametrize("q_len", [1, 3])
-def test_shared_root_kept_once_equals_attending_to_the_concatenation(q_len):
+@pytest.mark.parametrize("q_len,causal,additive", [(1, False, False), (3, False, False), (3, True, False), (4, True, True)])
+def test_shared_root_kept_once_equals_attending_to_the_concatenation(q_len, causal, additive):
     """A root of 5 positions held once ([1, KV, 5, D]) plus each row's own 7 positions gives what
-    attending to the root copied into every row gives, for a decoding step and for a prefill."""
+    attending to the root copied into every row gives, for a decoding step and for a prefill
+    (its queries the last q_len own positions, causal, left-padded rows; bool or additive mask)."""
     q, k, v, keep = _inputs(torch.float32)
     q = torch.randn(4, 6, q_len, 8, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     g = torch.Generator().manual_seed(2)
     root_k, root_v = (torch.randn(1, 2, 5, 8, generator=g).to(DEVICE) for _ in range(2))
     full_k, full_v = torch.cat([root_k.expand(4, -1, -1, -1), k], 2), torch.cat([root_v.expand(4, -1, -1, -1), v], 2)
     mask = torch.cat([torch.ones(4, 1, q_len, 5, dtype=torch.bool, device=DEVICE), keep.expand(-1, -1, q_len, -1)], dim=-1)
+    if causal:  # query i (own position 7 - q_len + i) sees own positions up to its own
+        mask = mask & (torch.arange(12, device=DEVICE) <= torch.arange(12 - q_len, 12, device=DEVICE)[:, None])
+    if additive:
+        mask = torch.zeros(mask.shape, device=DEVICE).masked_fill(~mask, float("-inf"))
 
     class Layer:
         root_keys, root_values = root_k, root_v
@@ -105,6 +110,7 @@ def test_shared_root_kept_once_equals_attending_to_the_concatenation(q_len):
     ref, _ = sdpa_attention_forward(module, q, full_k, full_v, mask)
     with da.shared_root(Cache()):
         ours, _ = da.single_query_attention(module, q, k, v, mask)
+    assert ours.shape == ref.shape == (4, q_len, 6, 8)
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
     module.layer_idx = 0  # a layer without a root attends to its own keys only
     with da.shared_root(Cache()):

@@ -18,8 +18,9 @@ names, for the duration of a `with` block, the cache whose layers hold such a ro
 (`root_keys` / `root_values`, None when absent). The cache then returns only each row's own
 positions, and the attention adds the root: a single-query step scores every row's queries
 against the root in one matrix product and softmaxes over root and row keys together (the same
-result as attending to the concatenation); a longer query (the prefill of the prompts' own
-parts) attends to the concatenation, built for that call. On the default model with four
+result as attending to the concatenation), and so does a longer query (the prefill of the
+prompts' own parts): copying the root into every row for SDPA took a fifth of a sampling pass
+with four exemplars (a ~200-token root, 64 prompts; RESULTS.md). On the default model with four
 exemplars (a ~200-token root, 512 rows) copying the root to every row and re-reading those
 copies at every step took most of a sampling pass.
 """
@@ -61,12 +62,14 @@ def _root_of(module) -> tuple[torch.Tensor, torch.Tensor] | None:
 def single_query_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                            attention_mask: torch.Tensor | None, dropout: float = 0.0,
                            scaling: float | None = None, **kwargs) -> tuple[torch.Tensor, None]:
-    """query [B, H, 1, D], key/value [B, KV, L, D] (H a multiple of KV), mask None, bool
-    [B|1, 1, 1, L] (True = attend) or additive float; returns ([B, 1, H, D], None)."""
-    B, H, q_len, D = query.shape
+    """query [B, H, T, D], key/value [B, KV, L, D] (H a multiple of KV), mask None, bool
+    [B|1, 1, T, P+L] (True = attend; P the shared root's length, 0 without one) or additive
+    float; returns ([B, T, H, D], None). Grouped products for a decoding step (T = 1) and for any
+    query against a shared root (the prefill of the prompts' own parts); SDPA otherwise."""
+    B, H, T, D = query.shape
     KV = key.shape[1]
     root = _root_of(module)
-    if q_len != 1 or dropout or H % KV or any(kwargs.get(k) is not None for k in _UNUSUAL):
+    if (T != 1 and root is None) or dropout or H % KV or any(kwargs.get(k) is not None for k in _UNUSUAL):
         if root is not None:  # attend to root + own positions, concatenated for this call
             key = torch.cat([root[0].expand(B, -1, -1, -1), key], dim=2)
             value = torch.cat([root[1].expand(B, -1, -1, -1), value], dim=2)
@@ -74,26 +77,31 @@ def single_query_attention(module, query: torch.Tensor, key: torch.Tensor, value
                                       scaling=scaling, **kwargs)
     scale = D ** -0.5 if scaling is None else scaling
     G = H // KV
-    # Query head h uses key/value head h // G, as in transformers' repeat_kv.
-    q = query.reshape(B, KV, G, D)
+    # Query head h uses key/value head h // G, as in transformers' repeat_kv: [B, KV, G*T, D].
+    q = query.reshape(B, KV, G * T, D)
     scores = torch.matmul(q, key.transpose(-1, -2)).float() * scale
     if root is not None:
-        # Every row's queries against the one copy of the root: [KV, B*G, D] x [KV, D, P].
+        # Every row's queries against the one copy of the root: [KV, B*G*T, D] x [KV, D, P].
         P = root[0].shape[2]
-        rows = q.transpose(0, 1).reshape(KV, B * G, D)
+        rows = q.transpose(0, 1).reshape(KV, B * G * T, D)
         on_root = torch.matmul(rows, root[0][0].transpose(-1, -2)).float() * scale
-        scores = torch.cat([on_root.reshape(KV, B, G, P).transpose(0, 1), scores], dim=-1)
+        scores = torch.cat([on_root.reshape(KV, B, G * T, P).transpose(0, 1), scores], dim=-1)
     if attention_mask is not None:
-        if attention_mask.dtype == torch.bool:
-            scores = scores.masked_fill(~attention_mask, float("-inf"))
+        scores = scores.view(B, KV, G, T, -1)
+        mask = attention_mask.unsqueeze(1)  # [B|1, 1, 1, T, keys]
+        if mask.dtype == torch.bool:  # in place: scores is this call's own tensor
+            scores.masked_fill_(~mask, float("-inf"))
         else:
-            scores = scores + attention_mask
+            scores.add_(mask)
+        scores = scores.view(B, KV, G * T, -1)
     probs = torch.softmax(scores, dim=-1).to(value.dtype)
     if root is None:
-        return torch.matmul(probs, value).reshape(B, 1, H, D), None
-    own = torch.matmul(probs[..., P:], value)
-    from_root = torch.matmul(probs[..., :P].transpose(0, 1).reshape(KV, B * G, P), root[1][0])
-    return (own + from_root.reshape(KV, B, G, D).transpose(0, 1)).reshape(B, 1, H, D), None
+        out = torch.matmul(probs, value)
+    else:
+        own = torch.matmul(probs[..., P:], value)
+        from_root = torch.matmul(probs[..., :P].transpose(0, 1).reshape(KV, B * G * T, P), root[1][0])
+        out = own + from_root.reshape(KV, B, G * T, D).transpose(0, 1)
+    return out.reshape(B, H, T, D).transpose(1, 2), None
 
 
 AttentionInterface.register(NAME, single_query_attention)
