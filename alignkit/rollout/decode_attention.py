@@ -8,9 +8,9 @@ products with the query heads grouped under their key/value head take ~2 ms. Ove
 and every step that was a third of the decoding time.
 
 `decode_attention(model)` switches a model using "sdpa" to this function for the duration of a
-`with` block; any call that is not a plain single-query step (prefill, dropout, soft-capping,
-attention sinks, position biases) goes to transformers' SDPA function unchanged, and the
-attention mask is built exactly as for SDPA.
+`with` block; any call that is neither a plain single-query step nor a query against a shared
+root (below) (a prefill without one, dropout, soft-capping, attention sinks, position biases)
+goes to transformers' SDPA function unchanged, and the attention mask is built exactly as for SDPA.
 
 Shared root. When the prompts of a batch share a prefix (a system prompt, few-shot exemplars),
 the generator keeps its keys/values once, [1, KV, P, D], instead of a copy per row: `shared_root`
@@ -19,8 +19,7 @@ names, for the duration of a `with` block, the cache whose layers hold such a ro
 positions, and the attention adds the root: a single-query step scores every row's queries
 against the root in one matrix product and softmaxes over root and row keys together (the same
 result as attending to the concatenation), and so does a longer query (the prefill of the
-prompts' own parts): copying the root into every row for SDPA took a fifth of a sampling pass
-with four exemplars (a ~200-token root, 64 prompts; RESULTS.md). On the default model with four
+prompts' own parts), so the root is never copied into the rows. On the default model with four
 exemplars (a ~200-token root, 512 rows) copying the root to every row and re-reading those
 copies at every step took most of a sampling pass.
 """

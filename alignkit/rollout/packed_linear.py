@@ -1,11 +1,11 @@
 """Decoding linears through oneDNN on weights reordered into its layout (fp32 on x86 CPUs).
 
-`F.linear` on the CPU runs MKL's sgemm against the weight as stored. At decoding shapes (a few
-to a few hundred rows) that is far from the machine's speed, worst for the output head: on a
-2-core AVX2 AMD EPYC (Zen 3), fp32, [124, 576] x [49152, 576]^T took 89 ms with MKL and 51 ms
-with oneDNN's inner product over the weight reordered into its blocked layout; [16, 576] x
-[1536, 576]^T 0.65 ms against 0.30 ms; at 483 rows and more the two are within 20%, oneDNN
-ahead (microbenchmarks in benchmarks/RESULTS.md, "oneDNN linears"). PyTorch exposes that path
+`F.linear` on the CPU runs MKL's sgemm against the weight as stored. At decoding shapes that
+is far from the machine's speed, worst for the output head. On a 2-core AVX2 AMD EPYC (Zen 3),
+fp32, oneDNN's inner product over the weight reordered into its blocked layout took the
+default model's output head from 18.0 to 5.9 ms at 8 rows and from 66 to 47 ms at 128, and
+its other linears 1.5-1.9x faster at 8 rows, about even (0.88-1.09x) at 128 and 512
+(`benchmarks/linear_kernels.py`, RESULTS.md "oneDNN linears"). PyTorch exposes that path
 as `torch.ops.mkldnn._reorder_linear_weight` / `_linear_pointwise` (what its compiler's CPU
 freezing uses); it computes the same product, rounded differently in the last bits.
 
@@ -31,8 +31,8 @@ from torch import nn
 # False: decoding runs every linear through F.linear (MKL); for A/B runs.
 PACKED_LINEARS = True
 
-# The rows a reordered weight is laid out for (oneDNN's batch hint); 128 was at least as fast as
-# the other hints from 1 to 2000 rows in the measurements above.
+# The rows a reordered weight is laid out for (oneDNN's batch hint); in an ad-hoc comparison of
+# hints 1, 16, 128 and 512, 128 was as fast as the best of them at 1 to 2000 rows.
 ROWS_HINT = 128
 
 
