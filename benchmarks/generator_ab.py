@@ -9,9 +9,9 @@ drifts by the hour, so only interleaved runs compare):
   row, against every sample in its own row (the same samples either way);
 - packed-linears: in fp32, the linears through oneDNN on reordered weights, against F.linear (MKL).
 
-The process tunes glibc malloc as the CLI does (`engine/allocator.py`). Default shape: a ReST-EM E-step (built-in arithmetic prompts, answer only, 8 samples each,
-12 new tokens, T=0.7, top-k 40, bf16, 64 prompts per batch); `--n 1 --temperature 0` with
-`--max-rows 512` is its greedy evaluation.
+The process tunes glibc malloc as the CLI does (`engine/allocator.py`). Default shape: a ReST-EM
+E-step (built-in arithmetic prompts, answer only, 8 samples each, 12 new tokens, T=0.7, top-k 40,
+bf16, 64 prompts per batch); `--n 1 --temperature 0` with `--max-rows 512` is its greedy evaluation.
 
     python benchmarks/generator_ab.py --feature decode-attention --problems 128 --repeats 4
     python benchmarks/generator_ab.py --feature shared-root --problems 128 --repeats 4
