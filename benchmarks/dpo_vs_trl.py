@@ -27,8 +27,8 @@ import time
 import torch
 
 from alignkit.algorithms.dpo import DPOConfig, dpo_step, reference_fn, tokenize_pairs
-from alignkit.algorithms.pairs import pair_record
-from alignkit.data.groups import pack_rows
+from alignkit.algorithms.make_pairs import pair_record
+from alignkit.data.packing import pack_rows
 from alignkit.data.records import PreferencePair, user_prompt
 from alignkit.data.tasks.arithmetic import generate_problems, prompt_text
 from alignkit.engine.config import TrainConfig

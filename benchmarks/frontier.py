@@ -3,7 +3,7 @@
 Every trained policy is measured the same way against the same reference (the starting model):
 sample one reply (T = 1, up to 48 new tokens) for each held-out preference prompt, score it with
 the gold reward, and estimate KL(π‖π_ref) per reply as Σ_t log π − log π_ref on those samples
-(`alignkit.algorithms.rl_common.measure_policy`). The DPO paper's claim to check in spirit: DPO's
+(`alignkit.algorithms.ppo.common.measure_policy`). The DPO paper's claim to check in spirit: DPO's
 frontier dominates PPO's.
 
     # train and measure (each training run takes the heavy-job lock on its own)
@@ -41,7 +41,7 @@ def heavy_lock(path: str):
 
 
 def train_ppo(beta: float, args) -> Path:
-    from alignkit.algorithms.ppo import PPOConfig, run
+    from alignkit.algorithms.ppo.loop import PPOConfig, run
     from alignkit.config import load_config
 
     out = Path(args.work) / f"ppo-beta{beta:g}"
@@ -76,9 +76,9 @@ def measure(run_dir: Path | None, args, reference, tokenizer) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from alignkit.algorithms.rl_common import measure_policy
+    from alignkit.algorithms.ppo.common import measure_policy
     from alignkit.data.tasks.preferences import build_prompts
-    from alignkit.models.actor_critic import response_logprobs
+    from alignkit.algorithms.ppo.actor_critic import response_logprobs
     from alignkit.rewards.base import GoldReward
     from alignkit.rollout.base import SamplingParams
     from alignkit.rollout.hf import HFGenerator

@@ -37,8 +37,8 @@ sys.path.insert(0, str(ROOT))
 
 import alignkit.rollout.hf as hf  # noqa: E402
 import alignkit.rollout.packed_linear as packed_linear  # noqa: E402
-from alignkit.algorithms.problems import ProblemsConfig, load_task  # noqa: E402
-from alignkit.algorithms.rest_em import RestEMConfig  # noqa: E402
+from alignkit.algorithms.sampling.problems import ProblemsConfig, load_task  # noqa: E402
+from alignkit.algorithms.sampling.rest_em import RestEMConfig  # noqa: E402
 from alignkit.config import load_config  # noqa: E402
 from alignkit.data.records import user_prompt  # noqa: E402
 from alignkit.engine.allocator import tune_malloc  # noqa: E402

@@ -52,7 +52,7 @@ PROMPTS, NEW_TOKENS, EPOCHS, BETA = 8, 32, 4, 0.05
 
 
 def run_alignkit(args) -> dict:
-    from alignkit.algorithms.ppo import PPOConfig, run
+    from alignkit.algorithms.ppo.loop import PPOConfig, run
     from alignkit.config import load_config
     from alignkit.engine.logging import read_metrics
 

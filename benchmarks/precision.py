@@ -2,7 +2,7 @@
 
 Whether bf16 pays depends on the CPU: with AVX-512 BF16 or AMX it computes bf16 natively,
 without them PyTorch converts in software. This prints both timings and what `precision: auto`
-picks here (`alignkit/engine/precision.py`). Sampling: the recipe's sampler on `--problems`
+picks here (`alignkit/precision.py`). Sampling: the recipe's sampler on `--problems`
 training problems x `--samples`, once with the first E-step's exemplars and once zero-shot.
 Train step: forward, backward and AdamW on one row of the recipe's replies
 (`train_stage.shared_prefix_rows`, 512 tokens), after one warm-up step.
@@ -30,14 +30,14 @@ def main() -> None:
     p.add_argument("--workdir", default="/tmp/alignkit-precision")
     args = p.parse_args()
 
-    from alignkit.algorithms.rest_em import RestEMConfig
-    from alignkit.algorithms.sampling_run import SamplingRun
-    from alignkit.algorithms.stages import Sample, tokenize_samples
-    from alignkit.algorithms.train_stage import shared_prefix_rows, shared_prefix_step
+    from alignkit.algorithms.sampling.rest_em import RestEMConfig
+    from alignkit.algorithms.sampling.frame import SamplingRun
+    from alignkit.algorithms.sampling.stages import Sample, tokenize_samples
+    from alignkit.algorithms.sampling.train_stage import shared_prefix_rows, shared_prefix_step
     from alignkit.config import load_config
     from alignkit.engine.allocator import tune_malloc
     from alignkit.engine.config import TrainConfig
-    from alignkit.engine.precision import CPU_BF16_FLAGS, resolve_precision
+    from alignkit.precision import CPU_BF16_FLAGS, resolve_precision
     from alignkit.engine.trainer import Engine
     from alignkit.models.load import ModelConfig, load_model
 

@@ -18,8 +18,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from alignkit.algorithms import rest_em  # noqa: E402
-from alignkit.algorithms.problems import greedy_accuracy  # noqa: E402
-from alignkit.algorithms.stages import Sample  # noqa: E402
+from alignkit.algorithms.sampling.problems import greedy_accuracy  # noqa: E402
+from alignkit.algorithms.sampling.stages import Sample  # noqa: E402
 from alignkit.cli import main  # noqa: E402
 
 KINDS = {"add": lambda a, op, b: op == "+", "a-b>=0": lambda a, op, b: op == "-" and a >= b,

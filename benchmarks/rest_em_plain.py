@@ -21,7 +21,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from alignkit.algorithms.problems import ProblemsConfig, load_task  # noqa: E402
+from alignkit.algorithms.sampling.problems import ProblemsConfig, load_task  # noqa: E402
 from alignkit.data.records import user_prompt  # noqa: E402
 from alignkit.models.load import ModelConfig, load_model  # noqa: E402
 from alignkit.rewards.verifiers import verify  # noqa: E402

@@ -88,7 +88,7 @@ ROWS = PROMPTS * K
 
 
 def run_alignkit(args) -> dict:
-    from alignkit.algorithms.ppo import PPOConfig, run
+    from alignkit.algorithms.ppo.loop import PPOConfig, run
     from alignkit.config import load_config
     from alignkit.engine.logging import read_metrics
 

@@ -32,9 +32,9 @@ def child(args) -> dict:
     import torch
 
     import alignkit.models.segment_attention as segment_attention
-    from alignkit.algorithms.problems import ProblemsConfig, load_task
-    from alignkit.algorithms.stages import Sample, tokenize_samples
-    from alignkit.algorithms.train_stage import shared_prefix_rows, shared_prefix_step
+    from alignkit.algorithms.sampling.problems import ProblemsConfig, load_task
+    from alignkit.algorithms.sampling.stages import Sample, tokenize_samples
+    from alignkit.algorithms.sampling.train_stage import shared_prefix_rows, shared_prefix_step
     from alignkit.engine.allocator import tune_malloc
     from alignkit.engine.config import TrainConfig
     from alignkit.engine.trainer import Engine

@@ -14,9 +14,9 @@ from alignkit.algorithms.dpo import (
     run,
     tokenize_pairs,
 )
-from alignkit.algorithms.pairs import PairsConfig, pair_answers, pair_record
+from alignkit.algorithms.make_pairs import PairsConfig, pair_answers, pair_record
 from alignkit.data.chat import IGNORE, tokenize_prompt_response
-from alignkit.data.groups import pack_rows, tokenize_group
+from alignkit.data.packing import pack_rows, tokenize_group
 from alignkit.data.records import Message, PreferencePair, Problem
 from alignkit.engine.config import TrainConfig
 from alignkit.engine.logging import read_metrics

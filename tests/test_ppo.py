@@ -8,10 +8,10 @@ import json
 import pytest
 import torch
 
-from alignkit.algorithms.ppo import PPOConfig, run
+from alignkit.algorithms.ppo.loop import PPOConfig, run
 from alignkit.config import load_config
 from alignkit.engine.logging import read_metrics
-from alignkit.models.actor_critic import build_actor_critic
+from alignkit.algorithms.ppo.actor_critic import build_actor_critic
 from alignkit.models.load import LoraConfig, ModelConfig
 from alignkit.models.tiny import save_tiny, tiny_model
 from alignkit.rollout.batch import assemble
@@ -83,7 +83,7 @@ def _ppo_batch(ac):
 
 @pytest.mark.parametrize("memory", ["lora", "full"])
 def test_shared_trunk_step_is_policy_plus_value_loss_in_one_pass(tiny_dir, memory):
-    from alignkit.algorithms.ppo import make_step
+    from alignkit.algorithms.ppo.loop import make_step
     from alignkit.losses.ppo import policy_loss, value_loss
 
     ac, _, _ = build_actor_critic(ModelConfig(path=tiny_dir, lora=LoraConfig(r=4, alpha=8)), memory, "policy",
@@ -134,7 +134,7 @@ def test_lora_reference_is_the_base_and_adapters_are_isolated(tiny_dir):
         for name, p in ac.named_parameters():  # make both adapters and the value head non-trivial
             if "lora_B" in name or "head" in name:
                 p.copy_(torch.randn(p.shape, generator=gen))
-        from alignkit.models.actor_critic import response_logprobs
+        from alignkit.algorithms.ppo.actor_critic import response_logprobs
 
         want = response_logprobs(base, batch)[0]
         assert torch.equal(ac.reference_logprobs(batch), want)
@@ -202,7 +202,7 @@ def test_ppo_raises_the_reward(tiny_dir, tmp_path):
 
 
 def test_early_stopping_and_runaway_warnings(caplog):
-    from alignkit.algorithms.rl_common import early_stop, warn_runaway
+    from alignkit.algorithms.ppo.common import early_stop, warn_runaway
 
     state = {"best": None, "bad_evals": 0, "first_length": None}
     assert not early_stop({"reward": -1.0}, state, patience=2)  # the baseline evaluation

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from alignkit.engine import precision
+from alignkit import precision
 from alignkit.engine.config import TrainConfig
 from alignkit.models.load import ModelConfig
 from alignkit.rollout.hf import _resolve_dtype

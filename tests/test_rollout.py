@@ -276,7 +276,7 @@ def test_peft_wrapped_model():
 
 def test_merged_twin_decodes_the_current_adapters():
     peft = pytest.importorskip("peft")
-    from alignkit.models.actor_critic import adapter_scope
+    from alignkit.algorithms.ppo.actor_critic import adapter_scope
     from alignkit.rollout.merged import MergedTwin
 
     wrapped = peft.get_peft_model(_model(eos_boost=0.0), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]))

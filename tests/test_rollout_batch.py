@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from alignkit.algorithms.ppo import PPOConfig, compute_advantages
+from alignkit.algorithms.ppo.loop import PPOConfig, compute_advantages
 from alignkit.losses.ppo import kl_penalized_rewards
-from alignkit.models.actor_critic import response_logprobs
+from alignkit.algorithms.ppo.actor_critic import response_logprobs
 from alignkit.models.tiny import tiny_model
 from alignkit.models.forward import group_visibility
 from alignkit.rollout.batch import assemble, select_rows, shared_prefix_row

@@ -11,7 +11,7 @@ from alignkit.algorithms.rrhf import (
     to_grid,
 )
 from alignkit.data.formats import load_ranked
-from alignkit.data.groups import pack_rows, tokenize_group
+from alignkit.data.packing import pack_rows, tokenize_group
 from alignkit.data.records import Message
 from alignkit.engine.config import TrainConfig
 from alignkit.engine.logging import read_metrics

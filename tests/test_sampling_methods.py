@@ -9,9 +9,9 @@ import json
 import pytest
 import torch
 
-from alignkit.algorithms.problems import ProblemsConfig, load_task
-from alignkit.algorithms.stages import Sample, tokenize_samples
-from alignkit.algorithms.train_stage import train_stage
+from alignkit.algorithms.sampling.problems import ProblemsConfig, load_task
+from alignkit.algorithms.sampling.stages import Sample, tokenize_samples
+from alignkit.algorithms.sampling.train_stage import train_stage
 from alignkit.cli import main
 from alignkit.engine.config import TrainConfig
 from alignkit.engine.logging import read_metrics
@@ -245,8 +245,8 @@ def test_rest_em_e_step_samples_by_iteration(answering_model, tmp_path, capsys):
 def test_rest_em_few_shot_exemplars_only_in_the_first_e_step(answering_model, tmp_path, capsys, monkeypatch):
     """sampler.shots go before the E-step prompts of iterations up to shot_iterations (1 here),
     never before the evaluation's; a malformed exemplar is refused before any work."""
-    import alignkit.algorithms.problems as problems
-    import alignkit.algorithms.sampling_run as sampling_run
+    import alignkit.algorithms.sampling.problems as problems
+    import alignkit.algorithms.sampling.frame as frame
 
     calls = []
 
@@ -258,13 +258,13 @@ def test_rest_em_few_shot_exemplars_only_in_the_first_e_step(answering_model, tm
             return real(*args, **kwargs)
         monkeypatch.setattr(module, "collect", collect)
 
-    spy(sampling_run)
+    spy(frame)
     spy(problems)
     shots = 'sampler.shots=[["What is 2 + 2?", "2 + 2 = 4"]]'
     cli(["rest-em", f"model.path={answering_model}", f"train.output_dir={tmp_path / 'fs'}", "train.lr=1e-3",
          "train.epochs=1", "iterations=2", "stop_when_worse=false", "metrics.eval_samples=0", "metrics.baseline=false",
          shots] + COMMON, capsys)
-    e_steps = [(it, len(s)) for where, it, s in calls if where == "sampling_run"]
+    e_steps = [(it, len(s)) for where, it, s in calls if where == "frame"]
     assert e_steps == [(1, 2), (2, 0)]  # one exemplar = a user and an assistant turn, in iteration 1 only
     assert [len(s) for where, _, s in calls if where == "problems"] and all(
         not s for where, _, s in calls if where == "problems")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from alignkit.data.groups import Group, group_row
+from alignkit.data.packing import Group, group_row
 from alignkit.models.forward import group_hidden, group_visibility
 from alignkit.models.segment_attention import segment_layout
 from alignkit.models.tiny import tiny_model

@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-from alignkit.algorithms.best_of_n import kl_bound
+from alignkit.algorithms.sampling.best_of_n import kl_bound
 from alignkit.algorithms.sft import sft_step
-from alignkit.algorithms.stages import (
+from alignkit.algorithms.sampling.stages import (
     Sample,
     above_threshold,
     best_per_prompt,
@@ -149,7 +149,7 @@ def test_collect_score_and_weighted_batches(tok, model):
 
 
 def test_shared_prefix_rows_give_the_packed_loss_and_gradient(tok, model):
-    from alignkit.algorithms.train_stage import shared_prefix_rows, shared_prefix_step
+    from alignkit.algorithms.sampling.train_stage import shared_prefix_rows, shared_prefix_step
 
     samples = [Sample(f"What is {a} + {b}?", str(a + b), reward=w) for a, b, w in ((1, 2, 1.0), (13, 4, 0.5), (7, 30, 2.0))]
     data = tokenize_samples(tok, samples, weighted=True)
@@ -172,7 +172,7 @@ def test_shared_prefix_rows_give_the_packed_loss_and_gradient(tok, model):
 
 
 def test_score_can_fail_replies_cut_off_by_the_budget():
-    from alignkit.algorithms.stages import Sample, score
+    from alignkit.algorithms.sampling.stages import Sample, score
 
     done = Sample(prompt="p", response="41", finish_reason="stop")
     cut = Sample(prompt="p", response="82 + 41 =", finish_reason="length")
@@ -184,7 +184,7 @@ def test_score_can_fail_replies_cut_off_by_the_budget():
 def test_collect_puts_few_shot_turns_before_each_prompt(tok):
     """Exemplar turns go into the text the generator continues, before the user message; the
     samples keep the bare prompt (what the M-step trains on and the reward sees)."""
-    from alignkit.algorithms.problems import ProblemsConfig, load_task
+    from alignkit.algorithms.sampling.problems import ProblemsConfig, load_task
     from alignkit.data.chat import prompt_text
     from alignkit.data.records import Message, user_prompt
     from alignkit.rollout.base import Completion

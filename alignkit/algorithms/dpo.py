@@ -2,7 +2,7 @@
 
 The whole story:
 1. Pairs: a file in TRL's formats (or HH-RLHF text), or, with no data.path, the built-in
-   correct/incorrect arithmetic pairs sampled from the starting model (algorithms/pairs.py).
+   correct/incorrect arithmetic pairs sampled from the starting model (algorithms/make_pairs.py).
 2. Optionally (`sft_reference`) fit the reference by SFT on the chosen responses first, when
    the user has no SFT model; the policy then starts from that reference.
 3. Every micro-batch is one padding-free row of [prompt, chosen, rejected] groups: the prompt is
@@ -24,11 +24,11 @@ from pathlib import Path
 
 import torch
 
-from alignkit.algorithms.pairs import PairsConfig, make_pairs, write_pairs
+from alignkit.algorithms.make_pairs import PairsConfig, make_pairs, write_pairs
 from alignkit.algorithms.sft import tokenize_examples, train_sft
 from alignkit.config import opt
 from alignkit.data.formats import load_preferences
-from alignkit.data.groups import Group, pack_rows, shuffled, tokenize_group
+from alignkit.data.packing import Group, pack_rows, shuffled, tokenize_group
 from alignkit.data.records import Message, PreferencePair, SFTExample
 from alignkit.engine.config import TrainConfig
 from alignkit.engine.trainer import Engine, fit, resolve_device, steps_for, to_device

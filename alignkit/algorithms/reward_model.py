@@ -25,8 +25,7 @@ import torch
 from alignkit.algorithms.sft import split_eval
 from alignkit.config import ConfigError, opt
 from alignkit.data.collate import pack_groups
-from alignkit.data.formats import load_preferences, load_ranked
-from alignkit.data.io import iter_rows
+from alignkit.data.formats import load_feedback
 from alignkit.data.tasks.preferences import build_preferences
 from alignkit.engine.config import TrainConfig
 from alignkit.engine.trainer import Engine, fit, steps_for
@@ -65,15 +64,6 @@ class RMConfig:
             raise ValueError(f"margin must be one of {', '.join(MARGIN_TABLES)}, not {self.margin!r}")
         if self.data.format not in ("auto", "pairs", "ranked"):
             raise ValueError(f"data.format must be auto, pairs or ranked, not {self.data.format!r}")
-
-
-def load_feedback(path: str, split: str | None = None, fmt: str = "auto") -> tuple[str, list]:
-    """("pairs", PreferencePairs) or ("ranked", RankedResponses) from a file; `fmt` auto picks
-    ranked when the first row has responses/completions. Bad rows raise one DataError."""
-    if fmt == "auto":
-        first = next(iter_rows(path, [], split), ("", {}))[1]
-        fmt = "ranked" if {"responses", "completions"} & {k for k, v in first.items() if v is not None} else "pairs"
-    return fmt, (load_preferences if fmt == "pairs" else load_ranked)(path, split)
 
 
 def load_items(data: RMDataConfig, seed: int) -> tuple[str, list, list]:

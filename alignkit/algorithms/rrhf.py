@@ -24,7 +24,7 @@ import torch
 from alignkit.algorithms.dpo import finish, starting_accuracy
 from alignkit.config import opt
 from alignkit.data.formats import load_ranked
-from alignkit.data.groups import pack_rows, shuffled, tokenize_group
+from alignkit.data.packing import pack_rows, shuffled, tokenize_group
 from alignkit.data.records import RankedResponses, user_prompt
 from alignkit.data.tasks.arithmetic import ArithmeticConfig, generate_problems, prompt_text, target_text
 from alignkit.data.tasks.preferences import build_prompts

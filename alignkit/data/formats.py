@@ -429,3 +429,12 @@ def _answer(value: object, bad: Bad) -> tuple[str | None, str]:
         bad("answer", "nothing after '####'")
         return None, ""
     return final, rationale.strip()
+
+
+def load_feedback(path: str, split: str | None = None, fmt: str = "auto") -> tuple[str, list]:
+    """("pairs", PreferencePairs) or ("ranked", RankedResponses) from a file; `fmt` auto picks
+    ranked when the first row has responses/completions. Bad rows raise one DataError."""
+    if fmt == "auto":
+        first = next(iter_rows(path, [], split), ("", {}))[1]
+        fmt = "ranked" if {"responses", "completions"} & {k for k, v in first.items() if v is not None} else "pairs"
+    return fmt, (load_preferences if fmt == "pairs" else load_ranked)(path, split)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from alignkit.config import opt
-from alignkit.engine.precision import resolve_precision
+from alignkit.precision import resolve_precision
 
 
 @dataclass
@@ -27,7 +27,7 @@ class TrainConfig:
     eps: float = opt(1e-5, "AdamW epsilon")
     max_grad_norm: float = opt(1.0, "clip the global gradient norm (0 = off)")
     precision: str = opt("fp32", "fp32, bf16 (autocast; weights and optimizer stay fp32), or auto (bf16 where the "
-                                  "device computes it natively, else fp32: engine/precision.py)")
+                                  "device computes it natively, else fp32: precision.py)")
     device: str = opt("auto", "auto, cpu, cuda")
     seed: int = opt(0, "seed for data order, initialisation and sampling")
     log_every: int = opt(1, "write metrics every N steps")

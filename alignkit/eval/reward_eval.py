@@ -176,7 +176,7 @@ class RMEvalConfig:
 def run(cfg: RMEvalConfig) -> dict:
     import torch
 
-    from alignkit.algorithms.reward_model import load_feedback
+    from alignkit.data.formats import load_feedback
     from alignkit.rewards.model import RewardModel, load_reward_model
 
     if cfg.threads:

@@ -57,7 +57,7 @@ def sequence_logprobs(model, batch: dict, segment_ids: torch.Tensor) -> torch.Te
 
 
 def group_visibility(group_ids: torch.Tensor, parts: torch.Tensor) -> torch.Tensor:
-    """[B, 1, L, L] bool (query, key) of a prompt-sharing row (data.groups): causal, inside one
+    """[B, 1, L, L] bool (query, key) of a prompt-sharing row (data.packing): causal, inside one
     group, and a response sees its prompt and itself but no sibling response. Tokens of group -1
     are a prefix shared by every group (`rollout.batch.shared_prefix_row`)."""
     length = group_ids.shape[1]
@@ -89,7 +89,7 @@ def group_hidden(decoder, row: dict) -> torch.Tensor:
 
 
 def group_logprobs(model, batch: dict, chunk_size: int = 1024) -> torch.Tensor:
-    """Summed target log-probs of every response of a prompt-sharing row (`data.groups.group_row`,
+    """Summed target log-probs of every response of a prompt-sharing row (`data.packing.group_row`,
     batch size 1): a tensor [num_responses]. The output head runs on target positions only."""
     lm = unwrap(model)
     hidden = group_hidden(lm.get_decoder(), batch)

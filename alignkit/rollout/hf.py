@@ -41,7 +41,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from alignkit.engine.precision import native_bf16
+from alignkit.precision import native_bf16
 from alignkit.models.forward import unwrap
 from alignkit.rollout.base import Completion, SamplingParams
 from alignkit.rollout.decode_attention import NAME as DECODE_ATTENTION
@@ -59,7 +59,7 @@ _DTYPES = {
 def _resolve_dtype(dtype) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
-    if dtype == "auto":  # bf16 where it runs natively (engine/precision.py), else no autocast
+    if dtype == "auto":  # bf16 where it runs natively (precision.py), else no autocast
         return torch.bfloat16 if native_bf16() else None
     if isinstance(dtype, str) and dtype.lower() in _DTYPES:
         return _DTYPES[dtype.lower()]

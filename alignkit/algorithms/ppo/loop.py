@@ -51,7 +51,7 @@ from pathlib import Path
 
 import torch
 
-from alignkit.algorithms.rl_common import (KLConfig, PromptsConfig, PTXConfig, RewardConfig, RLEvalConfig, build_task, collect,
+from alignkit.algorithms.ppo.common import (KLConfig, PromptsConfig, PTXConfig, RewardConfig, RLEvalConfig, build_task, collect,
                                            early_stop, mean_stats, measure_policy, per_token, prompts_for,
                                            ptx_stream, score, trim_samples, warn_runaway, write_samples)
 from alignkit.config import opt
@@ -60,7 +60,7 @@ from alignkit.engine.trainer import Engine, resolve_device, to_device
 from alignkit.losses.ppo import (AdaptiveKLController, FixedKLController, explained_variance, grpo_advantages,
                                  kl_loss, kl_penalized_rewards, policy_loss, ptx_loss, reinforce_advantages,
                                  rloo_advantages, value_loss)
-from alignkit.models.actor_critic import build_actor_critic, trainable_parameters
+from alignkit.algorithms.ppo.actor_critic import build_actor_critic, trainable_parameters
 from alignkit.models.forward import target_logprobs
 from alignkit.models.load import LoraConfig, ModelConfig, save_model
 from alignkit.ops import gae, masked_mean, masked_whiten

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from alignkit.algorithms.problems import generator_for, iteration_row, load_task, print_table, sampling
-from alignkit.algorithms.stages import Sample, collect, score, tokenize_samples
-from alignkit.algorithms.train_stage import train_stage
+from alignkit.algorithms.sampling.problems import generator_for, iteration_row, load_task, print_table, sampling
+from alignkit.algorithms.sampling.stages import Sample, collect, score, tokenize_samples
+from alignkit.algorithms.sampling.train_stage import train_stage
 from alignkit.engine.config import TrainConfig
 from alignkit.engine.logging import MetricsLogger
 from alignkit.engine.trainer import resolve_device

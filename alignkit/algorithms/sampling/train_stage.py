@@ -3,7 +3,7 @@
 Selected samples are usually short replies to templated prompts that all begin alike (system
 prompt, start of the user turn). `shared_prefix_rows` packs them so that this common prefix is
 computed once per row instead of once per example (each example attends to the prefix and to
-itself only, as in `data.groups`): the same loss and gradient as plain packing, for roughly
+itself only, as in `data.packing`): the same loss and gradient as plain packing, for roughly
 half the tokens on the built-in arithmetic prompts.
 """
 
@@ -17,7 +17,7 @@ import torch
 from alignkit.algorithms.sft import sft_step
 from alignkit.data.chat import IGNORE, Tokenized
 from alignkit.data.collate import epoch_batches_fn, pack_groups
-from alignkit.data.groups import Group, group_row, shuffled
+from alignkit.data.packing import Group, group_row, shuffled
 from alignkit.engine.config import TrainConfig
 from alignkit.engine.trainer import Engine, steps_for
 from alignkit.models.forward import group_logprobs
@@ -26,7 +26,7 @@ from alignkit.models.forward import group_logprobs
 def shared_prefix_rows(train: list[Tokenized], max_tokens: int) -> list[dict]:
     """Padding-free rows in which the prompt prefix that ALL examples share (the system prompt
     and the start of the user turn, for templated prompts) appears once per row: every example
-    attends to it and to itself only (`data.groups`), so its tokens are computed once per row
+    attends to it and to itself only (`data.packing`), so its tokens are computed once per row
     instead of once per example. Same loss and gradient as plain packing."""
     first = min(next(i for i, t in enumerate(e.labels) if t != IGNORE) for e in train)
     shared = train[0].input_ids[:first]

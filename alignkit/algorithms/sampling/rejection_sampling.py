@@ -17,9 +17,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from alignkit.algorithms.problems import MetricsConfig, ProblemsConfig, SamplerConfig
-from alignkit.algorithms.sampling_run import SamplingRun
-from alignkit.algorithms.stages import (
+from alignkit.algorithms.sampling.problems import MetricsConfig, ProblemsConfig, SamplerConfig
+from alignkit.algorithms.sampling.frame import SamplingRun
+from alignkit.algorithms.sampling.stages import (
     above_threshold,
     best_per_prompt,
     make_reward,

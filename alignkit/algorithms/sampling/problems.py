@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from alignkit.algorithms.stages import collect, pass_maj_at_k, score
+from alignkit.algorithms.sampling.stages import collect, pass_maj_at_k, score
 from alignkit.config import opt
 from alignkit.data.formats import load_problems
 from alignkit.data.records import Message, Problem

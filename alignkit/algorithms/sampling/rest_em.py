@@ -12,7 +12,7 @@ Each iteration logs greedy train / held-out accuracy, pass@k (unbiased) and maj@
 `metrics.jsonl` and prints a table. Iterations stop early when validation accuracy falls.
 
 `alignkit rest` (ReST, Gulcehre et al. 2023: Grow, then Improve steps at rising thresholds) is
-in `rest.py`; both run in a `SamplingRun` (`sampling_run.py`).
+in `rest.py`; both run in a `SamplingRun` (`frame.py`).
 """
 
 from __future__ import annotations
@@ -21,14 +21,14 @@ import logging
 import time
 from dataclasses import dataclass
 
-from alignkit.algorithms.problems import (
+from alignkit.algorithms.sampling.problems import (
     MetricsConfig,
     ProblemsConfig,
     SamplerConfig,
     greedy_accuracy,
 )
-from alignkit.algorithms.sampling_run import SamplingRun
-from alignkit.algorithms.stages import (
+from alignkit.algorithms.sampling.frame import SamplingRun
+from alignkit.algorithms.sampling.stages import (
     Sample,
     above_threshold,
     by_prompt,

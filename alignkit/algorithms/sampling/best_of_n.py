@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from alignkit.algorithms.stages import Sample, best_per_prompt, by_prompt, collect, make_reward, score
+from alignkit.algorithms.sampling.stages import Sample, best_per_prompt, by_prompt, collect, make_reward, score
 from alignkit.config import opt
 from alignkit.data.tasks.arithmetic import ArithmeticConfig, generate_problems
 from alignkit.data.tasks.arithmetic import prompt_text as arithmetic_prompt

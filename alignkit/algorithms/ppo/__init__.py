@@ -1,0 +1,1 @@
+"""RLHF with PPO and its critic-free relatives (REINFORCE, RLOO, GRPO)."""
