@@ -1,9 +1,11 @@
 """The generation protocol: prompts in, completions out, whatever engine runs the model.
 
 Every online method (best-of-N, rejection sampling, RAFT, RFT, ReST-EM, PPO) samples through
-`Generator.generate`. Backends: `rollout.hf.HFGenerator` (plain PyTorch, CPU and tests) and a
-vLLM backend for GPUs. Logprobs returned by a backend are for inspection; training recomputes
-them with the policy (DESIGN.md rule 5).
+`Generator.generate`; the one backend today is `rollout.hf.HFGenerator` (plain PyTorch). Logprobs
+returned by a backend are for inspection; training recomputes them with the policy, so a backend
+never decides the numbers a loss sees. `SamplingConfig` is the one set of sampling keys that
+every command's recipe spells the same way; `SamplingConfig.params` turns it into the
+`SamplingParams` of one call.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import math
 from dataclasses import dataclass
 from typing import Protocol, Sequence, runtime_checkable
 
+from alignkit.config import opt
 from alignkit.data.records import Message
 
 FINISH_REASONS = ("stop", "length")
@@ -64,6 +67,31 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+@dataclass
+class SamplingConfig:
+    """The sampling keys of every command that samples (one spelling for all of them).
+    Commands set their own defaults (e.g. `SamplingConfig(n=8, max_new_tokens=16)`)."""
+
+    n: int = opt(1, "samples per prompt")
+    temperature: float = opt(1.0, "softmax temperature (0 = greedy)")
+    top_k: int = opt(0, "keep the k most likely tokens (0 = off)")
+    top_p: float = opt(1.0, "nucleus sampling mass (1 = off)")
+    max_new_tokens: int = opt(128, "most tokens generated per reply")
+    batch_size: int = opt(32, "prompts decoded together (their n samples each share one prefill)")
+
+    def __post_init__(self) -> None:
+        SamplingParams(n=self.n, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                       max_new_tokens=self.max_new_tokens)  # the same checks, when the recipe is read
+        _check(isinstance(self.batch_size, int) and self.batch_size >= 1,
+               f"batch_size must be an integer >= 1, got {self.batch_size!r}")
+
+    def params(self, seed: int | None = None, n: int | None = None, temperature: float | None = None) -> SamplingParams:
+        """The SamplingParams of one call; `n` and `temperature` replace the configured ones when given."""
+        return SamplingParams(n=self.n if n is None else n, top_p=self.top_p, top_k=self.top_k,
+                              temperature=self.temperature if temperature is None else temperature,
+                              max_new_tokens=self.max_new_tokens, seed=seed)
 
 
 def _is_real(x: object) -> bool:
