@@ -183,10 +183,6 @@ def load_config(cls: type, recipe: str | None = None, overrides: list[str] | Non
     return build(cls, data, base=defaults(cls))
 
 
-def to_dict(cfg: Any) -> dict:
-    return dataclasses.asdict(cfg)
-
-
 def describe(cfg: Any, prefix: str = "") -> list[str]:
     """One line per key of a config instance: `name = default  help` (for --help output)."""
     lines = []

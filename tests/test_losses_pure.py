@@ -1,4 +1,4 @@
-"""Rule 1 of DESIGN.md: losses/ and ops.py import only torch (and a little stdlib)."""
+"""docs/architecture.md, "Losses": losses/ and ops.py import only torch (and a little stdlib)."""
 
 import ast
 from pathlib import Path

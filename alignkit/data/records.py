@@ -6,7 +6,7 @@ trusts them. All texts are plain strings; conversations are lists of `Message`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 ROLES = ("system", "user", "assistant")
 
@@ -70,20 +70,6 @@ class Problem:
     answer: str
     id: str = ""
     solution: str = ""  # a worked solution when the source has one (e.g. GSM8K's rationale)
-
-
-@dataclass
-class Rollout:
-    """One sampled completion and what the online stages attach to it."""
-
-    prompt: tuple[Message, ...]
-    completion: str
-    prompt_ids: list[int] = field(default_factory=list)
-    completion_ids: list[int] = field(default_factory=list)
-    logprobs: list[float] | None = None
-    reward: float | None = None
-    finish_reason: str = ""
-    meta: dict = field(default_factory=dict)
 
 
 def user_prompt(text: str, system: str | None = None, shots: tuple[Message, ...] = ()) -> tuple[Message, ...]:

@@ -1,7 +1,7 @@
 """Direct preference optimisation losses: DPO, conservative DPO (label smoothing), IPO.
 
 Inputs are summed response log-probs ``[B]`` under the policy and the frozen reference.
-Pure functions (rule 1 of DESIGN.md): tensors in, ``(per_example_loss, metrics)`` out.
+Pure functions (docs/architecture.md, "Losses"): tensors in, ``(per_example_loss, metrics)`` out.
 """
 
 from __future__ import annotations

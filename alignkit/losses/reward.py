@@ -1,6 +1,6 @@
 """Reward-model losses: pairwise ranking with optional Llama 2 margin, and K-way rankings.
 
-Pure functions (rule 1 of DESIGN.md): tensors in, ``(per_example_loss, metrics)`` out.
+Pure functions (docs/architecture.md, "Losses"): tensors in, ``(per_example_loss, metrics)`` out.
 """
 
 from __future__ import annotations

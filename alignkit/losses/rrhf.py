@@ -1,6 +1,6 @@
 """RRHF: rank responses by length-normalised log-probability, plus SFT on the best one.
 
-Pure function (rule 1 of DESIGN.md): tensors in, ``(per_example_loss, metrics)`` out.
+Pure function (docs/architecture.md, "Losses"): tensors in, ``(per_example_loss, metrics)`` out.
 """
 
 from __future__ import annotations
