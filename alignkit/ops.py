@@ -21,7 +21,6 @@ __all__ = [
     "masked_mean",
     "masked_var",
     "masked_whiten",
-    "whiten",
     "gae",
     "kl_k1",
     "kl_k2",
@@ -179,16 +178,6 @@ def masked_whiten(
     if not shift_mean:
         out = out + mean
     return torch.where(_as_mask(mask, x) != 0, out, torch.zeros_like(out))
-
-
-def whiten(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """Whiten a 1-D tensor: subtract the mean, divide by the (unbiased) std.
-
-    A single element (or a constant tensor) becomes zeros.
-    """
-    if x.dim() != 1:
-        raise ValueError(f"whiten expects a 1-D tensor, got shape {tuple(x.shape)}")
-    return masked_whiten(x, torch.ones_like(x, dtype=torch.bool), shift_mean=True, eps=eps)
 
 
 # ---------------------------------------------------------------------------

@@ -38,7 +38,8 @@ def whiten(values: Sequence[float], eps: float = 1e-8) -> list[float]:
     """(v - mean) / sqrt(var + eps) with the POPULATION variance (divide by n).
 
     The result has mean 0 and population std 1 (up to eps). Fewer than 2 values carry no
-    spread to estimate and are returned unchanged.
+    spread to estimate and are returned unchanged. This is the whitening of scores; per-token
+    advantages are whitened by `alignkit.ops.masked_whiten` (unbiased variance, over a mask).
     """
     vals = [float(v) for v in values]
     n = len(vals)
