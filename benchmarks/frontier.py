@@ -57,10 +57,11 @@ def train_dpo(beta: float, args) -> Path:
     from alignkit.algorithms.dpo import DPOConfig, run
     from alignkit.config import load_config
     from alignkit.data.tasks.preferences import build_preferences, write_jsonl
+    from alignkit.rewards.gold import gold_pair
 
     pairs = Path(args.work) / "pairs.jsonl"
     if not pairs.is_file():
-        write_jsonl(build_preferences(args.dpo_pairs, seed=0, split="train"), pairs)
+        write_jsonl(build_preferences(args.dpo_pairs, seed=0, split="train", judge=gold_pair), pairs)
     out = Path(args.work) / f"dpo-beta{beta:g}"
     if not (out / "final" / "config.json").is_file():
         cfg = load_config(DPOConfig, None, [

@@ -5,15 +5,19 @@ import pytest
 
 from alignkit.data.records import RATINGS, SAFETY_LABELS, PreferencePair
 from alignkit.data.tasks import preferences as P
-from alignkit.data.tasks.preferences import (
-    build_preferences,
-    build_prompts,
+from alignkit.data.tasks.preferences import build_prompts, write_jsonl
+from alignkit.rewards.gold import (
+    gold_pair,
     gold_reward,
     gold_safety,
     is_unsafe_prompt,
     prompt_family,
-    write_jsonl,
+    rating_from_gap,
 )
+
+
+def build_preferences(n: int, seed: int = 0, split: str = "train") -> list[PreferencePair]:
+    return P.build_preferences(n, seed, split, judge=gold_pair)
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +54,7 @@ def test_chosen_beats_rejected_and_rating_matches_gap(pairs):
     for p in pairs:
         rc, rr = gold_reward(_text(p), p.chosen), gold_reward(_text(p), p.rejected)
         assert rc > rr and p.chosen != p.rejected
-        assert p.rating == P.rating_from_gap(rc - rr)
+        assert p.rating == rating_from_gap(rc - rr)
         assert p.prompt_unsafe == is_unsafe_prompt(_text(p))
         assert -3.5 <= rr < rc <= 2.0
 

@@ -32,6 +32,7 @@ from alignkit.engine.trainer import Engine, fit, steps_for
 from alignkit.eval.reward_eval import as_pairs, evaluate_pairs
 from alignkit.losses.reward import MARGIN_TABLES, margin_for_ratings, pairwise_loss, ranked_loss
 from alignkit.models.load import ModelConfig, save_model
+from alignkit.rewards.gold import gold_pair
 from alignkit.rewards.model import Group, RewardModel, encode_group, grouped_row, load_reward_model, sequence_rewards
 
 log = logging.getLogger("alignkit")
@@ -69,7 +70,8 @@ class RMConfig:
 def load_items(data: RMDataConfig, seed: int) -> tuple[str, list, list]:
     """(kind, train records, held-out records), all validated before any model is loaded."""
     if not data.path:
-        return "pairs", build_preferences(data.builtin_pairs, seed, "train"), build_preferences(data.builtin_eval_pairs, seed, "heldout")
+        return ("pairs", build_preferences(data.builtin_pairs, seed, "train", judge=gold_pair),
+                build_preferences(data.builtin_eval_pairs, seed, "heldout", judge=gold_pair))
     kind, items = load_feedback(data.path, data.split, data.format)
     if data.eval_path:
         return kind, items, load_feedback(data.eval_path, data.split, data.format)[1]

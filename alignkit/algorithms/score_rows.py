@@ -21,8 +21,8 @@ import torch
 
 from alignkit.config import opt
 from alignkit.data.io import DataError, read_rows
-from alignkit.data.tasks.preferences import is_unsafe_prompt
 from alignkit.rewards.combine import CombinedReward, SingleReward
+from alignkit.rewards.gold import is_unsafe_prompt
 from alignkit.rewards.model import RewardModel
 
 

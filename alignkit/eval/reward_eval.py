@@ -27,6 +27,7 @@ from alignkit.data.tasks.preferences import build_preferences
 from alignkit.models.load import ModelConfig
 from alignkit.rewards.combine import sigmoid
 from alignkit.rewards.elo import pairs_from_scores
+from alignkit.rewards.gold import gold_pair
 
 log = logging.getLogger("alignkit")
 UNRATED = "unrated"
@@ -184,7 +185,7 @@ def run(cfg: RMEvalConfig) -> dict:
     if cfg.data.path:
         pairs = as_pairs(load_feedback(cfg.data.path, cfg.data.split, cfg.data.format)[1])
     else:
-        pairs = build_preferences(cfg.data.builtin_pairs, cfg.data.seed, "heldout")
+        pairs = build_preferences(cfg.data.builtin_pairs, cfg.data.seed, "heldout", judge=gold_pair)
     model, tokenizer, path = load_reward_model(cfg.model, train=False)
     rm = RewardModel(model.eval(), tokenizer, max_length=cfg.data.max_length, max_tokens=cfg.max_tokens, precision=cfg.precision)
     report = evaluate_pairs(rm, pairs, cfg.output_dir, cfg.bins)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Callable, Protocol, runtime_checkable
 
+from alignkit.rewards.gold import gold_reward
+
 __all__ = ["FunctionReward", "GoldReward", "RewardFn", "check_batch"]
 
 
@@ -45,10 +47,7 @@ class FunctionReward:
 
 
 class GoldReward(FunctionReward):
-    """The rule-based gold reward of the built-in preference task
-    (`alignkit.data.tasks.preferences.gold_reward`)."""
+    """The rule-based gold reward of the built-in preference task (`alignkit.rewards.gold`)."""
 
     def __init__(self) -> None:
-        from alignkit.data.tasks.preferences import gold_reward
-
         super().__init__(gold_reward, name="gold_reward")

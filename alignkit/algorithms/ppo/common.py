@@ -84,7 +84,7 @@ def _load_function(spec: str) -> RewardFn:
 
 def _gold_safety_score(prompt: str, response: str) -> float:
     """Gold safety as a logit: the gold reward on flagged prompts, +3 (σ = 0.95) elsewhere."""
-    from alignkit.data.tasks.preferences import gold_reward, is_unsafe_prompt
+    from alignkit.rewards.gold import gold_reward, is_unsafe_prompt
 
     return gold_reward(prompt, response) if is_unsafe_prompt(prompt) else 3.0
 
@@ -136,7 +136,7 @@ def build_task(prompts: PromptsConfig, reward: RewardConfig, precision: str = "f
     elif reward.kind == "function":
         base = _load_function(reward.function)
     else:
-        from alignkit.data.tasks.preferences import is_unsafe_prompt
+        from alignkit.rewards.gold import is_unsafe_prompt
 
         helpful = rm(reward.helpful_path) if reward.helpful_path else GoldReward()
         safety = rm(reward.safety_path) if reward.safety_path else FunctionReward(_gold_safety_score, "gold_safety")

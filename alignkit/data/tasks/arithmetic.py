@@ -114,11 +114,12 @@ STORIES = (
 )
 
 
-def _apply(op: str, x: int, y: int) -> int:
+def apply_op(op: str, x: int, y: int) -> int:
+    """x op y for one of OPS."""
     return x + y if op == "+" else x - y if op == "-" else x * y
 
 
-def _expression(operands: tuple[int, ...], ops: tuple[str, ...]) -> str:
+def expression(operands: tuple[int, ...], ops: tuple[str, ...]) -> str:
     """Infix text that reads left to right; a product of a sum or difference gets parentheses."""
     text = str(operands[0])
     for i, (op, y) in enumerate(zip(ops, operands[1:])):
@@ -130,7 +131,7 @@ def _expression(operands: tuple[int, ...], ops: tuple[str, ...]) -> str:
 
 def split_of(operands: tuple[int, ...], ops: tuple[str, ...]) -> str:
     """The split an equation belongs to, from a hash of its canonical text."""
-    digest = hashlib.sha256(_expression(operands, ops).encode()).hexdigest()
+    digest = hashlib.sha256(expression(operands, ops).encode()).hexdigest()
     return "heldout" if int(digest[:8], 16) % 100 < HELDOUT_PERCENT else "train"
 
 
@@ -154,7 +155,7 @@ def _values(operands: tuple[int, ...], ops: tuple[str, ...]) -> list[int]:
     """The running results of the left-to-right chain, starting with the first operand."""
     values = [operands[0]]
     for op, y in zip(ops, operands[1:]):
-        values.append(_apply(op, values[-1], y))
+        values.append(apply_op(op, values[-1], y))
     return values
 
 
@@ -165,7 +166,7 @@ def _problem(rng: random.Random, operands: tuple[int, ...], ops: tuple[str, ...]
     question = (
         _word_problem(rng, operands, ops, min(values) < 0)
         if word
-        else f"What is {_expression(operands, ops)}?"
+        else f"What is {expression(operands, ops)}?"
     )
     return Problem(
         question=question,
@@ -190,7 +191,7 @@ def generate_problems(
             break
         operands = tuple(_operand(rng, cfg) for _ in range(cfg.n_operands))
         ops = tuple(rng.choice(cfg.ops) for _ in range(cfg.n_operands - 1))
-        key = _expression(operands, ops)
+        key = expression(operands, ops)
         if key in seen or split_of(operands, ops) != split:
             continue
         if not cfg.allow_negative and min(_values(operands, ops)) < 0:
