@@ -36,7 +36,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import alignkit.rollout.hf as hf  # noqa: E402
-import alignkit.rollout.packed_linear as packed_linear  # noqa: E402
 from alignkit.algorithms.sampling.problems import ProblemsConfig, load_task  # noqa: E402
 from alignkit.algorithms.sampling.rest_em import RestEMConfig  # noqa: E402
 from alignkit.config import load_config  # noqa: E402
@@ -72,16 +71,17 @@ def main() -> None:
     prompts = chat_prompts(tok, [user_prompt(task.prompt(q), None, shots) for q in task.train])
     params = SamplingParams(n=args.n, temperature=args.temperature, top_k=args.top_k,
                             max_new_tokens=args.max_new_tokens, seed=0)
+    options = {}  # HFGenerator keyword arguments of the side that runs
     if args.feature == "decode-attention":
         on, off = hf.decode_attention, (lambda m: contextlib.nullcontext())
         sides = {"single-query attention": lambda: setattr(hf, "decode_attention", on),
                  "transformers SDPA": lambda: setattr(hf, "decode_attention", off)}
     elif args.feature == "shared-prefixes":
-        sides = {"shared prefixes, one row": lambda: setattr(hf, "SHARE_PREFIXES", True),
-                 "every sample its own row": lambda: setattr(hf, "SHARE_PREFIXES", False)}
+        sides = {"shared prefixes, one row": lambda: options.update(share_prefixes=True),
+                 "every sample its own row": lambda: options.update(share_prefixes=False)}
     elif args.feature == "packed-linears":
-        sides = {"oneDNN, reordered weights": lambda: setattr(packed_linear, "PACKED_LINEARS", True),
-                 "F.linear (MKL)": lambda: setattr(packed_linear, "PACKED_LINEARS", False)}
+        sides = {"oneDNN, reordered weights": lambda: options.update(pack_linears=True),
+                 "F.linear (MKL)": lambda: options.update(pack_linears=False)}
     elif args.feature == "root-kept-once":
         split = hf._splits_root
         sides = {"root kept once": lambda: setattr(hf, "_splits_root", split),
@@ -94,7 +94,7 @@ def main() -> None:
     for _ in range(args.repeats):
         for name, switch in sides.items():
             switch()
-            gen = hf.HFGenerator(model, tok, args.batch_size, args.dtype, max_rows=args.max_rows)
+            gen = hf.HFGenerator(model, tok, args.batch_size, args.dtype, max_rows=args.max_rows, **options)
             start = time.perf_counter()
             out = gen.generate(prompts, params)
             times[name].append(time.perf_counter() - start)

@@ -136,7 +136,7 @@ def _independent_rows_reference(model, prompts: list[str], params: SamplingParam
 
 
 @pytest.mark.parametrize("kw", [dict(temperature=0.6, top_k=20), dict(temperature=1.0, top_p=0.9), dict(temperature=0.3)])
-def test_shared_prefix_decoding_equals_independent_rows(kw, monkeypatch):
+def test_shared_prefix_decoding_equals_independent_rows(kw):
     """Rows that share a prefix share one forward pass; the samples are exactly those of
     independent rows given the same random numbers, with prefix sharing on or off."""
     model = _model(eos_boost=2.0)
@@ -147,8 +147,7 @@ def test_shared_prefix_decoding_equals_independent_rows(kw, monkeypatch):
     shared = sum(rows[1:])  # rows decoded after the prefill
     assert [c.token_ids for c in out] == _independent_rows_reference(model, PROMPTS, params)
     rows.clear()
-    monkeypatch.setattr(hf, "SHARE_PREFIXES", False)
-    alone = HFGenerator(model, TOK, batch_size=len(PROMPTS)).generate(PROMPTS, params)
+    alone = HFGenerator(model, TOK, batch_size=len(PROMPTS), share_prefixes=False).generate(PROMPTS, params)
     assert [c.token_ids for c in alone] == [c.token_ids for c in out]
     assert shared < sum(rows[1:])  # fewer rows decoded
     per_prompt = [[tuple(c.token_ids) for c in out[p * 6:(p + 1) * 6]] for p in range(len(PROMPTS))]

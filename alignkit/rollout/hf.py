@@ -30,12 +30,27 @@ Conventions:
   quantity a policy-gradient loss compares against. Training recomputes it anyway.
 - Sampling uses a `torch.Generator` seeded from `SamplingParams.seed`: the same seed, prompts,
   params and batch size give the same completions (no seed: a fresh random seed per call).
+
+transformers internals this relies on (pyproject.toml bounds the version to those it is known to
+work with; tests/test_transformers_internals.py names the one that changed when a newer release
+breaks it):
+- the forward's cache argument, `cache` or (before 5.24) `past_key_values` (`cache_keyword`), and
+  its `logits_to_keep`;
+- `DynamicCache(config=...)` builds one `DynamicLayer` per full-attention layer in `cache.layers`,
+  and `Cache.batch_select_indices` / `batch_repeat_interleave` act on every layer;
+- `DynamicLayer`'s members that `_BufferLayer` overrides or uses: `keys` / `values` [rows, heads,
+  positions, dim], `is_initialized`, `lazy_initialization(key_states, value_states)`,
+  `update(key_states, value_states, ...)`, `get_seq_length`, `crop`, `reset`;
+- for `decode_attention`: `AttentionInterface` / `AttentionMaskInterface` registration,
+  `sdpa_attention_forward`, `sdpa_mask`, `config._attn_implementation` and each attention
+  module's `layer_idx`.
 """
 
 from __future__ import annotations
 
 import inspect
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
@@ -66,13 +81,9 @@ def _resolve_dtype(dtype) -> torch.dtype | None:
     raise ValueError(f"dtype must be None, a torch.dtype, 'auto' or one of {sorted(_DTYPES)}, got {dtype!r}")
 
 
-# Samples of a prompt that have drawn the same tokens so far share one row of the decoding batch
-# (False: every sample decodes in its own row; the same samples, more compute; for A/B runs).
-SHARE_PREFIXES = True
-
 # Finished rows leave the decoding batch (a copy of the KV cache of the rows that stay) once the
 # decoding steps they would still cost, dead rows × steps left, reach this many batch-steps: a
-# compaction costs about half a decoding step of the whole batch (measured on CPU).
+# compaction costs about half a decoding step of the whole batch.
 COMPACT_AFTER = 0.5
 
 
@@ -95,15 +106,21 @@ class HFGenerator:
         adapters as they are now): one matrix product per linear instead of three.
     max_rows: when set, each batch takes max_rows // n prompts instead (at least one), so a
         greedy pass (n=1) decodes as many rows at once as a sampling pass does.
+    share_prefixes: samples of a prompt that have drawn the same tokens so far decode as one row
+        (module docstring); False decodes every sample in its own row: the same samples, more
+        compute (for A/B runs).
+    pack_linears: in fp32 on an x86 CPU, the linears run through oneDNN on reordered weights
+        (`packed_linear`); False runs `F.linear` (for A/B runs).
     """
 
     def __init__(self, model, tokenizer, batch_size: int = 16, dtype=None, merge_lora: bool = True,
-                 max_rows: int | None = None):
+                 max_rows: int | None = None, *, share_prefixes: bool = True, pack_linears: bool = True):
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         if max_rows is not None and (not isinstance(max_rows, int) or max_rows < 1):
             raise ValueError(f"max_rows must be None or an integer >= 1, got {max_rows!r}")
         self.max_rows = max_rows
+        self.share_prefixes, self.pack_linears = share_prefixes, pack_linears
         self.model = model
         self.twin = MergedTwin.of(model) if merge_lora else None
         self.tokenizer = tokenizer
@@ -160,7 +177,8 @@ class HFGenerator:
         else:
             grad_off, autocast = torch.inference_mode(), nullcontext()
         try:
-            with grad_off, autocast, decode_attention(model), packed_linears(model):
+            linears = packed_linears(model) if self.pack_linears else nullcontext()
+            with grad_off, autocast, decode_attention(model), linears:
                 per_batch = self.batch_size if self.max_rows is None else max(1, self.max_rows // params.n)
                 for start in range(0, len(order), per_batch):
                     chunk = order[start:start + per_batch]
@@ -195,9 +213,42 @@ class HFGenerator:
         return cache
 
     def _generate_batch(self, model, batch_ids: list[list[int]], params: SamplingParams, gen, device):
-        """Decode n samples for each prompt of the batch; returns rows in prompt-major order."""
+        """Decode n samples for each prompt of the batch; returns rows in prompt-major order.
+        Rows are samples; nodes are cache rows, one per distinct prefix (module docstring)."""
         n, B = params.n, len(batch_ids)
         root = _shared_root(batch_ids) if B > 1 else 0
+        cache = self._new_cache(max(len(ids) for ids in batch_ids) + params.max_new_tokens, B * n)
+        kw = cache_keyword(model)
+        with shared_root(cache):  # a root split off by the prefill is found by the attention there
+            nodes = self._prefill(model, kw, cache, batch_ids, root, device)
+            node = torch.arange(B, device=device).repeat_interleave(n)  # node of each running row
+            if not self.share_prefixes and n > 1:  # every sample its own node from the start
+                nodes.select(node)
+                nodes.logits, node = nodes.logits[node], torch.arange(B * n, device=device)
+            samples = _Samples(B * n, params, torch.tensor(self.eos_ids, device=device), self.tokenizer)
+            running = list(range(B * n))  # the sample of each running row
+            for step in range(params.max_new_tokens):
+                nxt = _sample(nodes.logits, params, gen, node)
+                lps = _logprobs(nodes.logits, node, nxt) if params.logprobs else None
+                done = samples.add(running, nxt, lps)
+                if step == params.max_new_tokens - 1 or bool(done.all()):
+                    break
+                if bool(done.any()):  # ended samples leave the running rows
+                    keep = (~done).nonzero().squeeze(1)
+                    running = [running[j] for j in keep.tolist()]
+                    node, nxt = node[keep], nxt[keep]
+                node, step_ids = self._regroup(nodes, node, nxt, steps_left=params.max_new_tokens - 1 - step)
+                nodes.advance(model, kw, step_ids)
+        logps = samples.logps if samples.logps is not None else [None] * (B * n)
+        return [self._finish(samples.tokens[r], samples.reasons[r], logps[r], params.stop) for r in range(B * n)]
+
+    def _prefill(self, model, kw: str, cache, batch_ids: list[list[int]], root: int, device) -> _Nodes:
+        """Run the prompts through the model: one node per prompt, holding the logits of its last
+        position. The prefix of `root` tokens that every prompt shares (a system prompt, a
+        template, few-shot exemplars; `_shared_root`) is prefilled once and kept once for the
+        rows (copied to each row when the attention cannot add it); the rest of each prompt
+        follows it, left-padded, so padding columns sit between the shared part and the rest."""
+        B = len(batch_ids)
         L = max(len(ids) for ids in batch_ids) - root
         input_ids = torch.full((B, L), self.pad_id, dtype=torch.long)
         mask = torch.zeros((B, L), dtype=torch.long)
@@ -205,103 +256,40 @@ class HFGenerator:
             input_ids[b, L - len(ids) + root:] = torch.tensor(ids[root:], dtype=torch.long)
             mask[b, L - len(ids) + root:] = 1
         input_ids, mask = input_ids.to(device), mask.to(device)
+        if root:
+            shared = torch.tensor([batch_ids[0][:root]], dtype=torch.long, device=device)
+            cache = getattr(model(input_ids=shared, **{kw: cache}, use_cache=True, logits_to_keep=1), kw)
+            if _splits_root(model, cache):  # kept once, the attention adds it (decode_attention)
+                for layer in cache.layers:
+                    layer.split_root(B)
+            else:
+                cache.batch_repeat_interleave(B)
+            mask = torch.cat([mask.new_ones((B, root)), mask], dim=1)
+        position_ids = ((mask.cumsum(-1) - 1).clamp_(min=0))[:, root:]
+        out = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+                    **{kw: cache}, use_cache=True, logits_to_keep=1)
+        return _Nodes(getattr(out, kw), mask, lengths=mask.sum(-1), logits=out.logits[:, -1, :])
 
-        cache = self._new_cache(root + L + params.max_new_tokens, B * n)
-        kw = cache_keyword(model)
-        with shared_root(cache):  # a root split off below is found by the attention there
-            if root:
-                # The prefix every prompt of the batch shares (a system prompt, a template, few-shot
-                # exemplars) is prefilled once and kept once for the B rows (copied to each row when
-                # the attention cannot add it); the rest of each prompt follows it, left-padded, so
-                # padding columns sit between the shared part and the rest.
-                shared = torch.tensor([batch_ids[0][:root]], dtype=torch.long, device=device)
-                cache = getattr(model(input_ids=shared, **{kw: cache}, use_cache=True, logits_to_keep=1), kw)
-                if _splits_root(model, cache):  # kept once, the attention adds it (decode_attention)
-                    for layer in cache.layers:
-                        layer.split_root(B)
-                else:
-                    cache.batch_repeat_interleave(B)
-                mask = torch.cat([mask.new_ones((B, root)), mask], dim=1)
-            position_ids = ((mask.cumsum(-1) - 1).clamp_(min=0))[:, root:]
-            out = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
-                        **{kw: cache}, use_cache=True, logits_to_keep=1)
-            cache = getattr(out, kw)
-            logits = out.logits[:, -1, :]  # the model's dtype: _sample converts only what it uses
-            del out
-            lengths = mask.sum(-1)  # position id of the next token = real tokens so far
+    def _regroup(self, nodes: _Nodes, node: torch.Tensor, nxt: torch.Tensor, steps_left: int):
+        """Split the nodes whose running rows drew different tokens `nxt`: the next nodes are one
+        per distinct (node, token) of the running rows, in order. Returns the node of each running
+        row and the token each cache row is fed next.
 
-            # Rows are samples; nodes are cache rows, one per distinct prefix (module docstring).
-            # After the prefill, each prompt is one node for its n rows.
-            R = B * n
-            rows = list(range(R))  # global row of each running row
-            node = torch.arange(B, device=device).repeat_interleave(n)  # cache row of each running row
-            if not SHARE_PREFIXES and n > 1:  # every sample its own row from the start
-                cache.batch_select_indices(node)
-                mask, lengths, logits, node = mask[node], lengths[node], logits[node], torch.arange(R, device=device)
-            tokens: list[list[int]] = [[] for _ in range(R)]
-            logps: list[list[float]] | None = [[] for _ in range(R)] if params.logprobs else None
-            reasons = ["length"] * R
-            eos = torch.tensor(self.eos_ids, device=device)
-            stops = params.stop
-            # Tokens to re-decode when checking stop strings: every ordinary token is at least one byte.
-            window = max((len(s.encode("utf-8")) for s in stops), default=0) + 2
-
-            for step in range(params.max_new_tokens):
-                nxt = _sample(logits, params, gen, node)
-                if logps is not None:
-                    full = logits.float()
-                    lp = (full[node, nxt] - torch.logsumexp(full, dim=-1)[node]).tolist()
-                done = torch.isin(nxt, eos)
-                nxt_list = nxt.tolist()
-                for j, r in enumerate(rows):
-                    tokens[r].append(nxt_list[j])
-                    if logps is not None:
-                        logps[r].append(lp[j])
-                if stops:
-                    check = (~done).nonzero().squeeze(1).tolist()
-                    if check:
-                        tails = self.tokenizer.batch_decode([tokens[rows[j]][-window:] for j in check],
-                                                            skip_special_tokens=True)
-                        hit = [j for j, t in zip(check, tails) if any(s in t for s in stops)]
-                        if hit:
-                            done[hit] = True
-                for j in done.nonzero().squeeze(1).tolist():
-                    reasons[rows[j]] = "stop"
-                if step == params.max_new_tokens - 1 or bool(done.all()):
-                    break
-                if bool(done.any()):
-                    keep = (~done).nonzero().squeeze(1)
-                    rows = [rows[j] for j in keep.tolist()]
-                    node, nxt = node[keep], nxt[keep]
-                # The next nodes: one per distinct (node, token) of the running rows, in order.
-                vocab = logits.shape[-1]
-                pairs, child = torch.unique(node * vocab + nxt, return_inverse=True)
-                parent, token = pairs // vocab, pairs % vocab
-                nodes = mask.shape[0]  # cache rows now, some maybe without running rows
-                split = bool((parent[1:] == parent[:-1]).any())
-                # Cache rows without running rows stay until the decoding they would still cost,
-                # dead rows x steps left, reaches COMPACT_AFTER batch-steps (a copy of the cache);
-                # a split copies anyway.
-                if split or (nodes - parent.numel()) * (params.max_new_tokens - 1 - step) >= COMPACT_AFTER * nodes:
-                    cache.batch_select_indices(parent)
-                    mask, lengths, node, step_ids = mask[parent], lengths[parent], child, token
-                    # Drop leading columns that are padding for every remaining row (none when a
-                    # shared root leads every row).
-                    cut = int(mask.argmax(-1).min())  # rows are 0..0 1..1 (or 1..1 0..0 1..1)
-                    if cut > 0 and _crop_front(cache, cut):
-                        mask = mask[:, cut:]
-                else:  # each cache row keeps its place; rows without a running row get padding
-                    step_ids = torch.full((nodes,), self.pad_id, dtype=token.dtype, device=device)
-                    step_ids[parent] = token
-                mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
-                out = model(input_ids=step_ids[:, None], attention_mask=mask, position_ids=lengths[:, None],
-                            **{kw: cache}, use_cache=True)
-                cache = getattr(out, kw)
-                logits = out.logits[:, -1, :]
-                del out
-                lengths = lengths + 1
-
-            return [self._finish(tokens[r], reasons[r], None if logps is None else logps[r], stops) for r in range(R)]
+        Splitting copies cache rows. Without a split, cache rows left without running rows stay
+        (fed padding) until the decoding they would still cost, dead rows x steps left, reaches
+        COMPACT_AFTER batch-steps, which pays for the copy that drops them."""
+        vocab = nodes.logits.shape[-1]
+        pairs, child = torch.unique(node * vocab + nxt, return_inverse=True)
+        parent, token = pairs // vocab, pairs % vocab
+        count = nodes.mask.shape[0]  # cache rows now, some maybe without running rows
+        split = bool((parent[1:] == parent[:-1]).any())
+        if split or (count - parent.numel()) * steps_left >= COMPACT_AFTER * count:
+            nodes.select(parent)
+            nodes.crop_padding()
+            return child, token
+        step_ids = torch.full((count,), self.pad_id, dtype=token.dtype, device=token.device)
+        step_ids[parent] = token
+        return node, step_ids
 
     def _finish(self, ids: list[int], reason: str, lps, stops):
         body = ids[:-1] if ids and ids[-1] in self.eos_ids else ids
@@ -312,6 +300,71 @@ class HFGenerator:
                 text = text[:min(cuts)]
                 reason = "stop"
         return text, ids, reason, lps
+
+
+@dataclass
+class _Nodes:
+    """The cache rows of a decoding batch (nodes), one per distinct prefix of the running samples."""
+
+    cache: DynamicCache
+    mask: torch.Tensor  # [nodes, columns]: 1 for a node's tokens, 0 for padding
+    lengths: torch.Tensor  # [nodes]: position id of each node's next token
+    logits: torch.Tensor  # [nodes, vocab]: each node's next-token logits, in the model's dtype
+
+    def select(self, index: torch.Tensor) -> None:
+        """Keep cache rows `index` (a row named more than once: a prefix whose samples split)."""
+        self.cache.batch_select_indices(index)
+        self.mask, self.lengths = self.mask[index], self.lengths[index]
+
+    def crop_padding(self) -> None:
+        """Drop leading columns that are padding for every node (none when a shared root leads
+        every row)."""
+        cut = int(self.mask.argmax(-1).min())  # rows are 0..0 1..1 (or 1..1 0..0 1..1)
+        if cut > 0 and _crop_front(self.cache, cut):
+            self.mask = self.mask[:, cut:]
+
+    def advance(self, model, kw: str, step_ids: torch.Tensor) -> None:
+        """One decoding step: feed each node its token `step_ids`; the logits that come out
+        replace the node's."""
+        self.mask = torch.cat([self.mask, self.mask.new_ones((self.mask.shape[0], 1))], dim=1)
+        out = model(input_ids=step_ids[:, None], attention_mask=self.mask, position_ids=self.lengths[:, None],
+                    **{kw: self.cache}, use_cache=True)
+        self.cache = getattr(out, kw)
+        self.logits = out.logits[:, -1, :]
+        self.lengths = self.lengths + 1
+
+
+class _Samples:
+    """What each sample of a batch has drawn so far: its token ids, their log-probs (when asked
+    for), and why it ended ("length" until it ends otherwise)."""
+
+    def __init__(self, count: int, params: SamplingParams, eos: torch.Tensor, tokenizer):
+        self.tokens: list[list[int]] = [[] for _ in range(count)]
+        self.logps: list[list[float]] | None = [[] for _ in range(count)] if params.logprobs else None
+        self.reasons = ["length"] * count
+        self.eos, self.stops, self.tokenizer = eos, params.stop, tokenizer
+        # Tokens to re-decode when checking stop strings: every ordinary token is at least one byte.
+        self.window = max((len(s.encode("utf-8")) for s in self.stops), default=0) + 2
+
+    def add(self, running: list[int], nxt: torch.Tensor, lps: list[float] | None) -> torch.Tensor:
+        """Append token `nxt[j]` (and its log-prob) to sample `running[j]`; returns which of them
+        ended (bool [running]): on eos, or on a token that completes a stop string."""
+        done = torch.isin(nxt, self.eos)
+        for j, (r, token) in enumerate(zip(running, nxt.tolist())):
+            self.tokens[r].append(token)
+            if lps is not None:
+                self.logps[r].append(lps[j])
+        if self.stops:
+            check = (~done).nonzero().squeeze(1).tolist()
+            if check:
+                tails = self.tokenizer.batch_decode([self.tokens[running[j]][-self.window:] for j in check],
+                                                    skip_special_tokens=True)
+                hit = [j for j, t in zip(check, tails) if any(s in t for s in self.stops)]
+                if hit:
+                    done[hit] = True
+        for j in done.nonzero().squeeze(1).tolist():
+            self.reasons[running[j]] = "stop"
+        return done
 
 
 class _BufferLayer(DynamicLayer):
@@ -450,6 +503,12 @@ def _crop_front(cache, cut: int) -> bool:
             layer.keys = layer.keys[..., cut:, :]
             layer.values = layer.values[..., cut:, :]
     return True
+
+
+def _logprobs(logits: torch.Tensor, node: torch.Tensor, token: torch.Tensor) -> list[float]:
+    """log p(token) of each row under its node's untempered distribution (module docstring)."""
+    full = logits.float()
+    return (full[node, token] - torch.logsumexp(full, dim=-1)[node]).tolist()
 
 
 def _sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator,

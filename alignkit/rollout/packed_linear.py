@@ -1,23 +1,22 @@
 """Decoding linears through oneDNN on weights reordered into its layout (fp32 on x86 CPUs).
 
-`F.linear` on the CPU runs MKL's sgemm against the weight as stored. At decoding shapes that
-is far from the machine's speed, worst for the output head. On a 2-core AVX2 AMD EPYC (Zen 3),
-fp32, oneDNN's inner product over the weight reordered into its blocked layout took the
-default model's output head from 18.0 to 5.9 ms at 8 rows and from 66 to 47 ms at 128, and
-its other linears 1.5-1.9x faster at 8 rows, about even (0.88-1.09x) at 128 and 512
-(`benchmarks/linear_kernels.py`, RESULTS.md "oneDNN linears"). PyTorch exposes that path
-as `torch.ops.mkldnn._reorder_linear_weight` / `_linear_pointwise` (what its compiler's CPU
-freezing uses); it computes the same product, rounded differently in the last bits.
+`F.linear` on the CPU runs MKL's sgemm against the weight as stored. At decoding shapes (a few
+to a few hundred rows) that is far from the machine's speed, worst for the output head; oneDNN's
+inner product over the weight reordered into its blocked layout is faster there, and about even
+at larger shapes (`benchmarks/linear_kernels.py`; the figures are in benchmarks/RESULTS.md).
+PyTorch exposes that path as `torch.ops.mkldnn._reorder_linear_weight` /
+`_linear_pointwise` (what its compiler's CPU freezing uses); it computes the same product,
+rounded differently in the last bits.
 
 `packed_linears(model)` makes every fp32 `nn.Linear` of the model run that way for the duration
 of a `with` block (an instance `forward`, removed again afterwards). The weights are reordered
 on entering the block, so it always computes with the weights as they are then: about as much
-work as one decoding step's products (~0.2 s for the whole default model), which a sampling
-pass repays within its first few steps. (Reordered weights cannot be kept from one block to the
-next safely: PyTorch's fused AdamW updates weights in place without bumping their version
-counters, so nothing cheap tells that a weight changed.) Only under inference (no autograd),
-only on x86 CPUs where PyTorch has oneDNN, only for fp32 weights and inputs, not under
-autocast; anything else runs `F.linear` as before.
+work as one decoding step's products, which a sampling pass repays within its first few steps.
+(Reordered weights cannot be kept from one block to the next safely: PyTorch's fused AdamW
+updates weights in place without bumping their version counters, so nothing cheap tells that a
+weight changed.) Only under inference (no autograd), only on x86 CPUs where PyTorch has oneDNN,
+only for fp32 weights and inputs, not under autocast; anything else runs `F.linear` as before.
+`HFGenerator(pack_linears=False)` decodes without it.
 """
 
 from __future__ import annotations
@@ -28,9 +27,6 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-# False: decoding runs every linear through F.linear (MKL); for A/B runs.
-PACKED_LINEARS = True
-
 # The rows a reordered weight is laid out for (oneDNN's batch hint); in an ad-hoc comparison of
 # hints 1, 16, 128 and 512, 128 was as fast as the best of them at 1 to 2000 rows.
 ROWS_HINT = 128
@@ -38,7 +34,7 @@ ROWS_HINT = 128
 
 def available() -> bool:
     """Whether this PyTorch build and CPU have the path (x86, oneDNN built in, the ops present)."""
-    return (PACKED_LINEARS and platform.machine().lower() in ("x86_64", "amd64")
+    return (platform.machine().lower() in ("x86_64", "amd64")
             and torch.backends.mkldnn.is_available()
             and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
