@@ -2,10 +2,10 @@
 
 In a decoding step each row has one query against its own cached keys. PyTorch's CPU
 scaled-dot-product kernel handles that shape (grouped-query heads, a few dozen keys, hundreds of
-rows) at a fraction of its speed on long queries: on the default model (9 query heads over 3
-key/value heads, 512 rows, ~55 keys, bf16, 2 cores) one layer took ~5 ms, two batched matrix
-products with the query heads grouped under their key/value head take ~2 ms. Over 30 layers
-and every step that was a third of the decoding time.
+rows) at a fraction of its speed on long queries; two batched matrix products with the query
+heads grouped under their key/value head do the same work in less time, and over every layer and
+step that is a measurable part of the decoding time (`benchmarks/generator_ab.py --feature
+decode-attention`; the figures are in benchmarks/RESULTS.md).
 
 `decode_attention(model)` switches a model using "sdpa" to this function for the duration of a
 `with` block; any call that is neither a plain single-query step nor a query against a shared
@@ -19,9 +19,9 @@ names, for the duration of a `with` block, the cache whose layers hold such a ro
 positions, and the attention adds the root: a single-query step scores every row's queries
 against the root in one matrix product and softmaxes over root and row keys together (the same
 result as attending to the concatenation), and so does a longer query (the prefill of the
-prompts' own parts), so the root is never copied into the rows. On the default model with four
-exemplars (a ~200-token root, 512 rows) copying the root to every row and re-reading those
-copies at every step took most of a sampling pass.
+prompts' own parts), so the root is never copied into the rows: copying a long root (few-shot
+exemplars) to hundreds of rows and re-reading those copies at every step is a large part of a
+sampling pass (`benchmarks/generator_ab.py --feature root-kept-once`).
 """
 
 from __future__ import annotations
