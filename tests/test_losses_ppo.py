@@ -1,5 +1,6 @@
 """alignkit.losses.ppo: KL-shaped rewards, clipped losses, KL controllers, group advantages."""
 
+import json
 import math
 
 import pytest
@@ -190,12 +191,22 @@ def test_adaptive_kl_controller_by_hand():
     assert c.update(0.0, 100) == pytest.approx(0.0998)
     # KL 5.4: e = -0.1; β = 0.0998 (1 - 0.1·100/10000) = 0.0998 · 0.999
     assert c.update(5.4, 100) == pytest.approx(0.0998 * 0.999)
-    assert c.beta == c.value
     # KL on target: unchanged
-    before = c.value
+    before = c.beta
     assert c.update(6.0, 1000) == pytest.approx(before)
     f = FixedKLController(0.05)
     assert f.update(100.0, 1000) == 0.05 and f.beta == 0.05
+
+
+def test_kl_controller_state_round_trips_through_a_checkpoint():
+    c = AdaptiveKLController(0.1, 6.0, 10000)
+    c.update(9.0, 256)
+    d = AdaptiveKLController(0.1, 6.0, 10000)
+    d.load_state_dict(json.loads(json.dumps(c.state_dict())))  # as the checkpoint's loop.json holds it
+    assert d.beta == c.beta != 0.1 and d.update(6.6, 256) == c.update(6.6, 256)
+    f = FixedKLController(0.05)
+    f.load_state_dict({"beta": 0.2})
+    assert f.beta == 0.2 and f.update(100.0, 1000) == 0.2
 
 
 # --------------------------------------------------------------------------- group advantages

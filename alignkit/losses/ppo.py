@@ -1,8 +1,8 @@
 """PPO (RLHF) and critic-free policy-gradient pieces: KL-shaped rewards, clipped policy and
 value losses, PTX loss, KL controllers, and GRPO / RLOO / REINFORCE advantages.
 
-Pure functions (rule 1 of DESIGN.md). Per-token inputs are ``[B, T]`` right-padded responses
-with a 0/1 ``mask`` over response tokens.
+Pure functions (docs/architecture.md), besides the KL controllers that hold β. Per-token
+inputs are ``[B, T]`` right-padded responses with a 0/1 ``mask`` over response tokens.
 
 Reduction of per-token losses (argument ``reduction``), chosen so that in both cases
 ``per_example_loss.mean()`` is the batch loss:
@@ -233,38 +233,37 @@ def kl_loss(
 
 
 class FixedKLController:
-    """A constant KL coefficient β."""
+    """A constant KL coefficient β. A controller owns β: a training loop reads `beta` and keeps
+    `state_dict()` in its checkpoints."""
 
     def __init__(self, beta: float):
-        self.value = float(beta)
-
-    @property
-    def beta(self) -> float:
-        return self.value
+        self.beta = float(beta)
 
     def update(self, current_kl: Union[float, torch.Tensor], n_steps: int) -> float:
-        return self.value
+        return self.beta
+
+    def state_dict(self) -> Dict[str, float]:
+        return {"beta": self.beta}
+
+    def load_state_dict(self, state: Dict[str, float]) -> None:
+        self.beta = float(state["beta"])
 
 
-class AdaptiveKLController:
+class AdaptiveKLController(FixedKLController):
     """Adaptive β (Ziegler et al. 2019): e = clip(KL/target − 1, −0.2, 0.2);
     β ← β·(1 + e·n_steps/horizon)."""
 
     def __init__(self, init_beta: float, target: float, horizon: float):
         if target <= 0 or horizon <= 0:
             raise ValueError("AdaptiveKLController: target and horizon must be > 0")
-        self.value = float(init_beta)
+        super().__init__(init_beta)
         self.target = float(target)
         self.horizon = float(horizon)
 
-    @property
-    def beta(self) -> float:
-        return self.value
-
     def update(self, current_kl: Union[float, torch.Tensor], n_steps: int) -> float:
         error = min(max(float(current_kl) / self.target - 1.0, -0.2), 0.2)
-        self.value *= 1.0 + error * n_steps / self.horizon
-        return self.value
+        self.beta *= 1.0 + error * n_steps / self.horizon
+        return self.beta
 
 
 # ---------------------------------------------------------------------------
