@@ -5,7 +5,7 @@ without them PyTorch converts in software. This prints both timings and what `pr
 picks here (`alignkit/precision.py`). Sampling: the recipe's sampler on `--problems`
 training problems x `--samples`, once with the first E-step's exemplars and once zero-shot.
 Train step: forward, backward and AdamW on one row of the recipe's replies
-(`train_stage.shared_prefix_rows`, 512 tokens), after one warm-up step.
+(`data.packing.shared_prefix_rows`, 512 tokens), after one warm-up step.
 
     python benchmarks/precision.py --problems 96 --samples 8 --steps 4
 """
@@ -33,7 +33,8 @@ def main() -> None:
     from alignkit.algorithms.sampling.rest_em import RestEMConfig
     from alignkit.algorithms.sampling.frame import SamplingRun
     from alignkit.algorithms.sampling.stages import Sample, tokenize_samples
-    from alignkit.algorithms.sampling.train_stage import shared_prefix_rows, shared_prefix_step
+    from alignkit.algorithms.sft import sft_step
+    from alignkit.data.packing import shared_prefix_rows
     from alignkit.config import load_config
     from alignkit.engine.allocator import tune_malloc
     from alignkit.engine.config import TrainConfig
@@ -61,7 +62,7 @@ def main() -> None:
     for dtype in ("fp32", "bf16"):
         engine = Engine(model, TrainConfig(output_dir=f"{args.workdir}/{dtype}", lr=5e-5, precision=dtype,
                                            threads=cfg.train.threads, progress=False), 10**6, None)
-        step = shared_prefix_step(engine.model, weighted=True)
+        step = sft_step(engine.model, weighted=True)
         engine.train_step([rows[0]], step)  # warm-up
         start = time.perf_counter()
         for i in range(args.steps):

@@ -8,7 +8,7 @@ The allocator is set when a process starts, so each allocator setting runs in it
 process; inside a child the two attention paths alternate step blocks on the same model
 (the machine's speed drifts, so only interleaved runs compare). Data: the recipe's reply format
 ("47 + 38 = 85") on the built-in arithmetic prompts, packed as the train stage packs them
-(`train_stage.shared_prefix_rows`, recipes/rest_em.yaml's 512 tokens per row), bf16 autocast.
+(`data.packing.shared_prefix_rows`, recipes/rest_em.yaml's 512 tokens per row), bf16 autocast.
 
     python benchmarks/train_step.py --steps 5 --repeats 3
 """
@@ -34,7 +34,8 @@ def child(args) -> dict:
     import alignkit.models.segment_attention as segment_attention
     from alignkit.algorithms.sampling.problems import ProblemsConfig, load_task
     from alignkit.algorithms.sampling.stages import Sample, tokenize_samples
-    from alignkit.algorithms.sampling.train_stage import shared_prefix_rows, shared_prefix_step
+    from alignkit.algorithms.sft import sft_step
+    from alignkit.data.packing import shared_prefix_rows
     from alignkit.engine.allocator import tune_malloc
     from alignkit.engine.config import TrainConfig
     from alignkit.engine.trainer import Engine
@@ -50,7 +51,7 @@ def child(args) -> dict:
     cfg = TrainConfig(output_dir=str(Path(args.workdir) / args.allocator), lr=5e-5, precision="bf16",
                       threads=args.threads, progress=False)
     engine = Engine(model, cfg, 10**6, None)
-    step = shared_prefix_step(engine.model, weighted=True)
+    step = sft_step(engine.model, weighted=True)
     pays = segment_attention.SegmentLayout.pays
     sides = {"segments": pays, "dense mask": property(lambda self: False)}
     times: dict[str, list[float]] = {name: [] for name in sides}

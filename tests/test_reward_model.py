@@ -10,11 +10,12 @@ import torch
 
 from alignkit.cli import main
 from alignkit.data.chat import render_ids
+from alignkit.data.packing import group_row, scoring_group
 from alignkit.data.records import Message, user_prompt
 from alignkit.eval.reward_eval import calibration, pair_report, plot_report
 from alignkit.models.load import LoraConfig, ModelConfig, save_model
 from alignkit.models.tiny import save_tiny
-from alignkit.rewards.model import RewardModel, encode_group, grouped_row, last_token_mask, load_reward_model
+from alignkit.rewards.model import RewardModel, load_reward_model
 
 PROMPTS = ["What is 2 + 2?", "Reverse the word 'stone'.", "What is 2 + 2?", "Hi", "What is 2 + 2?", "Hi"]
 RESPONSES = ["4", "enots", "The answer is 4.", "Hello! How can I help you today?", "The answer is 5.", "Hey"]
@@ -50,20 +51,20 @@ def test_packed_rows_score_like_each_sequence_alone(tiny_dir):
 
 def test_group_layout_shares_the_prompt_and_marks_last_tokens(tok):
     prompt = user_prompt("Sort 3, 1, 2.")
-    group = encode_group(tok, prompt, ["1, 2, 3", "1, 3, 2", "3"], max_length=512)
-    for suffix, r in zip(group.suffixes, ["1, 2, 3", "1, 3, 2", "3"]):
-        assert group.prefix + suffix == render_ids(tok, prompt + (Message("assistant", r),))
-    assert len(group.prefix) >= len(render_ids(tok, prompt, add_generation_prompt=True))
-    row = grouped_row([group, group])
-    ends = last_token_mask(row["segment_ids"])[0].nonzero().flatten().tolist()
+    group = scoring_group(tok, prompt, ["1, 2, 3", "1, 3, 2", "3"], max_length=512)
+    for suffix, r in zip(group.responses, ["1, 2, 3", "1, 3, 2", "3"]):
+        assert group.prompt + suffix == render_ids(tok, prompt + (Message("assistant", r),))
+    assert len(group.prompt) >= len(render_ids(tok, prompt, add_generation_prompt=True))
+    row = group_row([group, group], keep_last=True)
+    ends = row["ends"].tolist()
     n = len(group)
-    lengths = [len(s) for s in group.suffixes]
-    first = [len(group.prefix) + sum(lengths[: k + 1]) - 1 for k in range(3)]
+    lengths = [len(s) for s in group.responses]
+    first = [len(group.prompt) + sum(lengths[: k + 1]) - 1 for k in range(3)]
     assert ends == first + [n + e for e in first]
-    assert row["position_ids"][0, len(group.prefix) + lengths[0]].item() == len(group.prefix)  # 2nd reply restarts
-    cut = encode_group(tok, prompt, ["1, 2, 3", "3"], max_length=20)
-    assert cut.truncated and all(len(cut.prefix) + len(s) <= 20 for s in cut.suffixes)
-    assert cut.prefix == group.prefix[-len(cut.prefix):]  # prompt tokens dropped from the left
+    assert row["position_ids"][0, len(group.prompt) + lengths[0]].item() == len(group.prompt)  # 2nd reply restarts
+    cut = scoring_group(tok, prompt, ["1, 2, 3", "3"], max_length=20)
+    assert cut.truncated and all(len(cut.prompt) + len(s) <= 20 for s in cut.responses)
+    assert cut.prompt == group.prompt[-len(cut.prompt):]  # prompt tokens dropped from the left
 
 
 def test_lora_rm_saves_to_a_plain_hf_directory(tiny_dir, tmp_path):

@@ -149,7 +149,7 @@ def test_collect_score_and_weighted_batches(tok, model):
 
 
 def test_shared_prefix_rows_give_the_packed_loss_and_gradient(tok, model):
-    from alignkit.algorithms.sampling.train_stage import shared_prefix_rows, shared_prefix_step
+    from alignkit.data.packing import shared_prefix_rows
 
     samples = [Sample(f"What is {a} + {b}?", str(a + b), reward=w) for a, b, w in ((1, 2, 1.0), (13, 4, 0.5), (7, 30, 2.0))]
     data = tokenize_samples(tok, samples, weighted=True)
@@ -158,7 +158,7 @@ def test_shared_prefix_rows_give_the_packed_loss_and_gradient(tok, model):
     assert sum(len(d.input_ids) for d in data) - rows[0]["input_ids"].shape[1] > 20  # the prefix appears once, not 3 times
     for weighted in (False, True):
         model.zero_grad()
-        loss_a, units_a, _ = shared_prefix_step(model, weighted)(rows[0])
+        loss_a, units_a, _ = sft_step(model, weighted)(rows[0])
         loss_a.backward()
         grads_a = [p.grad.clone() for p in model.parameters()]
         model.zero_grad()
@@ -184,7 +184,7 @@ def test_score_can_fail_replies_cut_off_by_the_budget():
 def test_collect_puts_few_shot_turns_before_each_prompt(tok):
     """Exemplar turns go into the text the generator continues, before the user message; the
     samples keep the bare prompt (what the M-step trains on and the reward sees)."""
-    from alignkit.algorithms.sampling.problems import ProblemsConfig, load_task
+    from alignkit.tasks import RewardConfig, TaskConfig, build_task
     from alignkit.data.chat import prompt_text
     from alignkit.data.records import Message, user_prompt
     from alignkit.rollout.base import Completion
@@ -196,7 +196,7 @@ def test_collect_puts_few_shot_turns_before_each_prompt(tok):
             seen.extend(prompts)
             return [Completion(i, 0, "7", [1], "stop") for i in range(len(prompts))]
 
-    task = load_task(ProblemsConfig(train_problems=4, val_problems=0, eval_problems=2))
+    task = build_task(TaskConfig(train=4, val=0, heldout=2), RewardConfig())
     shots = task.shot_turns([["What is 2 + 3?", "2 + 3 = 5"], ["What is 1 - 4?", "1 - 4 = -3"]])
     assert shots == (Message("user", "What is 2 + 3?\nAnswer with only the number."), Message("assistant", "2 + 3 = 5"),
                      Message("user", "What is 1 - 4?\nAnswer with only the number."), Message("assistant", "1 - 4 = -3"))

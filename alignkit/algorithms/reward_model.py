@@ -4,7 +4,7 @@ Data: preference pairs in any format `load_preferences` reads (TRL prompt/chosen
 conversational, Anthropic HH text), K ranked responses (`load_ranked`), or, when data.path is
 empty, the built-in synthetic preferences (ratings and a gold reward are known). Each prompt
 with its responses is one *group*; groups are packed padding-free into rows with the prompt
-computed once (see alignkit.rewards.model), and the loss is
+computed once (alignkit.data.packing, read as in alignkit.rewards.model), and the loss is
 
     pairs:  −log σ(r_c − r_r − m(rating)) + c·(r_c + r_r)²        (one unit per pair)
     ranked: mean over the group's C(K,2) untied pairs of −log σ(r_better − r_worse)  (one per prompt)
@@ -26,14 +26,15 @@ from alignkit.algorithms.sft import split_eval
 from alignkit.config import ConfigError, opt
 from alignkit.data.collate import pack_groups
 from alignkit.data.formats import load_feedback
+from alignkit.data.packing import Group, group_row, scoring_group, shuffled
 from alignkit.data.tasks.preferences import build_preferences
-from alignkit.engine.config import TrainConfig
+from alignkit.engine.config import EvalTrainConfig
 from alignkit.engine.trainer import Engine, fit, steps_for
 from alignkit.eval.reward_eval import as_pairs, evaluate_pairs
 from alignkit.losses.reward import MARGIN_TABLES, margin_for_ratings, pairwise_loss, ranked_loss
 from alignkit.models.load import ModelConfig, save_model
 from alignkit.rewards.gold import gold_pair
-from alignkit.rewards.model import Group, RewardModel, encode_group, grouped_row, load_reward_model, sequence_rewards
+from alignkit.rewards.model import RewardModel, load_reward_model, sequence_rewards
 
 log = logging.getLogger("alignkit")
 
@@ -53,8 +54,8 @@ class RMDataConfig:
 @dataclass
 class RMConfig:
     model: ModelConfig = opt(factory=ModelConfig, help="the backbone (a causal LM, usually the SFT/chat model) or a reward model to continue")
-    train: TrainConfig = opt(factory=lambda: TrainConfig(output_dir="runs/rm", lr=1e-5, epochs=1.0, max_tokens_per_batch=1024),
-                             help="training loop (Llama 2: 1 epoch, cosine to 10%, warmup 3%, lr 1e-5 full / ~3e-4 LoRA)")
+    train: EvalTrainConfig = opt(factory=lambda: EvalTrainConfig(output_dir="runs/rm", lr=1e-5, epochs=1.0, max_tokens_per_batch=1024),
+                                 help="training loop (Llama 2: 1 epoch, cosine to 10%, warmup 3%, lr 1e-5 full / ~3e-4 LoRA)")
     data: RMDataConfig = opt(factory=RMDataConfig, help="training and held-out data")
     margin: str = opt("none", "Llama 2 rating margin m(rating): none, small or large (pairs without a rating get 0)")
     center_coef: float = opt(0.0, "centring term c·(r_c + r_r)² that keeps rewards near 0 (pairs only)")
@@ -83,7 +84,7 @@ def encode_items(tokenizer, kind: str, items: list, max_length: int, margin: str
     out = []
     for it in items:
         responses = [it.chosen, it.rejected] if kind == "pairs" else list(it.responses)
-        group = encode_group(tokenizer, it.prompt, responses, max_length)
+        group = scoring_group(tokenizer, it.prompt, responses, max_length)
         target = {"margin": float(margin_for_ratings([it.rating], margin)[0])} if kind == "pairs" else {"scores": list(it.scores)}
         out.append((group, target))
     cut = sum(g.truncated for g, _ in out)
@@ -93,15 +94,16 @@ def encode_items(tokenizer, kind: str, items: list, max_length: int, margin: str
 
 
 def collate(encoded: list[tuple[Group, dict]]) -> dict:
-    """A grouped row plus the loss targets: margin [G], or scores and score_mask [G, K]."""
-    batch = grouped_row([g for g, _ in encoded])
-    k = max(len(g.suffixes) for g, _ in encoded)
+    """A row of whole responses (`group_row` with `keep_last`) plus the loss targets: margin
+    [G], or scores and score_mask [G, K]."""
+    batch = group_row([g for g, _ in encoded], keep_last=True)
+    k = max(len(g.responses) for g, _ in encoded)
     mask = torch.zeros(len(encoded), k, dtype=torch.bool)
     scores = torch.zeros(len(encoded), k)
     for i, (g, target) in enumerate(encoded):
-        mask[i, : len(g.suffixes)] = True
+        mask[i, : len(g.responses)] = True
         if "scores" in target:
-            scores[i, : len(g.suffixes)] = torch.tensor(target["scores"])
+            scores[i, : len(g.responses)] = torch.tensor(target["scores"])
     batch["score_mask"] = mask
     if "margin" in encoded[0][1]:
         batch["margin"] = torch.tensor([t["margin"] for _, t in encoded])
@@ -112,13 +114,7 @@ def collate(encoded: list[tuple[Group, dict]]) -> dict:
 
 def epoch_batches_fn(encoded: list[tuple[Group, dict]], max_tokens: int, seed: int):
     """epoch -> micro-batches: groups packed once (first-fit decreasing), row order shuffled per epoch."""
-    rows = pack_groups([len(g) for g, _ in encoded], max_tokens)
-
-    def batches(epoch: int) -> list[dict]:
-        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
-        return [collate([encoded[i] for i in rows[r]]) for r in order]
-
-    return batches
+    return shuffled([collate([encoded[i] for i in r]) for r in pack_groups([len(g) for g, _ in encoded], max_tokens)], seed)
 
 
 def rm_step(model, center_coef: float = 0.0):
@@ -161,7 +157,7 @@ def run(cfg: RMConfig) -> dict:
     log.info("reward model on %d %s (%d tokens with shared prompts), %d held-out pairs", len(encoded), kind,
              sum(len(g) for g, _ in encoded), len(held_out))
     batches = epoch_batches_fn(encoded, cfg.train.max_tokens_per_batch, cfg.train.seed)
-    engine = Engine(model, cfg.train, steps_for(len(batches(0)), cfg.train), asdict(cfg))
+    engine = Engine(model, cfg.train, steps_for(len(batches(0)), cfg.train), asdict(cfg), cfg.train.resume)
     rm = RewardModel(engine.model, tokenizer, max_length=cfg.data.max_length,
                      max_tokens=cfg.train.max_tokens_per_batch, precision=cfg.train.precision)
     report_dir = Path(cfg.train.output_dir) / "eval"

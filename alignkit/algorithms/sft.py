@@ -22,11 +22,11 @@ from alignkit.data.records import Message, SFTExample, user_prompt
 from alignkit.data.tasks.arithmetic import ArithmeticConfig, generate_problems
 from alignkit.data.tasks.arithmetic import prompt_text as arithmetic_prompt
 from alignkit.data.tasks.arithmetic import target_text
-from alignkit.engine.config import TrainConfig
+from alignkit.engine.config import CheckpointConfig, SFTTrainConfig
 from alignkit.engine.trainer import Engine, fit, steps_for
 from alignkit.eval.arithmetic import ArithmeticEvalConfig, evaluate_arithmetic, heldout_problems
 from alignkit.losses.sft import sft_loss
-from alignkit.models.forward import target_logprobs
+from alignkit.models.forward import group_token_logprobs, target_logprobs
 from alignkit.models.load import ModelConfig, load_model, save_model
 
 log = logging.getLogger("alignkit")
@@ -51,7 +51,7 @@ class SFTDataConfig:
 @dataclass
 class SFTConfig:
     model: ModelConfig = opt(factory=ModelConfig, help="the model to fine-tune")
-    train: TrainConfig = opt(factory=lambda: TrainConfig(output_dir="runs/sft", epochs=2.0), help="training loop")
+    train: SFTTrainConfig = opt(factory=lambda: SFTTrainConfig(output_dir="runs/sft", epochs=2.0), help="training loop")
     data: SFTDataConfig = opt(factory=SFTDataConfig, help="training data")
     eval: ArithmeticEvalConfig = opt(factory=lambda: ArithmeticEvalConfig(problems=100), help="held-out arithmetic accuracy after training")
 
@@ -91,13 +91,20 @@ def tokenize_examples(tokenizer, examples: list[SFTExample], max_length: int, ta
 
 
 def sft_step(model, weighted: bool = False):
-    """Step function: summed NLL over target tokens, units = target tokens (or total weight)."""
+    """Step function: summed NLL over target tokens (`losses.sft`), units = target tokens, or
+    with `weighted` their total weight. Takes padded or packed batches (`data.collate`, per-token
+    `weights`) and prompt-sharing rows (`data.packing.shared_prefix_rows`, one weight per example)."""
 
     def step(batch: dict):
-        logps, mask = target_logprobs(model, batch)
-        weights = batch["weights"][:, 1:][mask] if weighted else None
+        if "source" in batch:  # a prompt-sharing row
+            logps = group_token_logprobs(model, batch)
+            weights = batch["weights"][batch["segments"]] if weighted else None
+            units = float((batch["weights"] * batch["lengths"]).sum()) if weighted else float(logps.numel())
+        else:
+            logps, mask = target_logprobs(model, batch)
+            weights = batch["weights"][:, 1:][mask] if weighted else None
+            units = float(weights.sum()) if weighted else float(logps.numel())
         per_token, metrics = sft_loss(logps, weights)
-        units = float(weights.sum()) if weighted else float(logps.numel())
         return per_token.sum(), units, {"nll": metrics["nll_sum"].item()}
 
     return step
@@ -119,12 +126,15 @@ def eval_loss_fn(tokenized: list[Tokenized], pad_id: int, batch_size: int = 8):
     return evaluate
 
 
-def train_sft(model, tokenizer, train: list[Tokenized], cfg: TrainConfig, packing: bool = True,
-              eval_fn=None, run_config: dict | None = None, weighted: bool = False) -> tuple[Engine, dict]:
+def train_sft(model, tokenizer, train: list[Tokenized], cfg: CheckpointConfig, packing: bool = True,
+              eval_fn=None, run_config: dict | None = None, weighted: bool = False,
+              resume: bool = False) -> tuple[Engine, dict]:
     """The SFT stage: fit `model` on tokenized examples with the engine; returns (engine, metrics).
-    `weighted`: scale each example's NLL by its `Tokenized.weight` (reward-weighted NLL)."""
-    batches = epoch_batches_fn(train, tokenizer.pad_token_id, cfg.seed, packing, cfg.batch_size, cfg.max_tokens_per_batch)
-    engine = Engine(model, cfg, steps_for(len(batches(0)), cfg), run_config)
+    `weighted`: scale each example's NLL by its `Tokenized.weight` (reward-weighted NLL). `cfg` is
+    an SFTTrainConfig when packing is off (batch_size) or `eval_fn` is given (eval_every)."""
+    batch_size = 0 if packing else cfg.batch_size
+    batches = epoch_batches_fn(train, tokenizer.pad_token_id, cfg.seed, packing, batch_size, cfg.max_tokens_per_batch)
+    engine = Engine(model, cfg, steps_for(len(batches(0)), cfg), run_config, resume)
     metrics = fit(engine, sft_step(engine.model, weighted), batches, eval_fn)
     return engine, metrics
 
@@ -163,7 +173,8 @@ def run(cfg: SFTConfig) -> dict:
     train, held_out = tok(train_examples), (tok(eval_examples) if eval_examples else [])
     log.info("SFT on %d examples (%d target tokens), %d held out", len(train), sum(t.n_targets for t in train), len(held_out))
     eval_fn = eval_loss_fn(held_out, tokenizer.pad_token_id) if held_out else None
-    engine, metrics = train_sft(model, tokenizer, train, cfg.train, cfg.data.packing, eval_fn, asdict(cfg))
+    engine, metrics = train_sft(model, tokenizer, train, cfg.train, cfg.data.packing, eval_fn, asdict(cfg),
+                                resume=cfg.train.resume)
     run_dir = Path(cfg.train.output_dir)
     if cfg.eval.problems > 0:
         result = evaluate_arithmetic(engine.model, tokenizer, heldout_problems(cfg.eval), cfg.eval, run_dir / "eval_samples.jsonl")

@@ -73,6 +73,12 @@ def packed_row(examples: list[Tokenized]) -> dict:
     return row
 
 
+def epoch_permutation(n: int, seed: int, epoch: int) -> list[int]:
+    """The order of `n` micro-batches (or examples) in `epoch`: a permutation deterministic in
+    (seed, epoch), the same for every method that shuffles per epoch."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+
+
 def epoch_batches_fn(examples: list[Tokenized], pad_id: int, seed: int, packing: bool,
                      batch_size: int, max_tokens: int):
     """A function epoch -> list of micro-batches, deterministic in (seed, epoch).
@@ -83,11 +89,9 @@ def epoch_batches_fn(examples: list[Tokenized], pad_id: int, seed: int, packing:
     groups = pack_groups([len(e.input_ids) for e in examples], max_tokens) if packing else None
 
     def batches(epoch: int) -> list[dict]:
-        gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
         if groups is not None:
-            order = torch.randperm(len(groups), generator=gen).tolist()
-            return [packed_row([examples[i] for i in groups[r]]) for r in order]
-        order = torch.randperm(len(examples), generator=gen).tolist()
+            return [packed_row([examples[i] for i in groups[r]]) for r in epoch_permutation(len(groups), seed, epoch)]
+        order = epoch_permutation(len(examples), seed, epoch)
         return [pad_batch([examples[i] for i in order[s: s + batch_size]], pad_id)
                 for s in range(0, len(order), batch_size)]
 

@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from alignkit.engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from alignkit.engine.config import TrainConfig
+from alignkit.engine.config import LoopConfig, StageConfig
 from alignkit.engine.logging import MetricsLogger, log
 
 StepFn = Callable[[dict], "tuple[torch.Tensor, float, dict[str, float]]"]
@@ -36,7 +36,7 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
+def lr_factor(step: int, total: int, cfg: LoopConfig) -> float:
     """Linear warmup to the peak, then cosine down to `min_lr_ratio` (or constant)."""
     warmup = cfg.warmup_steps or int(round(cfg.warmup_ratio * total))
     if warmup and step < warmup:
@@ -47,7 +47,7 @@ def lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def make_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(model, cfg: LoopConfig) -> torch.optim.Optimizer:
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
@@ -72,9 +72,10 @@ def to_device(batch, device: torch.device):
 
 
 class Engine:
-    """Optimizer, schedule, precision, accumulation, checkpoints and metrics for one model."""
+    """Optimizer, schedule, precision, accumulation, checkpoints and metrics for one model.
+    `resume` (a command's train.resume): continue from the newest checkpoint in output_dir."""
 
-    def __init__(self, model, cfg: TrainConfig, total_steps: int, run_config: dict | None = None):
+    def __init__(self, model, cfg: LoopConfig, total_steps: int, run_config: dict | None = None, resume: bool = False):
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.cfg = cfg
@@ -86,12 +87,12 @@ class Engine:
         self.step = 0
         self.loop_state: dict = {}
         self._run_config = run_config or {}
-        checkpoint = latest_checkpoint(self.run_dir / "checkpoints") if cfg.resume else None
+        checkpoint = latest_checkpoint(self.run_dir / "checkpoints") if resume else None
         if checkpoint is not None:
             self.loop_state = load_checkpoint(checkpoint, self.model, self.optimizer)
             self.step = self.loop_state.pop("step")
             log.info("resumed from %s at step %d", checkpoint, self.step)
-        elif cfg.resume:
+        elif resume:
             log.warning("resume requested but %s has no checkpoint; starting fresh", self.run_dir / "checkpoints")
         self.metrics = MetricsLogger(self.run_dir, cfg.trackers, self._run_config,
                                      resume_step=self.step if checkpoint is not None else None)
@@ -186,28 +187,73 @@ class Engine:
         return result
 
 
-def steps_for(n_micro_batches: int, cfg: TrainConfig) -> int:
+def steps_for(n_micro_batches: int, cfg: StageConfig) -> int:
     """Optimizer steps for `cfg.epochs` passes over `n_micro_batches` (or cfg.max_steps)."""
     if cfg.max_steps > 0:
         return cfg.max_steps
     return max(1, math.ceil(cfg.epochs * n_micro_batches / cfg.grad_accum))
 
 
-def fit(engine: Engine, step_fn: StepFn, epoch_batches: Callable[[int], list[dict]], eval_fn: Callable | None = None) -> dict:
+class EarlyStopping:
+    """The end-of-epoch hook of `fit`: validate after every epoch, stop after `patience` epochs
+    without improvement, and keep the best epoch's weights.
+
+    `val_fn(model) -> {"reward": ...}` (higher is better) runs through `Engine.evaluate`. A tie
+    counts as no worse and goes to the later epoch (more training on the same data): on a small
+    validation set, ties between epochs that differ a lot are common. The best weights are held
+    in memory, so `fit` writes no checkpoint with early stopping (a run that resumed could not
+    restore them)."""
+
+    def __init__(self, val_fn: Callable, patience: int = 1):
+        self.val_fn, self.patience = val_fn, patience
+        self.best, self.best_epoch, self.worse, self.state = -math.inf, 0, 0, None
+
+    def epoch_end(self, engine: Engine, epoch: int) -> bool:
+        """Validate after `epoch` (0-based); True when training should stop."""
+        value = engine.evaluate(self.val_fn)["reward"]
+        if value >= self.best:
+            self.best, self.best_epoch, self.worse = value, epoch + 1, 0
+            self.state = {k: v.detach().clone() for k, v in engine.model.state_dict().items()}
+        else:
+            self.worse += 1
+        return self.worse >= self.patience
+
+    def restore(self, engine: Engine, epochs_run: int) -> dict:
+        """Load the best epoch's weights (unless it was the last one); its metrics."""
+        if self.state is not None and self.best_epoch != epochs_run:
+            engine.model.load_state_dict(self.state)
+        return {"val/reward": self.best, "val/best_epoch": self.best_epoch}
+
+
+def fit(engine: Engine, step_fn: StepFn, epoch_batches: Callable[[int], list[dict]], eval_fn: Callable | None = None,
+        early_stopping: EarlyStopping | None = None, max_epochs: int | None = None, checkpoints: bool = True) -> dict:
     """Offline training: walk `epoch_batches(epoch)` (deterministic per epoch) for engine.total_steps.
 
-    The data position (epoch, micro-batch index) is part of every checkpoint, so `--resume`
-    continues exactly where the run stopped.
+    The data position (epoch, micro-batch index) is `engine.loop_state` and part of every
+    checkpoint, so `--resume` continues exactly where the run stopped. An epoch ends when its
+    micro-batches run out or the last step is taken; then `early_stopping` (if any) validates and
+    may stop training, as may `max_epochs` (epochs run at most, even when steps remain). With
+    `checkpoints=False` nothing is saved (a caller that re-runs the whole fit from its inputs).
     """
+    if early_stopping is not None and checkpoints:
+        raise ValueError("early stopping keeps the best weights in memory: use checkpoints=False")
     cfg = engine.cfg
     epoch = engine.loop_state.get("epoch", 0)
     index = engine.loop_state.get("index", 0)
     batches = epoch_batches(epoch)
     last: dict = {}
+
+    def epoch_end() -> bool:
+        stop = early_stopping is not None and early_stopping.epoch_end(engine, epoch)
+        return stop or (max_epochs is not None and epoch + 1 >= max_epochs)
+
     with engine.progress() as bar:
+        stopped = False
         while engine.step < engine.total_steps:
             group = batches[index: index + cfg.grad_accum]
             if not group:
+                if stopped := epoch_end():
+                    break
                 epoch, index = epoch + 1, 0
                 batches = epoch_batches(epoch)
                 continue
@@ -216,10 +262,16 @@ def fit(engine: Engine, step_fn: StepFn, epoch_batches: Callable[[int], list[dic
             bar.update(1)
             if engine.step % cfg.log_every == 0 or engine.step == engine.total_steps:
                 engine.log({**last, "epoch": epoch + index / max(1, len(batches))})
-            if cfg.eval_every and engine.step % cfg.eval_every == 0 and engine.step < engine.total_steps:
+            if eval_fn is not None and cfg.eval_every and engine.step % cfg.eval_every == 0 and engine.step < engine.total_steps:
                 engine.evaluate(eval_fn)
-            if cfg.save_every and engine.step % cfg.save_every == 0 and engine.step < engine.total_steps:
+            if checkpoints and cfg.save_every and engine.step % cfg.save_every == 0 and engine.step < engine.total_steps:
                 engine.save({"epoch": epoch, "index": index})
-    engine.save({"epoch": epoch, "index": index})
+        if not stopped:
+            epoch_end()  # the last epoch, ended by the step count
+    engine.loop_state = {"epoch": epoch, "index": index}
+    if early_stopping is not None:
+        last = {**last, **early_stopping.restore(engine, epoch + 1)}
+    if checkpoints:
+        engine.save(engine.loop_state)
     final_eval = engine.evaluate(eval_fn)
     return {**last, **{f"eval/{k}": v for k, v in final_eval.items()}}

@@ -47,19 +47,11 @@ def target_logprobs(model, batch: dict, chunk_size: int = 1024) -> tuple[torch.T
     return gather_logprobs(logits, targets, chunk_size=chunk_size), mask
 
 
-def sequence_logprobs(model, batch: dict, segment_ids: torch.Tensor) -> torch.Tensor:
-    """Summed target log-probs per segment: `segment_ids` [B, L] gives each token's sequence index
-    (as in a packed row); returns a tensor [num_segments] (segments with no target get 0)."""
-    logps, mask = target_logprobs(model, batch)
-    seg = segment_ids[:, 1:][mask]
-    total = int(segment_ids.max().item()) + 1
-    return torch.zeros(total, dtype=logps.dtype, device=logps.device).index_add(0, seg, logps)
-
-
 def group_visibility(group_ids: torch.Tensor, parts: torch.Tensor) -> torch.Tensor:
     """[B, 1, L, L] bool (query, key) of a prompt-sharing row (data.packing): causal, inside one
     group, and a response sees its prompt and itself but no sibling response. Tokens of group -1
-    are a prefix shared by every group (`rollout.batch.shared_prefix_row`)."""
+    are a root shared by every group. The one construction of this mask: the segment layout
+    (`segment_attention`) and reward scoring start from it."""
     length = group_ids.shape[1]
     causal = torch.ones(length, length, dtype=torch.bool, device=group_ids.device).tril()
     same_group = (group_ids[:, :, None] == group_ids[:, None, :]) | (group_ids[:, None, :] == -1)
@@ -88,12 +80,18 @@ def group_hidden(decoder, row: dict) -> torch.Tensor:
     return decoder(**inputs, attention_mask=visible).last_hidden_state
 
 
-def group_logprobs(model, batch: dict, chunk_size: int = 1024) -> torch.Tensor:
-    """Summed target log-probs of every response of a prompt-sharing row (`data.packing.group_row`,
-    batch size 1): a tensor [num_responses]. The output head runs on target positions only."""
+def group_token_logprobs(model, batch: dict, chunk_size: int = 1024) -> torch.Tensor:
+    """Log-probs of every target token of a prompt-sharing row (`data.packing.group_row`, batch
+    size 1), flat [N] in row order (`batch["segments"]` gives each one's response). The output
+    head runs on target positions only."""
     lm = unwrap(model)
     hidden = group_hidden(lm.get_decoder(), batch)
     logits = lm.get_output_embeddings()(hidden[0, batch["source"]])
-    logps = gather_logprobs(logits, batch["targets"], chunk_size=chunk_size)
+    return gather_logprobs(logits, batch["targets"], chunk_size=chunk_size)
+
+
+def group_logprobs(model, batch: dict, chunk_size: int = 1024) -> torch.Tensor:
+    """Summed target log-probs of every response of a prompt-sharing row: a tensor [num_responses]."""
+    logps = group_token_logprobs(model, batch, chunk_size)
     total = batch["lengths"].shape[0]
     return torch.zeros(total, dtype=logps.dtype, device=logps.device).index_add(0, batch["segments"], logps)

@@ -4,15 +4,15 @@ A reward model is a transformers `AutoModelForSequenceClassification` with `num_
 Loading a causal-LM directory this way keeps the backbone (`model.model`) and adds a fresh
 `score` head, Linear(hidden, 1, bias=False). alignkit never finds the last token by looking for
 the pad token (SmolLM2 pads with its end-of-turn token): it runs the backbone, takes each
-sequence's last token from the `segment_ids` of a packed row, and applies the head there only.
+sequence's last token from the layout of a packed row, and applies the head there only.
 
-Packed rows share prompts: a *group* is one prompt with its K responses (a preference pair has
-K=2). The tokens that the K renderings share from the start (the prompt, and more when the
-responses begin alike) appear once; each response's remaining tokens attend to that prefix and
-to their own earlier tokens, with positions continuing from the prefix, so every response gets
-exactly the score it would get alone while the prompt is computed once ("prefill once"). A row
-holds several groups end to end; `group_ids` keep them apart and `segment_ids` number the
-responses (-1 on shared tokens).
+Packed rows share prompts (`data.packing`): a *group* is one prompt with its K responses (a
+preference pair has K=2). The tokens that the K renderings share from the start (the prompt, and
+more when the responses begin alike) appear once (`data.packing.scoring_group`); each response's
+remaining tokens attend to that prefix and to their own earlier tokens, with positions
+continuing from the prefix, so every response gets exactly the score it would get alone while
+the prompt is computed once ("prefill once"). A row holds several groups end to end, each
+response whole (`group_row(..., keep_last=True)`: `ends` gives its last token's position).
 
 A saved reward model is a plain HF directory (LoRA merged, `score` head included, tokenizer and
 chat template beside it, `config.pad_token_id` set). Plain transformers users score with it so:
@@ -34,16 +34,15 @@ the last token yourself: `rm.score(rm.model(**enc).last_hidden_state[0, -1])`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from alignkit.data.chat import render_ids
 from alignkit.data.collate import pack_groups
+from alignkit.data.packing import group_row, scoring_group
 from alignkit.data.records import Message, user_prompt
+from alignkit.models.forward import group_visibility, unwrap
 from alignkit.precision import resolve_precision
-from alignkit.models.forward import unwrap
 from alignkit.models.load import DTYPES, ModelConfig, ModelError, add_lora, load_tokenizer, resolve_model_path
 from alignkit.rewards.combine import sigmoid
 
@@ -74,87 +73,19 @@ def load_reward_model(cfg: ModelConfig, train: bool = True, seed: int = 0):
     return model, tokenizer, path
 
 
-@dataclass
-class Group:
-    """Token ids of sequences that share a prefix: `prefix + suffixes[k]` is sequence k."""
-
-    prefix: list[int]
-    suffixes: list[list[int]]
-    truncated: bool = False
-
-    def __len__(self) -> int:
-        return len(self.prefix) + sum(len(s) for s in self.suffixes)
-
-
-def encode_group(tokenizer, prompt: tuple[Message, ...], responses: list[str], max_length: int) -> Group:
-    """Render prompt + each response through the chat template; the tokens all renderings share
-    from the start become the prefix, computed once.
-
-    A sequence longer than `max_length` loses tokens from the left of the prefix (one is kept),
-    then from the right of its suffix; the group is marked `truncated`.
-    """
-    seqs = [render_ids(tokenizer, prompt + (Message("assistant", r),)) for r in responses]
-    n = min(len(s) for s in seqs) - 1  # every suffix keeps at least one token
-    for i in range(n):
-        if any(s[i] != seqs[0][i] for s in seqs):
-            n = i
-            break
-    prefix, suffixes = seqs[0][:n], [s[n:] for s in seqs]
-    over = len(prefix) + max(len(s) for s in suffixes) - max_length
-    if over <= 0:
-        return Group(prefix, suffixes)
-    prefix = prefix[min(over, max(len(prefix) - 1, 0)):]
-    return Group(prefix, [s[: max(max_length - len(prefix), 1)] for s in suffixes], truncated=True)
-
-
-def grouped_row(groups: list[Group]) -> dict:
-    """One padding-free row [1, T] of groups: input_ids, position_ids, group_ids, segment_ids."""
-    ids, pos, gids, segs = [], [], [], []
-    seg = 0
-    for g, group in enumerate(groups):
-        ids += group.prefix
-        pos += range(len(group.prefix))
-        segs += [-1] * len(group.prefix)
-        for suffix in group.suffixes:
-            ids += suffix
-            pos += range(len(group.prefix), len(group.prefix) + len(suffix))
-            segs += [seg] * len(suffix)
-            seg += 1
-        gids += [g] * len(group)
-    as_row = lambda xs: torch.tensor([xs], dtype=torch.long)  # noqa: E731
-    return {"input_ids": as_row(ids), "position_ids": as_row(pos), "group_ids": as_row(gids), "segment_ids": as_row(segs)}
-
-
-def shared_prompt_mask(group_ids: torch.Tensor, segment_ids: torch.Tensor) -> torch.Tensor:
-    """Bool [B, 1, T, T]: token i sees token j <= i of its group that is shared (segment -1) or
-    belongs to its own response."""
-    t = group_ids.shape[1]
-    causal = torch.ones(t, t, dtype=torch.bool, device=group_ids.device).tril()
-    same_group = group_ids.unsqueeze(2) == group_ids.unsqueeze(1)
-    key_seg = segment_ids.unsqueeze(1)
-    visible = (key_seg == -1) | (segment_ids.unsqueeze(2) == key_seg)
-    return (causal & same_group & visible).unsqueeze(1)
-
-
-def last_token_mask(segment_ids: torch.Tensor) -> torch.Tensor:
-    """Bool [B, T], true at the last token of every response (where its segment id changes)."""
-    ends = torch.ones_like(segment_ids, dtype=torch.bool)
-    ends[:, :-1] = segment_ids[:, :-1] != segment_ids[:, 1:]
-    return ends & (segment_ids >= 0)
-
-
 def sequence_rewards(model, batch: dict) -> torch.Tensor:
-    """Reward of every response in a grouped row, float32 [N], in row order.
+    """Reward of every response in a row of scoring groups (`data.packing.group_row` with
+    `keep_last`), float32 [N], in row order.
 
     The backbone runs once over the row; the `score` head only sees each response's last token."""
     rm = unwrap(model)
     hidden = rm.model(
         input_ids=batch["input_ids"],
-        attention_mask=shared_prompt_mask(batch["group_ids"], batch["segment_ids"]),
+        attention_mask=group_visibility(batch["group_ids"], batch["parts"]),
         position_ids=batch["position_ids"],
         use_cache=False,
     ).last_hidden_state
-    return rm.score(hidden[last_token_mask(batch["segment_ids"])]).squeeze(-1).float()
+    return rm.score(hidden[0, batch["ends"]]).squeeze(-1).float()
 
 
 class RewardModel:
@@ -191,12 +122,12 @@ class RewardModel:
         for i, p in enumerate(prompts):
             by_prompt.setdefault(tuple(p), []).append(i)
         items = list(by_prompt.items())
-        groups = [encode_group(self.tokenizer, p, [responses[i] for i in idx], self.max_length) for p, idx in items]
+        groups = [scoring_group(self.tokenizer, p, [responses[i] for i in idx], self.max_length) for p, idx in items]
         out = [0.0] * len(prompts)
         device = next(self.model.parameters()).device
         with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=self.precision == "bf16"):
             for row in pack_groups([len(g) for g in groups], self.max_tokens):
-                batch = {k: v.to(device) for k, v in grouped_row([groups[g] for g in row]).items()}
+                batch = {k: v.to(device) for k, v in group_row([groups[g] for g in row], keep_last=True).items()}
                 order = [i for g in row for i in items[g][1]]
                 for i, r in zip(order, sequence_rewards(self.model, batch).tolist()):
                     out[i] = r

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from alignkit.data.packing import Group, group_row
+from alignkit.data.packing import prompt_row
 
 INPUT_KEYS = ("input_ids", "attention_mask", "position_ids")
 
@@ -77,8 +77,8 @@ def select_rows(batch: dict, rows: list[int] | torch.Tensor) -> dict:
 
 
 def shared_prefix_row(batch: dict) -> dict:
-    """The rows of `batch` as ONE padding-free row [1, L] (`data.packing.group_row`) that holds every
-    token once: the prefix common to all prompts (the root), then per distinct prompt its
+    """The rows of `batch` as ONE padding-free row [1, L] (`data.packing.prompt_row`) that holds
+    every token once: the prefix common to all prompts (the root), then per distinct prompt its
     remainder followed by its responses. With `models.forward.group_visibility` every token
     sees exactly what it sees in its own padded row, so hidden states are those of the padded
     layout, without padding and without recomputing a prompt (or a system prompt) that several
@@ -88,23 +88,11 @@ def shared_prefix_row(batch: dict) -> dict:
     position in the row of the hidden state that predicts response token j of row b (0 on padding)."""
     P = batch["prompt_width"]
     ids, mask = batch["input_ids"], batch["attention_mask"].bool()
-    groups: dict[tuple, list[int]] = {}
-    for b in range(ids.shape[0]):
-        groups.setdefault(tuple(ids[b, :P][mask[b, :P]].tolist()), []).append(b)
-    first, root = next(iter(groups)), 0  # root: length of the prefix common to every distinct prompt
-    while root < len(first) and all(len(p) > root and p[root] == first[root] for p in groups):
-        root += 1
-    responses = {b: ids[b, P:][mask[b, P:]].tolist() for rows in groups.values() for b in rows}
-    row = group_row([Group(list(prompt[root:]), [responses[b] for b in rows], [responses[b] for b in rows])
-                     for prompt, rows in groups.items()], first[:root])
-    order = [b for rows in groups.values() for b in rows]  # row of each response, in row order
+    prompts = [ids[b, :P][mask[b, :P]].tolist() for b in range(ids.shape[0])]
+    responses = [ids[b, P:][mask[b, P:]].tolist() for b in range(ids.shape[0])]
+    row, order = prompt_row(prompts, responses)  # order: the batch row of each response, in row order
     index = torch.zeros(batch["response_ids"].shape, dtype=torch.long)
     lengths = torch.tensor([len(responses[b]) for b in order])
     column = torch.arange(len(row["source"])) - torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths)
     index[torch.tensor(order).repeat_interleave(lengths), column] = row["source"]
     return {key: row[key] for key in ("input_ids", "position_ids", "group_ids", "parts")} | {"index": index}
-
-
-def response_lengths(batch: dict) -> torch.Tensor:
-    """Tokens of each response, [B] (float)."""
-    return batch["response_mask"].sum(1)
