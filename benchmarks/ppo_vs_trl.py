@@ -60,9 +60,9 @@ def run_alignkit(args) -> dict:
     cfg = load_config(PPOConfig, None, [
         f"model.path={args.model_dir}", "memory=lora", f"iterations={args.iterations + 1}",
         f"prompts_per_iteration={PROMPTS}", f"prompts.train={PROMPTS}", "prompts.heldout=0",
-        f"max_new_tokens={NEW_TOKENS}", f"ppo_epochs={EPOCHS}", f"minibatch_size={PROMPTS}", f"train.batch_size={PROMPTS}",
+        f"sampling.max_new_tokens={NEW_TOKENS}", f"ppo_epochs={EPOCHS}", f"minibatch_size={PROMPTS}", f"train.batch_size={PROMPTS}",
         f"kl.beta={BETA}", "reward.kind=model", f"reward.path={args.rm}", f"train.precision={args.precision}",
-        f"train.threads={args.threads}", f"train.output_dir={out}", "train.progress=false", "samples_every=0",
+        f"train.threads={args.threads}", f"train.output_dir={out}", "samples_every=0",
         "eval.every=0", "train.lr=1e-5", f"critic_trunk={args.critic_trunk}"])
     run(cfg)
     rows = [r for r in read_metrics(out) if "iteration_s" in r][1:]

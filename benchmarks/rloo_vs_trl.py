@@ -13,7 +13,7 @@ iteration is a warm-up and is not timed. What is matched:
   scores on both sides (alignkit reward.whiten=false: TRL does not whiten scores).
 - batch: 4 built-in preference prompts (train split, seed 0; the same 4 every iteration) in the
   model's chat template, k = 2 replies each: 8 sequences per iteration (alignkit
-  prompts_per_iteration=4 samples_per_prompt=2; TRL per_device_train_batch_size=8
+  prompts_per_iteration=4 sampling.n=2; TRL per_device_train_batch_size=8
   num_generations=2, so its generation batch is 8).
 - sampling: temperature 1, top-p 1, no top-k, at most 32 new tokens, stop at eos (the
   tokenizer's and the generation config's).
@@ -105,14 +105,14 @@ def run_alignkit(args) -> dict:
     out = Path(args.work) / "alignkit-run"
     cfg = load_config(PPOConfig, None, [
         f"model.path={args.model_dir}", "memory=lora", "algorithm=rloo", f"iterations={args.iterations + 1}",
-        f"prompts_per_iteration={PROMPTS}", f"samples_per_prompt={K}", f"prompts.train={PROMPTS}", "prompts.heldout=0",
-        f"max_new_tokens={NEW_TOKENS}", "temperature=1.0", "top_p=1.0", f"ppo_epochs={args.epochs}",
+        f"prompts_per_iteration={PROMPTS}", f"sampling.n={K}", f"prompts.train={PROMPTS}", "prompts.heldout=0",
+        f"sampling.max_new_tokens={NEW_TOKENS}", "sampling.temperature=1.0", "sampling.top_p=1.0", f"ppo_epochs={args.epochs}",
         f"minibatch_size={ROWS}", f"train.batch_size={ROWS}", f"clip={CLIP}", "whiten_advantages=true",
         "loss_reduction=sequence", f"kl.beta={BETA}", "kl.adaptive=false", "kl.estimator=k1", "reward.kind=model",
         f"reward.path={args.rm}", "reward.whiten=false", f"train.precision={args.precision}", f"train.threads={args.threads}",
         "train.device=cpu", "train.seed=0", f"train.lr={LR}", "train.schedule=constant", "train.warmup_ratio=0",
         "train.beta1=0.9", "train.beta2=0.999", "train.eps=1e-8", "train.weight_decay=0", "train.max_grad_norm=1.0",
-        f"train.output_dir={out}", "train.progress=false", "samples_every=0", "eval.every=0"])
+        f"train.output_dir={out}", "samples_every=0", "eval.every=0"])
     run(cfg)
     rows = [r for r in read_metrics(out) if "iteration_s" in r][1:]
     return side_result("alignkit (lora)", [r["iteration_s"] for r in rows], peaks[-1] if peaks else None,

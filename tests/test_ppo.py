@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from alignkit.algorithms.ppo.loop import PPOConfig, run
-from alignkit.config import load_config
+from alignkit.config import ConfigError, load_config
 from alignkit.engine.logging import read_metrics
 from alignkit.algorithms.ppo.actor_critic import build_actor_critic
 from alignkit.models.load import LoraConfig, ModelConfig
@@ -30,8 +30,8 @@ def tiny_dir(tmp_path_factory):
 def _run(tiny_dir, out, *overrides, iterations=2):
     cfg = load_config(PPOConfig, None, [
         f"model.path={tiny_dir}", f"train.output_dir={out}", f"iterations={iterations}", "prompts_per_iteration=4",
-        "max_new_tokens=10", "minibatch_size=4", "train.batch_size=2", "ppo_epochs=2", "prompts.train=16",
-        "prompts.heldout=4", "eval.every=0", "train.progress=false", "train.lr=1e-3", "train.threads=1",
+        "sampling.max_new_tokens=10", "minibatch_size=4", "train.batch_size=2", "ppo_epochs=2", "prompts.train=16",
+        "prompts.heldout=4", "eval.every=0", "train.lr=1e-3", "train.threads=1",
         "samples_every=1", *overrides])
     result = run(cfg, reward_fn=lowercase_letters)
     rows = read_metrics(out)
@@ -60,6 +60,18 @@ def test_ppo_smoke(tiny_dir, tmp_path, memory, trunk):
     assert not any("lora" in n for n, _ in final.named_parameters())
 
 
+def test_sampling_section_and_the_algorithm_table_are_checked():
+    cfg = load_config(PPOConfig, None, [])
+    s = cfg.sampling
+    assert (s.n, s.max_new_tokens, s.temperature, s.top_p, s.top_k, s.batch_size) == (1, 48, 1.0, 1.0, 0, 32)
+    for algorithm in ("rloo", "grpo"):  # they compare the replies of a prompt
+        with pytest.raises(ConfigError, match="set sampling.n >= 2"):
+            load_config(PPOConfig, None, [f"algorithm={algorithm}"])
+    assert load_config(PPOConfig, None, ["algorithm=grpo", "sampling.n=2"]).method.kl_in_loss
+    with pytest.raises(ConfigError, match="temperature must be > 0"):
+        load_config(PPOConfig, None, ["sampling.temperature=0"])
+
+
 def test_critic_from_a_reward_model_runs_on_its_own_trunk(tiny_dir, tmp_path):
     # critic_trunk=auto resolves to own for critic_init=reward_model (a causal-LM directory gets a fresh score head)
     _, rows, _ = _run(tiny_dir, tmp_path / "rm-critic", "critic_init=reward_model", f"critic_path={tiny_dir}")
@@ -84,7 +96,7 @@ def _ppo_batch(ac):
 @pytest.mark.parametrize("memory", ["lora", "full"])
 def test_shared_trunk_step_is_policy_plus_value_loss_in_one_pass(tiny_dir, memory):
     from alignkit.algorithms.ppo.loop import make_step
-    from alignkit.losses.ppo import policy_loss, value_loss
+    from alignkit.losses.ppo import FixedKLController, policy_loss, value_loss
 
     ac, _, _ = build_actor_critic(ModelConfig(path=tiny_dir, lora=LoraConfig(r=4, alpha=8)), memory, "policy",
                                   critic_trunk="shared")
@@ -97,7 +109,7 @@ def test_shared_trunk_step_is_policy_plus_value_loss_in_one_pass(tiny_dir, memor
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
     mb = {**_ppo_batch(ac), "part": "policy"}
     cfg = load_config(PPOConfig, None, ["vf_coef=0.3", "vf_clip=0.1"])
-    loss, units, sums = make_step(ac, cfg, [0.05])(mb)
+    loss, units, sums = make_step(ac, cfg, FixedKLController(0.05))(mb)
     params = [p for p in ac.parameters() if p.requires_grad]
     got = torch.autograd.grad(loss, params)
     # the same maths from two separate passes: the policy's log-probs and the critic's values
@@ -116,7 +128,7 @@ def test_shared_trunk_step_is_policy_plus_value_loss_in_one_pass(tiny_dir, memor
 
 @pytest.mark.parametrize("algorithm", ["grpo", "rloo", "reinforce"])
 def test_critic_free_variants_run(tiny_dir, tmp_path, algorithm):
-    extra = ["samples_per_prompt=2"] if algorithm != "reinforce" else \
+    extra = ["sampling.n=2"] if algorithm != "reinforce" else \
         ["ptx.coef=0.5", "ptx.data.builtin=arithmetic", "ptx.data.arithmetic_examples=16"]  # PPO-ptx mixing too
     _, rows, _ = _run(tiny_dir, tmp_path / algorithm, f"algorithm={algorithm}", *extra)
     assert [r["iteration"] for r in rows] == [1, 2]
@@ -153,11 +165,13 @@ def test_lora_reference_is_the_base_and_adapters_are_isolated(tiny_dir):
 
 
 def test_resume_continues_exactly(tiny_dir, tmp_path):
-    _, straight, _ = _run(tiny_dir, tmp_path / "straight", iterations=3)
-    _run(tiny_dir, tmp_path / "cut", iterations=2)
-    _, resumed, evals = _run(tiny_dir, tmp_path / "cut", "train.resume=true", iterations=3)
+    adaptive = ["kl.adaptive=true", "kl.target=0.01", "kl.horizon=100"]  # β moves every iteration: the checkpoint must keep it
+    _, straight, _ = _run(tiny_dir, tmp_path / "straight", *adaptive, iterations=3)
+    _run(tiny_dir, tmp_path / "cut", *adaptive, iterations=2)
+    _, resumed, evals = _run(tiny_dir, tmp_path / "cut", *adaptive, "train.resume=true", iterations=3)
     assert [r["iteration"] for r in resumed] == [1, 2, 3]
     assert [e["eval/iteration"] for e in evals] == [0, 2, 3]  # the first run's rows, then iteration 3 only
+    assert straight[2]["beta"] != straight[0]["beta"] and resumed[2]["beta"] == straight[2]["beta"]
     for key in ("reward", "kl", "pg_loss", "vf_loss", "response_length"):
         assert resumed[2][key] == pytest.approx(straight[2][key], abs=1e-6), key
 
@@ -193,7 +207,7 @@ def test_frozen_base_in_bf16_changes_no_number_under_autocast(tiny_dir):
 def test_ppo_raises_the_reward(tiny_dir, tmp_path):
     # The metric that should move: 16 iterations of 16 replies on the letter reward.
     _, rows, _ = _run(tiny_dir, tmp_path / "up", "memory=full", "train.lr=3e-3", "kl.beta=0.01", "prompts_per_iteration=16",
-                      "max_new_tokens=16", "minibatch_size=8", "train.batch_size=8", "prompts.heldout=0", "samples_every=0",
+                      "sampling.max_new_tokens=16", "minibatch_size=8", "train.batch_size=8", "prompts.heldout=0", "samples_every=0",
                       iterations=16)
     first = sum(r["reward"] for r in rows[:4]) / 4
     last = sum(r["reward"] for r in rows[-4:]) / 4

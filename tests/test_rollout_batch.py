@@ -10,6 +10,7 @@ from alignkit.losses.ppo import kl_penalized_rewards
 from alignkit.algorithms.ppo.actor_critic import response_logprobs
 from alignkit.models.tiny import tiny_model
 from alignkit.models.forward import group_visibility
+from alignkit.rollout.base import SamplingConfig
 from alignkit.rollout.batch import assemble, select_rows, shared_prefix_row
 
 PROMPTS = [[1, 2, 3], [4]]
@@ -89,7 +90,7 @@ def _advantages(algorithm: str) -> torch.Tensor:
     # two prompts x k=2 replies of lengths 1, 2, 2, 1; scores 1, 3, 2, 2; β = 0 (no KL term)
     mask = torch.tensor([[1.0, 0.0], [1.0, 1.0], [1.0, 1.0], [1.0, 0.0]])
     rewards, _ = kl_penalized_rewards(torch.tensor([1.0, 3.0, 2.0, 2.0]), torch.zeros(4, 2), torch.zeros(4, 2), mask, 0.0)
-    cfg = PPOConfig(algorithm=algorithm, samples_per_prompt=2, whiten_advantages=False)
+    cfg = PPOConfig(algorithm=algorithm, sampling=SamplingConfig(n=2), whiten_advantages=False)
     adv, _ = compute_advantages(cfg, rewards, torch.zeros(4, 2), mask)
     return adv
 

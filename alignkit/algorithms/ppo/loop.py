@@ -1,24 +1,26 @@
 """RLHF with PPO, and the critic-free REINFORCE / RLOO / GRPO on the same machinery: `alignkit ppo`.
 
-One iteration (DESIGN.md: online methods are stages):
-1. collect: `prompts_per_iteration` training prompts, `samples_per_prompt` replies each, sampled
-   from the actor through the Generator protocol (HFGenerator here, vLLM on GPUs).
+One iteration (docs/architecture.md: online methods are stages):
+1. collect: `prompts_per_iteration` training prompts, `sampling.n` replies each, sampled from the
+   actor through the Generator protocol (`rollout.hf.HFGenerator`, plain PyTorch, the one backend).
 2. score: any RewardFn (gold rules, arithmetic verifier, a trained RM, Llama 2's combined
    helpfulness/safety with logit, or your function); whitened over the batch (default), optional
-   clipping and a penalty for replies cut at max_new_tokens.
-3. recompute, without gradient: actor log-probs (never the engine's), reference log-probs,
+   clipping and a penalty for replies cut at sampling.max_new_tokens.
+3. recompute, without gradient: actor log-probs (never the sampler's), reference log-probs,
    entropy and (PPO) critic values; r_t = −β·KL_t with the score added at the last token.
-4. advantages, the only thing that differs between methods:
+4. advantages, where the methods differ (the `ALGORITHMS` table):
    ppo: GAE(γ, λ) over the critic's values, whitened; reinforce: sequence return minus the
    batch mean; rloo: minus the mean of the other k−1 samples of the prompt; grpo: group-
    normalised scores, with β·KL(π‖π_ref) (k3) as a loss term instead of a reward term.
 5. train: `ppo_epochs` passes over shuffled minibatches, one optimizer step each (micro-batches
    of train.batch_size rows accumulate), clipped policy loss + vf_coef·clipped value loss
-   (+ γ_ptx·NLL on SFT data, InstructGPT's PPO-ptx); then the KL controller updates β.
+   (+ γ_ptx·NLL on SFT data, InstructGPT's PPO-ptx); then the KL controller, which owns β,
+   updates it.
 Every iteration logs reward mean/std, KL, β, entropy, clip fraction, approx-KL, value loss,
 explained variance, response length and tokens/s; warns when KL or length runs away; writes
-samples to samples.jsonl; evaluates held-out reward and KL (optional early stopping); and
-checkpoints the loop state (iteration, β, early-stopping state; the engine adds RNG states).
+samples to samples.jsonl; evaluates held-out reward and KL every `eval.every` iterations
+(optional early stopping); and checkpoints the loop state every `train.save_every` iterations
+(iteration, the KL controller's state, early-stopping state; the engine adds RNG states).
 
 Memory (N = parameters of the model; fp32 weights 4N bytes, gradients 4N, AdamW moments 8N) and
 compute (passes of the model per micro-batch of training, and per iteration without gradient):
@@ -48,35 +50,75 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-from alignkit.algorithms.ppo.common import (KLConfig, PromptsConfig, PTXConfig, RewardConfig, RLEvalConfig, build_task, collect,
+from alignkit.algorithms.ppo.actor_critic import build_actor_critic, trainable_parameters
+from alignkit.algorithms.ppo.common import (KLConfig, PromptsConfig, PTXConfig, RewardConfig, RLEvalConfig, collect_batch,
                                            early_stop, mean_stats, measure_policy, per_token, prompts_for,
-                                           ptx_stream, score, trim_samples, warn_runaway, write_samples)
+                                           ptx_stream, shaped_scores, trim_samples, warn_runaway)
+from alignkit.algorithms.sampling.stages import write_samples
 from alignkit.config import opt
-from alignkit.engine.config import TrainConfig
-from alignkit.engine.trainer import Engine, resolve_device, to_device
+from alignkit.engine.config import PPOTrainConfig
+from alignkit.engine.trainer import Engine, to_device
 from alignkit.losses.ppo import (AdaptiveKLController, FixedKLController, explained_variance, grpo_advantages,
                                  kl_loss, kl_penalized_rewards, policy_loss, ptx_loss, reinforce_advantages,
                                  rloo_advantages, value_loss)
-from alignkit.algorithms.ppo.actor_critic import build_actor_critic, trainable_parameters
 from alignkit.models.forward import target_logprobs
 from alignkit.models.load import LoraConfig, ModelConfig, save_model
 from alignkit.ops import gae, masked_mean, masked_whiten
-from alignkit.rollout.base import SamplingParams
+from alignkit.rollout.base import SamplingConfig
 from alignkit.rollout.batch import select_rows
 from alignkit.rollout.hf import HFGenerator
+from alignkit.tasks import build_task
 
 log = logging.getLogger("alignkit")
-ALGORITHMS = ("ppo", "reinforce", "rloo", "grpo")
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """What sets one method of the family apart (`ALGORITHMS`)."""
+
+    critic: bool  # a value model: built by `run`, trained by `make_step`'s value loss
+    min_samples: int  # replies per prompt the advantages compare (sampling.n, checked by PPOConfig)
+    advantages: Callable  # (cfg, per-token rewards, old values or None, mask) -> (advantages [B, T], returns or None)
+    whiten: bool  # whiten_advantages applies; grpo's advantages are normalised per group already
+    kl_in_loss: bool  # β·KL(π‖π_ref) (k3) is a loss term (`make_step`), not −β·KL_t in the reward (`run`)
+
+
+def gae_advantages(cfg, rewards, values, mask):
+    """GAE(γ, λ) over the critic's values; returns = advantages + values."""
+    return gae(rewards, values, mask, cfg.gamma, cfg.lam)
+
+
+def per_reply(baseline: Callable[[torch.Tensor], torch.Tensor]):
+    """Critic-free advantages: each reply's return (score − β·KL; grpo: the score) against a
+    baseline over the [prompts, k] returns, on every token of the reply. Nothing learns a value,
+    so there are no returns."""
+    def advantages(cfg, rewards, values, mask):
+        return baseline(rewards.sum(1).view(-1, cfg.sampling.n)).reshape(-1, 1) * mask, None
+    return advantages
+
+
+def minus_batch_mean(returns: torch.Tensor) -> torch.Tensor:
+    """REINFORCE's baseline: the mean return of the whole batch."""
+    return reinforce_advantages(returns, returns.mean())
+
+
+ALGORITHMS = {  # the family, one method a row
+    "ppo":       Algorithm(critic=True,  min_samples=1, advantages=gae_advantages,              whiten=True,  kl_in_loss=False),
+    "reinforce": Algorithm(critic=False, min_samples=1, advantages=per_reply(minus_batch_mean), whiten=True,  kl_in_loss=False),
+    "rloo":      Algorithm(critic=False, min_samples=2, advantages=per_reply(rloo_advantages),  whiten=True,  kl_in_loss=False),
+    "grpo":      Algorithm(critic=False, min_samples=2, advantages=per_reply(grpo_advantages),  whiten=False, kl_in_loss=True),
+}
 
 
 @dataclass
 class PPOConfig:
     model: ModelConfig = opt(factory=lambda: ModelConfig(lora=LoraConfig()), help="the policy to train (and reference)")
-    train: TrainConfig = opt(factory=lambda: TrainConfig(output_dir="runs/ppo", lr=5e-5, schedule="constant", warmup_ratio=0.0,
-                                                         weight_decay=0.0), help="optimizer and loop (save_every counts iterations)")
+    train: PPOTrainConfig = opt(factory=lambda: PPOTrainConfig(output_dir="runs/ppo", lr=5e-5, schedule="constant", warmup_ratio=0.0,
+                                                               weight_decay=0.0), help="optimizer, micro-batches and checkpoints")
     prompts: PromptsConfig = opt(factory=PromptsConfig, help="training and held-out prompts")
     reward: RewardConfig = opt(factory=RewardConfig, help="the reward")
     algorithm: str = opt("ppo", "ppo (critic + GAE), reinforce (batch-mean baseline), rloo (leave-one-out over k samples), grpo")
@@ -88,11 +130,10 @@ class PPOConfig:
                                     "auto: shared for critic_init=policy, own for reward_model")
     iterations: int = opt(50, "collect-and-train iterations")
     prompts_per_iteration: int = opt(16, "prompts sampled per iteration")
-    samples_per_prompt: int = opt(1, "replies per prompt (k; rloo and grpo need >= 2)")
-    max_new_tokens: int = opt(48, "tokens per reply at most")
-    temperature: float = opt(1.0, "sampling temperature (log-probs are of the tempered policy)")
-    top_p: float = opt(1.0, "nucleus sampling")
-    generation_batch_size: int = opt(32, "prompts prefilled together; also the row chunk of no-grad forwards")
+    sampling: SamplingConfig = opt(factory=lambda: SamplingConfig(max_new_tokens=48),
+                                   help="the rollouts: n = replies per prompt (k; rloo and grpo need >= 2), temperature > 0 "
+                                        "(log-probs are of the tempered policy), batch_size = prompts prefilled together "
+                                        "and the row chunk of no-grad forwards")
     ppo_epochs: int = opt(4, "passes over each iteration's rollouts")
     minibatch_size: int = opt(16, "replies per optimizer step")
     clip: float = opt(0.2, "policy ratio clip ε")
@@ -110,9 +151,12 @@ class PPOConfig:
 
     def __post_init__(self):
         if self.algorithm not in ALGORITHMS:
-            raise ValueError(f"algorithm must be one of {ALGORITHMS}, not {self.algorithm!r}")
-        if self.algorithm in ("rloo", "grpo") and self.samples_per_prompt < 2:
-            raise ValueError(f"algorithm={self.algorithm} compares k samples of a prompt: set samples_per_prompt >= 2")
+            raise ValueError(f"algorithm must be one of {tuple(ALGORITHMS)}, not {self.algorithm!r}")
+        if self.sampling.n < self.method.min_samples:
+            raise ValueError(f"algorithm={self.algorithm} compares k samples of a prompt: set sampling.n >= {self.method.min_samples}")
+        if self.sampling.temperature <= 0:
+            raise ValueError("sampling.temperature must be > 0: the loss needs the log-probs of the tempered policy, "
+                             "and greedy decoding (0) has none")
         if self.critic_trunk == "auto":
             self.critic_trunk = "own" if self.critic_init == "reward_model" else "shared"
         if self.critic_trunk not in ("shared", "own"):
@@ -123,19 +167,43 @@ class PPOConfig:
         if self.loss_reduction not in ("token", "sequence"):
             raise ValueError(f"loss_reduction must be token or sequence, not {self.loss_reduction!r}")
 
+    @property
+    def method(self) -> Algorithm:
+        return ALGORITHMS[self.algorithm]
+
+
+def kl_controller(cfg: KLConfig, saved: dict | None = None):
+    """The owner of β, fixed or adaptive; `saved` is its state in the checkpoint being resumed."""
+    ctl = AdaptiveKLController(cfg.beta, cfg.target, cfg.horizon) if cfg.adaptive else FixedKLController(cfg.beta)
+    if saved is not None:
+        ctl.load_state_dict(saved)
+    return ctl
+
+
+def recompute(ac, engine: Engine, cfg: PPOConfig, batch: dict) -> dict:
+    """Without gradient, in row chunks of sampling.batch_size: the actor's old log-probs and entropy
+    (never the sampler's numbers), the reference's log-probs, with a critic the old values (else
+    None), and the k1 KL per reply, Σ_t log π_old − log π_ref (logged, comparable across runs)."""
+    def no_grad(fn):
+        with torch.no_grad(), engine.autocast():
+            return per_token(lambda b: fn(to_device(b, engine.device)), batch, cfg.sampling.batch_size)
+
+    ac.eval()
+    temperature = cfg.sampling.temperature
+    if ac.critic is not None:
+        old_logp, entropy, values = no_grad(lambda b: ac.policy_outputs(b, temperature, entropy=True))
+    else:
+        (old_logp, entropy), values = no_grad(lambda b: ac.policy_logprobs(b, temperature, entropy=True)), None
+    ref_logp = no_grad(lambda b: ac.reference_logprobs(b, temperature))
+    kl = ((old_logp - ref_logp) * batch["response_mask"]).sum(1)
+    return {"old_logp": old_logp, "entropy": entropy, "old_values": values, "ref_logp": ref_logp, "kl": kl}
+
 
 def compute_advantages(cfg: PPOConfig, rewards, values, mask):
-    """(advantages [B, T], returns [B, T]) from the KL-shaped per-token rewards (see module doc)."""
-    if cfg.algorithm == "ppo":
-        adv, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
-    else:
-        seq = rewards.sum(1)  # score − β·KL of each reply (grpo: β = 0 here, the score)
-        k = cfg.samples_per_prompt
-        fn = {"reinforce": lambda r: reinforce_advantages(r, r.mean()), "rloo": lambda r: rloo_advantages(r.view(-1, k)),
-              "grpo": lambda r: grpo_advantages(r.view(-1, k))}[cfg.algorithm]
-        adv = fn(seq).reshape(-1, 1) * mask
-        returns = adv
-    if cfg.whiten_advantages and cfg.algorithm != "grpo":
+    """(advantages [B, T], returns [B, T] or None) from the KL-shaped per-token rewards: the method's
+    advantage function, then whitening over the batch where it applies."""
+    adv, returns = cfg.method.advantages(cfg, rewards, values, mask)
+    if cfg.whiten_advantages and cfg.method.whiten:
         adv = masked_whiten(adv, mask)
     return adv, returns
 
@@ -162,8 +230,9 @@ def micro_batches(batch: dict, rows: torch.Tensor, cfg: PPOConfig, critic: bool,
     return out
 
 
-def make_step(ac, cfg: PPOConfig, beta: list):
-    """The engine's step function over one part of a micro-batch: (loss sum, units, metric sums)."""
+def make_step(ac, cfg: PPOConfig, kl_ctl):
+    """The engine's step function over one part of a micro-batch: (loss sum, units, metric sums).
+    β is read from the KL controller at each step."""
     def value_terms(values, mb: dict, units: float):  # (vf_coef × value loss summed over units, metric sums)
         vl, vm = value_loss(values, mb["old_values"], mb["returns"], mb["response_mask"], cfg.vf_clip or None, cfg.loss_reduction)
         return cfg.vf_coef * vl.mean() * units, {"vf_loss": vl.mean().item() * units, "vf_clip_frac": vm["vf_clip_frac"].item() * units}
@@ -179,15 +248,15 @@ def make_step(ac, cfg: PPOConfig, beta: list):
             vf, vf_metrics = value_terms(ac.values(mb), mb, units)
             return vf, 0.0, vf_metrics
         if ac.shared_trunk:  # one pass: log-probs and values from the same hidden states
-            logp, _, values = ac.policy_outputs(mb, cfg.temperature)
+            logp, _, values = ac.policy_outputs(mb, cfg.sampling.temperature)
         else:
-            logp, _ = ac.policy_logprobs(mb, cfg.temperature)
+            logp, _ = ac.policy_logprobs(mb, cfg.sampling.temperature)
         pg, metrics = policy_loss(logp, mb["old_logp"], mb["advantages"], mask, cfg.clip, cfg.loss_reduction)
         loss = pg.mean()
         metrics = {"pg_loss": loss.detach(), "clip_frac": metrics["clip_frac"], "approx_kl": metrics["approx_kl"]}
-        if cfg.algorithm == "grpo" and beta[0] > 0:
+        if cfg.method.kl_in_loss and kl_ctl.beta > 0:
             kl_l, _ = kl_loss(logp, mb["ref_logp"], mask, "k3", cfg.loss_reduction)
-            loss = loss + beta[0] * kl_l.mean()
+            loss = loss + kl_ctl.beta * kl_l.mean()
             metrics["kl_loss"] = kl_l.mean().detach()
         sums = {k: float(v) * units for k, v in metrics.items()}
         loss = loss * units
@@ -198,45 +267,80 @@ def make_step(ac, cfg: PPOConfig, beta: list):
     return step
 
 
+def train_on(engine: Engine, ac, step_fn, batch: dict, cfg: PPOConfig, seed: int, ptx, state: dict) -> list[dict]:
+    """`ppo_epochs` passes over the rollouts in shuffled minibatches, one optimizer step each; counts
+    the PTX micro-batches used in state["ptx_index"] (where the stream resumes)."""
+    rows, stats, order_gen = batch["response_mask"].shape[0], [], torch.Generator().manual_seed(seed)
+    for _ in range(cfg.ppo_epochs):
+        order = torch.randperm(rows, generator=order_gen)
+        for s in range(0, rows, cfg.minibatch_size):
+            micro = micro_batches(batch, order[s:s + cfg.minibatch_size], cfg, ac.critic is not None and not ac.shared_trunk, ptx)
+            stats.append(engine.train_step(micro, step_fn))
+            state["ptx_index"] += sum(m["part"] == "ptx" for m in micro)
+    return stats
+
+
+def iteration_row(iteration: int, batch: dict, completions, scores, raw, old: dict, beta: float, stats: list[dict],
+                  gen_s: float, seconds: float) -> dict:
+    """The metrics of one iteration: reward, KL and the β it was trained with, entropy, length, the
+    means over its optimizer steps, speeds."""
+    mask, rows = batch["response_mask"], len(completions)
+    lengths = mask.sum(1)
+    row = {"iteration": iteration, "reward": raw.mean().item(), "reward_std": raw.std().item() if rows > 1 else 0.0,
+           "score": scores.mean().item(), "kl": old["kl"].mean().item(), "beta": beta,
+           "entropy": masked_mean(old["entropy"], mask).item(), "response_length": lengths.mean().item(),
+           "truncated_frac": sum(c.finish_reason == "length" for c in completions) / rows,
+           **mean_stats(stats), "gen_s": gen_s, "iteration_s": seconds,
+           "gen_tokens_per_s": lengths.sum().item() / max(gen_s, 1e-9), "tokens_per_s": lengths.sum().item() / seconds}
+    if old["old_values"] is not None:
+        row["explained_variance"] = explained_variance(old["old_values"], batch["returns"], mask).item()
+    return row
+
+
+def log_iteration(engine: Engine, row: dict, state: dict, cfg: PPOConfig) -> None:
+    """Write the row to the metrics, say it in one line, warn when KL or length runs away."""
+    engine.log(row)
+    log.info("iteration %d/%d: reward %.3f ± %.3f, KL %.3f, β %.4g, length %.1f, %.1f s", row["iteration"], cfg.iterations,
+             row["reward"], row["reward_std"], row["kl"], row["beta"], row["response_length"], row["iteration_s"])
+    warn_runaway(row, state, cfg.warn_kl)
+
+
 def run(cfg: PPOConfig, reward_fn=None) -> dict:
     """`alignkit ppo`. `reward_fn` (a RewardFn) overrides cfg.reward for Python callers."""
-    train_prompts, heldout, task_reward = build_task(cfg.prompts, cfg.reward, cfg.train.precision)
+    task = build_task(cfg.prompts, cfg.reward, cfg.train.precision)
+    train_prompts, heldout, task_reward = task.train, task.heldout, task.reward
     reward_fn = reward_fn or task_reward
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    critic = cfg.critic_init if cfg.algorithm == "ppo" else None
     bf16 = cfg.train.precision == "bf16"
-    ac, tokenizer, _ = build_actor_critic(cfg.model, cfg.memory, critic, cfg.critic_path or cfg.reward.path, cfg.train.seed,
-                                          torch.bfloat16 if bf16 else None, cfg.critic_trunk)
-    rows = cfg.prompts_per_iteration * cfg.samples_per_prompt
-    engine = Engine(ac, cfg.train, cfg.iterations * cfg.ppo_epochs * math.ceil(rows / cfg.minibatch_size), asdict(cfg))
-    state = {"iteration": 0, "beta": cfg.kl.beta, "best": None, "bad_evals": 0, "ptx_index": 0, "first_length": None, **engine.loop_state}
+    ac, tokenizer, _ = build_actor_critic(cfg.model, cfg.memory, cfg.critic_init if cfg.method.critic else None,
+                                          cfg.critic_path or cfg.reward.path, cfg.train.seed, torch.bfloat16 if bf16 else None,
+                                          cfg.critic_trunk)
+    rows = cfg.prompts_per_iteration * cfg.sampling.n
+    engine = Engine(ac, cfg.train, cfg.iterations * cfg.ppo_epochs * math.ceil(rows / cfg.minibatch_size), asdict(cfg),
+                    cfg.train.resume)
     trained, total = trainable_parameters(ac)
     log.info("%s, memory=%s: %.2fM of %.1fM parameters trained", cfg.algorithm, cfg.memory, trained / 1e6, total / 1e6)
-    kl_ctl = AdaptiveKLController(state["beta"], cfg.kl.target, cfg.kl.horizon) if cfg.kl.adaptive else FixedKLController(state["beta"])
-    beta = [kl_ctl.beta]
+    state = {"iteration": 0, "best": None, "bad_evals": 0, "ptx_index": 0, "first_length": None, **engine.loop_state}
+    kl_ctl = kl_controller(cfg.kl, state.pop("kl", None))
     ptx = ptx_stream(cfg.ptx, tokenizer, cfg.train.seed, cfg.train.max_tokens_per_batch, state["ptx_index"]) if cfg.ptx.coef > 0 else None
-    step_fn = make_step(ac, cfg, beta)
-    device, run_dir = resolve_device(cfg.train.device), Path(cfg.train.output_dir)
-    generator = HFGenerator(ac.policy, tokenizer, cfg.generation_batch_size, dtype="bf16" if bf16 else None)
-    sampling = lambda seed, n: SamplingParams(n=n, temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, seed=seed)
-    policy_logp = lambda b: ac.policy_logprobs(b, cfg.temperature)[0]
-    ref_logp = lambda b: ac.reference_logprobs(b, cfg.temperature)
-
-    def no_grad(fn, batch):  # fn over row chunks of the batch, on the device, without gradient
-        with torch.no_grad(), engine.autocast():
-            return per_token(lambda b: fn(to_device(b, device)), batch, cfg.generation_batch_size)
+    step_fn = make_step(ac, cfg, kl_ctl)
+    run_dir = Path(cfg.train.output_dir)
+    generator = HFGenerator(ac.policy, tokenizer, cfg.sampling.batch_size, dtype="bf16" if bf16 else None)
 
     def evaluate(iteration: int) -> dict:
         if not heldout:
             return {}
         ac.eval()
+        temperature = cfg.sampling.temperature
         with torch.no_grad(), engine.autocast():
-            result = measure_policy(generator, tokenizer, heldout, reward_fn, sampling(cfg.eval.seed, 1), policy_logp, ref_logp,
-                                    cfg.generation_batch_size, device)
+            result = measure_policy(generator, tokenizer, heldout, reward_fn, cfg.sampling.params(cfg.eval.seed, n=1),
+                                    lambda b: ac.policy_logprobs(b, temperature)[0], lambda b: ac.reference_logprobs(b, temperature),
+                                    cfg.sampling.batch_size, engine.device)
         engine.log({"iteration": iteration, **result}, prefix="eval/")
         log.info("eval @ %d: reward %.3f, KL %.2f", iteration, result["reward"], result["kl"])
         return result
+
+    def checkpoint():
+        engine.save({**state, "kl": kl_ctl.state_dict()})
 
     if state["iteration"] == 0:
         early_stop(evaluate(0), state, 0)
@@ -245,58 +349,32 @@ def run(cfg: PPOConfig, reward_fn=None) -> dict:
     stop = False
     while state["iteration"] < cfg.iterations and not stop:
         it, start = state["iteration"], time.perf_counter()
-        # collect and score
+        seed = cfg.train.seed * 1_000_003 + it
         prompts = prompts_for(train_prompts, it, cfg.prompts_per_iteration, cfg.train.seed)
-        batch, completions = collect(generator, tokenizer, prompts, sampling(cfg.train.seed * 1_000_003 + it, cfg.samples_per_prompt))
+        batch, completions = collect_batch(generator, tokenizer, prompts, cfg.sampling.params(seed), it + 1)
         gen_s = time.perf_counter() - start
-        scores, raw = score(reward_fn, prompts, completions, cfg.reward)
-        # recompute log-probs, reference, values; shape rewards; advantages
-        ac.eval()
+        scores, raw = shaped_scores(reward_fn, completions, cfg.reward)
         mask = batch["response_mask"]
-        if ac.critic is not None:
-            old_logp, entropy, values = no_grad(lambda b: ac.policy_outputs(b, cfg.temperature, entropy=True), batch)
-        else:
-            old_logp, entropy = no_grad(lambda b: ac.policy_logprobs(b, cfg.temperature, entropy=True), batch)
-            values = torch.zeros_like(mask)
-        ref = no_grad(ref_logp, batch)
-        beta_used = beta[0]
-        rewards, kl_seq = kl_penalized_rewards(scores, old_logp, ref, mask, 0.0 if cfg.algorithm == "grpo" else beta_used, cfg.kl.estimator)
-        kl = ((old_logp - ref) * mask).sum(1)  # k1 per reply: what is logged and compared across runs
-        adv, returns = compute_advantages(cfg, rewards, values, mask)
-        batch.update(old_logp=old_logp, ref_logp=ref, advantages=adv, returns=returns, old_values=values)
-        # train: epochs over shuffled minibatches, one optimizer step each
-        ac.train()
-        stats, order_gen = [], torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + it)
-        for _ in range(cfg.ppo_epochs):
-            order = torch.randperm(rows, generator=order_gen)
-            for s in range(0, rows, cfg.minibatch_size):
-                mb = order[s:s + cfg.minibatch_size]
-                micro = micro_batches(batch, mb, cfg, ac.critic is not None and not ac.shared_trunk, ptx)
-                stats.append(engine.train_step(micro, step_fn))
-                state["ptx_index"] += sum(m["part"] == "ptx" for m in micro)
-        beta[0] = kl_ctl.update(kl_seq.mean().item(), rows)
-        state.update(iteration=it + 1, beta=beta[0])
-        # log
-        lengths, seconds = mask.sum(1), time.perf_counter() - start
-        row = {"iteration": it + 1, "reward": raw.mean().item(), "reward_std": raw.std().item() if rows > 1 else 0.0,
-               "score": scores.mean().item(), "kl": kl.mean().item(), "beta": beta_used, "entropy": masked_mean(entropy, mask).item(),
-               "response_length": lengths.mean().item(), "truncated_frac": sum(c.finish_reason == "length" for c in completions) / rows,
-               **mean_stats(stats), "gen_s": gen_s, "iteration_s": seconds,
-               "gen_tokens_per_s": lengths.sum().item() / max(gen_s, 1e-9), "tokens_per_s": lengths.sum().item() / seconds}
-        if ac.critic is not None:
-            row["explained_variance"] = explained_variance(values, returns, mask).item()
-        engine.log(row)
-        log.info("iteration %d/%d: reward %.3f ± %.3f, KL %.3f, β %.4g, length %.1f, %.1f s", it + 1, cfg.iterations,
-                 row["reward"], row["reward_std"], row["kl"], beta_used, row["response_length"], seconds)
-        warn_runaway(row, state, cfg.warn_kl)
+        old = recompute(ac, engine, cfg, batch)
+        rewards, kl_seq = kl_penalized_rewards(scores, old["old_logp"], old["ref_logp"], mask,
+                                               0.0 if cfg.method.kl_in_loss else kl_ctl.beta, cfg.kl.estimator)
+        advantages, returns = compute_advantages(cfg, rewards, old["old_values"], mask)
+        batch.update(old_logp=old["old_logp"], ref_logp=old["ref_logp"], advantages=advantages)
+        if returns is not None:
+            batch.update(old_values=old["old_values"], returns=returns)
+        stats = train_on(engine, ac, step_fn, batch, cfg, seed, ptx, state)
+        row = iteration_row(it + 1, batch, completions, scores, raw, old, kl_ctl.beta, stats, gen_s, time.perf_counter() - start)
+        kl_ctl.update(kl_seq.mean().item(), rows)
+        state["iteration"] = it + 1
+        log_iteration(engine, row, state, cfg)
         if cfg.samples_every and (it % cfg.samples_every == 0 or it + 1 == cfg.iterations):
-            write_samples(run_dir / "samples.jsonl", it + 1, prompts, completions, raw, kl)
+            write_samples(run_dir / "samples.jsonl", completions[:4], mode="a", kl=old["kl"][:4])
         if cfg.eval.every and (it + 1) % cfg.eval.every == 0 and it + 1 < cfg.iterations:
             stop = early_stop(evaluate(it + 1), state, cfg.eval.patience)
         if stop or (cfg.train.save_every and (it + 1) % cfg.train.save_every == 0):
-            engine.save(state)
+            checkpoint()
     final = evaluate(state["iteration"])
-    engine.save(state)
+    checkpoint()
     path = save_model(ac.policy_model(), tokenizer, run_dir / "final", merge_lora=cfg.train.merge_lora)
-    return {"iterations": state["iteration"], "early_stopped": stop, "beta": beta[0], "best_eval_reward": state["best"],
+    return {"iterations": state["iteration"], "early_stopped": stop, "beta": kl_ctl.beta, "best_eval_reward": state["best"],
             **{f"eval/{k}": v for k, v in final.items()}, "final_model": str(path)}
