@@ -6,9 +6,9 @@ import torch
 from alignkit.data.chat import tokenize_prompt_response
 from alignkit.data.collate import epoch_batches_fn, pad_batch
 from alignkit.data.records import Message
-from alignkit.engine.config import TrainConfig
+from alignkit.engine.config import SamplingTrainConfig, SFTTrainConfig, TrainConfig
 from alignkit.engine.logging import read_metrics
-from alignkit.engine.trainer import Engine, NonFiniteError, fit, lr_factor
+from alignkit.engine.trainer import EarlyStopping, Engine, NonFiniteError, fit, lr_factor, steps_for
 from alignkit.models.forward import target_logprobs
 from alignkit.models.tiny import tiny_model
 
@@ -54,10 +54,10 @@ def test_accumulation_equals_full_batch(tok, tmp_path):
 
 def _train(tok, out, crash_after=None, resume=False):
     data = _data(tok, 12)
-    cfg = TrainConfig(output_dir=str(out), lr=1e-3, max_steps=6, grad_accum=2, batch_size=2, save_every=2,
-                      progress=False, resume=resume, warmup_steps=1, seed=3)
+    cfg = SFTTrainConfig(output_dir=str(out), lr=1e-3, max_steps=6, grad_accum=2, batch_size=2, save_every=2,
+                         progress=False, resume=resume, warmup_steps=1, seed=3)
     model = tiny_model(seed=1)
-    engine = Engine(model, cfg, total_steps=cfg.max_steps)
+    engine = Engine(model, cfg, total_steps=cfg.max_steps, resume=cfg.resume)
     step, calls = nll_step(engine.model), [0]
 
     def crashing(batch):
@@ -88,3 +88,45 @@ def test_nonfinite_loss_stops_with_clear_error(tok, tmp_path):
     batch = pad_batch(_data(tok, 2), tok.pad_token_id)
     with pytest.raises(NonFiniteError, match="step 1: loss is nan"):
         engine.train_step([batch], lambda b: (torch.tensor(math.nan, requires_grad=True), 1.0, {}))
+
+
+def _stage(tok, out, **kw):
+    cfg = SamplingTrainConfig(output_dir=str(out), lr=1e-3, batch_size=4, progress=False, seed=1, **kw)
+    engine = Engine(tiny_model(seed=2), cfg, total_steps=steps_for(2, cfg))  # 8 examples: 2 micro-batches an epoch
+    return engine, epoch_batches_fn(_data(tok, 8), tok.pad_token_id, cfg.seed, False, cfg.batch_size, 0)
+
+
+def test_early_stopping_keeps_the_best_epoch_and_stops_after_patience(tok, tmp_path):
+    """Patience 2: a tie resets the count and moves the best epoch later; two worse epochs in a
+    row stop training with steps left; the best epoch's weights come back, nothing is saved."""
+    engine, batches = _stage(tok, tmp_path, epochs=10)
+    scores, snapshots = iter([0.2, 0.5, 0.4, 0.5, 0.3, 0.1, 0.9]), []
+
+    def val_fn(model):
+        snapshots.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return {"reward": next(scores)}
+
+    metrics = fit(engine, nll_step(engine.model), batches, early_stopping=EarlyStopping(val_fn, patience=2),
+                  checkpoints=False)
+    assert len(snapshots) == 6 and engine.step == 12 < engine.total_steps == 20  # stopped after epoch 6 of 10
+    assert metrics["val/best_epoch"] == 4 and metrics["val/reward"] == 0.5 and engine.loop_state["epoch"] == 5
+    for k, v in engine.model.state_dict().items():
+        assert torch.equal(v, snapshots[3][k]), k
+    assert not torch.equal(snapshots[3]["lm_head.weight"], snapshots[5]["lm_head.weight"])  # training moved on
+    assert [r["eval/reward"] for r in read_metrics(tmp_path) if "eval/reward" in r] == [0.2, 0.5, 0.4, 0.5, 0.3, 0.1]
+    assert not (tmp_path / "checkpoints").exists()
+    with pytest.raises(ValueError, match="checkpoints=False"):
+        fit(engine, nll_step(engine.model), batches, early_stopping=EarlyStopping(val_fn))
+
+
+def test_last_epoch_is_validated_and_max_epochs_caps_steps(tok, tmp_path):
+    """The last epoch, cut short by the step count, is still validated (epochs=1.5: 3 steps, 2
+    epochs); with max_steps beyond max_epochs' worth, training ends after max_epochs epochs."""
+    engine, batches = _stage(tok, tmp_path / "a", epochs=1.5)
+    seen = []
+    metrics = fit(engine, nll_step(engine.model), batches,
+                  early_stopping=EarlyStopping(lambda m: seen.append(1) or {"reward": float(len(seen))}), checkpoints=False)
+    assert engine.step == 3 and len(seen) == 2 and metrics["val/best_epoch"] == 2 and engine.loop_state == {"epoch": 1, "index": 1}
+    engine, batches = _stage(tok, tmp_path / "b", max_steps=50)
+    fit(engine, nll_step(engine.model), batches, max_epochs=3, checkpoints=False)
+    assert engine.step == 6 and engine.total_steps == 50 and engine.loop_state == {"epoch": 2, "index": 2}
