@@ -36,13 +36,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import alignkit.rollout.hf as hf  # noqa: E402
-from alignkit.algorithms.sampling.problems import ProblemsConfig, load_task  # noqa: E402
 from alignkit.algorithms.sampling.rest_em import RestEMConfig  # noqa: E402
 from alignkit.config import load_config  # noqa: E402
 from alignkit.data.records import user_prompt  # noqa: E402
 from alignkit.engine.allocator import tune_malloc  # noqa: E402
 from alignkit.models.load import ModelConfig, load_model  # noqa: E402
 from alignkit.rollout.base import SamplingParams, chat_prompts  # noqa: E402
+from alignkit.tasks import RewardConfig, TaskConfig, build_task  # noqa: E402
 from benchmarks._common import machine  # noqa: E402
 
 
@@ -66,9 +66,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     tune_malloc()
     model, tok, _ = load_model(ModelConfig(path=args.model), train=False)
-    task = load_task(ProblemsConfig(train_problems=args.problems, val_problems=0, eval_problems=0))
-    shots = task.shot_turns(load_config(RestEMConfig, str(ROOT / "recipes" / "rest_em.yaml")).sampler.shots[:args.shots])
-    prompts = chat_prompts(tok, [user_prompt(task.prompt(q), None, shots) for q in task.train])
+    task = build_task(TaskConfig(train=args.problems, val=0, heldout=0), RewardConfig())
+    shots = task.shot_turns(load_config(RestEMConfig, str(ROOT / "recipes" / "rest_em.yaml")).shots.exemplars[:args.shots])
+    prompts = chat_prompts(tok, [user_prompt(q, None, shots) for q in task.train])
     params = SamplingParams(n=args.n, temperature=args.temperature, top_k=args.top_k,
                             max_new_tokens=args.max_new_tokens, seed=0)
     options = {}  # HFGenerator keyword arguments of the side that runs

@@ -44,18 +44,18 @@ def main() -> None:
 
     tune_malloc()
     cfg = load_config(RestEMConfig, str(ROOT / "recipes/rest_em.yaml"),
-                      [f"task.train_problems={args.problems}", f"train.output_dir={args.workdir}/run"])
+                      [f"task.train={args.problems}", f"train.output_dir={args.workdir}/run"])
     job = SamplingRun(cfg)
-    reward, prompts = job.task.reward("binary"), job.task.prompts(job.task.train)
+    reward, prompts = job.task.verifier("binary"), job.task.train
     out = {"auto": resolve_precision("auto"), "native_flags": CPU_BF16_FLAGS, "sampling_s": {}, "train_step_s": {}}
     for dtype in ("fp32", "bf16"):
-        cfg.sampler.dtype = dtype
+        cfg.train.precision = dtype
         for iteration, name in ((1, "with exemplars"), (2, "zero-shot")):
             start = time.perf_counter()
             samples = job.sample(job.policy, prompts, reward, 3, truncated=0.0, iteration=iteration, n=args.samples)
             out["sampling_s"][f"{dtype}, {name}, {len(samples)} samples"] = round(time.perf_counter() - start, 1)
     task = job.task
-    replies = [Sample(task.prompt(q), f"{q.question.removeprefix('What is ').rstrip('?')} = {q.answer}", reward=1.0)
+    replies = [Sample(q, f"{task.problems[q].question.removeprefix('What is ').rstrip('?')} = {task.answer_for(q)}", reward=1.0)
                for q in task.train]
     model, tokenizer, _ = load_model(ModelConfig(path=cfg.model.path))
     rows = shared_prefix_rows(tokenize_samples(tokenizer, replies, weighted=True), 512)

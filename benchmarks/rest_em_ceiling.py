@@ -5,7 +5,7 @@ Prints the recipe's table (greedy held-out accuracy, pass@k, maj@k) and the accu
 of problem (additions, subtractions with a result >= 0 and < 0).
 
     python benchmarks/rest_em_ceiling.py                      # recipes/rest_em.yaml
-    python benchmarks/rest_em_ceiling.py task.train_problems=640
+    python benchmarks/rest_em_ceiling.py task.train=640
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from alignkit.algorithms import rest_em  # noqa: E402
-from alignkit.algorithms.sampling.problems import greedy_accuracy  # noqa: E402
+from alignkit.algorithms.sampling.problems import greedy_score  # noqa: E402
 from alignkit.algorithms.sampling.stages import Sample  # noqa: E402
 from alignkit.cli import main  # noqa: E402
 
@@ -34,17 +34,17 @@ def operands(question: str) -> tuple[int, str, int]:
 def gold_e_step(job, reward, seed, it):
     """Every training problem 'solved', with the reply 'a op b = answer'."""
     samples = []
-    for i, p in enumerate(job.task.train):
-        a, op, b = operands(p.question)
-        samples.append(Sample(job.task.prompt(p), f"{a} {op} {b} = {p.answer}", prompt_index=i, reward=1.0))
+    for i, prompt in enumerate(job.task.train):
+        a, op, b = operands(prompt)
+        samples.append(Sample(prompt, f"{a} {op} {b} = {job.task.answer_for(prompt)}", prompt_index=i, reward=1.0))
     return samples, samples
 
 
 def by_kind(job) -> None:
     gen = job.generator(job.policy)
     for kind, test in KINDS.items():
-        problems = [p for p in job.task.heldout if test(*operands(p.question))]
-        acc = greedy_accuracy(gen, job.tokenizer, job.task, problems, job.cfg.sampler.max_new_tokens)
+        problems = [p for p in job.task.heldout if test(*operands(p))]
+        acc = greedy_score(gen, job.tokenizer, job.task, problems, job.cfg.sampling.max_new_tokens)
         print(f"held-out {kind}: {round(acc * len(problems))}/{len(problems)}")
 
 

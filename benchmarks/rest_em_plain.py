@@ -21,11 +21,11 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from alignkit.algorithms.sampling.problems import ProblemsConfig, load_task  # noqa: E402
 from alignkit.data.records import user_prompt  # noqa: E402
 from alignkit.models.load import ModelConfig, load_model  # noqa: E402
 from alignkit.rewards.verifiers import verify  # noqa: E402
 from alignkit.rollout.base import chat_prompts  # noqa: E402
+from alignkit.tasks import RewardConfig, TaskConfig, build_task  # noqa: E402
 from benchmarks._common import machine  # noqa: E402
 
 
@@ -81,21 +81,21 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     start = time.time()
-    task = load_task(ProblemsConfig(train_problems=args.problems, val_problems=0, eval_problems=200))
+    task = build_task(TaskConfig(train=args.problems, val=0, heldout=200), RewardConfig())
     policy, tok, _ = load_model(ModelConfig(path=args.model), train=False)
     tok.padding_side = "left"
-    chat = lambda problems: chat_prompts(tok, [user_prompt(task.prompt(q)) for q in problems])
+    chat = lambda prompts: chat_prompts(tok, [user_prompt(q) for q in prompts])
     train_prompts, heldout_prompts = chat(task.train), chat(task.heldout)
 
     def heldout_acc(model) -> float:
         replies = generate(model, tok, heldout_prompts, 1, False, args.max_new_tokens, 64)
-        return sum(verify(r, q.answer) for r, q in zip(replies, task.heldout)) / len(task.heldout)
+        return sum(verify(r, task.answer_for(q)) for r, q in zip(replies, task.heldout)) / len(task.heldout)
 
     print(f"iteration 0: held-out {heldout_acc(policy):.3f}, {(time.time() - start) / 60:.2f} min", flush=True)
     for it in range(1, args.iterations + 1):
         replies = generate(policy, tok, train_prompts, args.n, True, args.max_new_tokens, 16)
         kept = {(prompt, r.strip()) for j, (prompt, q) in enumerate(zip(train_prompts, task.train))
-                for r in replies[j * args.n: (j + 1) * args.n] if verify(r, q.answer) == 1.0}
+                for r in replies[j * args.n: (j + 1) * args.n] if verify(r, task.answer_for(q)) == 1.0}
         policy, _, _ = load_model(ModelConfig(path=args.model), train=True)
         fine_tune(policy, tok, sorted(kept), args.epochs, args.lr, 16, seed=it)
         print(f"iteration {it}: kept {len(kept)}, held-out {heldout_acc(policy):.3f}, "

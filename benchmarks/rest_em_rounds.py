@@ -37,13 +37,13 @@ def main() -> None:
                                                       f"train.output_dir={args.output_dir}"])
         job = SamplingRun(cfg)
         start = time.perf_counter()
-        samples, _ = e_step(job, job.task.reward("binary"), seed=3, it=1)
+        samples, _ = e_step(job, job.task.verifier("binary"), seed=3, it=1)
         seconds = time.perf_counter() - start
         solved = len(by_prompt(_correct(samples, cfg)))
         print(f"e_step_round_size={size}: {seconds:6.1f} s  {len(samples)} samples  {solved} of "
               f"{len(job.task.train)} problems solved", flush=True)
     print(f"{machine(cfg.train.threads)}; policy {args.model}; {len(job.task.train)} problems x "
-          f"{cfg.sampler.samples_per_problem} samples, {cfg.sampler.max_new_tokens} tokens, {cfg.sampler.dtype}")
+          f"{cfg.sampling.n} samples, {cfg.sampling.max_new_tokens} tokens, {cfg.train.precision}")
 
 
 if __name__ == "__main__":

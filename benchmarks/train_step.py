@@ -32,7 +32,6 @@ def child(args) -> dict:
     import torch
 
     import alignkit.models.segment_attention as segment_attention
-    from alignkit.algorithms.sampling.problems import ProblemsConfig, load_task
     from alignkit.algorithms.sampling.stages import Sample, tokenize_samples
     from alignkit.algorithms.sft import sft_step
     from alignkit.data.packing import shared_prefix_rows
@@ -40,11 +39,12 @@ def child(args) -> dict:
     from alignkit.engine.config import TrainConfig
     from alignkit.engine.trainer import Engine
     from alignkit.models.load import ModelConfig, load_model
+    from alignkit.tasks import RewardConfig, TaskConfig, build_task
 
     tuned = tune_malloc() if args.allocator == "tuned" else False
     torch.set_num_threads(args.threads)
-    task = load_task(ProblemsConfig(train_problems=args.problems, val_problems=0, eval_problems=0))
-    samples = [Sample(task.prompt(p), f"{p.question.removeprefix('What is ').rstrip('?')} = {p.answer}", reward=1.0)
+    task = build_task(TaskConfig(train=args.problems, val=0, heldout=0), RewardConfig())
+    samples = [Sample(p, f"{task.problems[p].question.removeprefix('What is ').rstrip('?')} = {task.answer_for(p)}", reward=1.0)
                for p in task.train]
     model, tok, _ = load_model(ModelConfig(path=args.model))
     rows = shared_prefix_rows(tokenize_samples(tok, samples, weighted=True), args.max_tokens)

@@ -26,7 +26,7 @@ from alignkit.losses.dpo import dpo_loss, ipo_loss
 from alignkit.models.forward import group_logprobs
 from alignkit.models.load import LoraConfig, ModelConfig, add_lora
 from alignkit.models.tiny import save_tiny, tiny_model
-from alignkit.rollout.base import Completion
+from alignkit.rollout.base import Completion, SamplingConfig
 
 PAIRS = [
     PreferencePair((Message("user", "what is 2+2?"),), "4", "5 or maybe 6"),
@@ -137,7 +137,7 @@ def test_run_precompute_matches_live_reference(tok, tmp_path):
 
 def test_run_builtin_pairs_lora_sft_reference(tmp_path):
     save_tiny(str(tmp_path / "tiny"))
-    pairs = PairsConfig(problems=3, samples=2, max_new_tokens=4, batch_size=3)
+    pairs = PairsConfig(problems=3, sampling=SamplingConfig(n=2, max_new_tokens=4, batch_size=3))
     cfg = _run_cfg(tmp_path, "builtin", lora=LoraConfig(r=4, alpha=8), sft_reference=True, eval=2,
                    max_tokens=4096, data=DPODataConfig(pairs=pairs))
     cfg.reference_train.max_steps = 1

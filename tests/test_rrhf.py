@@ -10,6 +10,7 @@ from alignkit.algorithms.rrhf import (
     run,
     to_grid,
 )
+from alignkit.algorithms.sampling.stages import Sample
 from alignkit.data.formats import load_ranked
 from alignkit.data.packing import pack_rows, tokenize_group
 from alignkit.data.records import Message
@@ -20,7 +21,8 @@ from alignkit.eval.arithmetic import ArithmeticEvalConfig
 from alignkit.models.load import LoraConfig, ModelConfig
 from alignkit.models.tiny import save_tiny, tiny_model
 from alignkit.rewards.base import FunctionReward
-from alignkit.rollout.base import Completion
+from alignkit.rollout.base import SamplingConfig
+from alignkit.tasks import TaskConfig
 
 RANKED = [
     ("what is 2+2?", ["4", "5", "it is 22", "four"], [1.0, 0.0, -1.0, 0.5]),
@@ -53,7 +55,8 @@ def test_run_builtin_arithmetic_candidates(tmp_path):
     cfg = RRHFConfig(
         model=ModelConfig(path=str(tmp_path / "tiny"), lora=LoraConfig(r=4, alpha=8)),
         train=TrainConfig(output_dir=str(tmp_path / "run"), lr=1e-3, max_steps=2, progress=False, max_tokens_per_batch=400),
-        data=RRHFDataConfig(candidates=CandidatesConfig(prompts=3, samples=2, max_new_tokens=4, batch_size=3)),
+        data=RRHFDataConfig(candidates=CandidatesConfig(task=TaskConfig(train=3, val=0, heldout=0, word_problems=True),
+                                                        sampling=SamplingConfig(n=2, max_new_tokens=4, batch_size=3))),
         eval=ArithmeticEvalConfig(problems=2, max_new_tokens=4),
     )
     result = run(cfg)
@@ -71,10 +74,10 @@ def test_rank_candidates_cut_off_replies_score_zero_and_ties_drop():
     said = [(0, "6", "stop"), (0, "it is 5", "length"), (0, "so 5", "stop"), (0, "so 5", "length"),
             (1, "4", "stop"), (1, "so 5", "length"),   # its only right one was cut off: all score 0
             (2, "2", "stop"), (2, "so 2", "stop")]     # both right: a tie
-    completions = [Completion(i, k, text, [], reason) for k, (i, text, reason) in enumerate(said)]
-    ranked = rank_candidates(texts, texts, completions, reward, None, CandidatesConfig())
+    samples = [Sample(texts[i], text, i, k, finish_reason=reason) for k, (i, text, reason) in enumerate(said)]
+    ranked = rank_candidates(texts, texts, samples, reward, None, cut_is_wrong=True)
     assert [(r.prompt, r.responses, r.scores) for r in ranked] == [("What is 2 + 3?", ("6", "it is 5", "so 5"), (0.0, 0.0, 1.0))]
-    kept = rank_candidates(texts, texts, completions, reward, None, CandidatesConfig(drop_ties=False))
+    kept = rank_candidates(texts, texts, samples, reward, None, drop_ties=False, cut_is_wrong=True)
     assert [r.scores for r in kept] == [(0.0, 0.0, 1.0), (0.0, 0.0), (1.0, 1.0)]
-    with_gold = rank_candidates(texts, texts, completions, reward, ["5", "5", "2"], CandidatesConfig())
+    with_gold = rank_candidates(texts, texts, samples, reward, ["5", "5", "2"], cut_is_wrong=True)
     assert [(r.responses[0], r.scores) for r in with_gold] == [("5", (1.0, 0.0, 0.0, 1.0)), ("5", (1.0, 0.0, 0.0))]

@@ -9,7 +9,6 @@ import json
 import pytest
 import torch
 
-from alignkit.algorithms.sampling.problems import ProblemsConfig, load_task
 from alignkit.algorithms.sampling.stages import Sample, tokenize_samples
 from alignkit.algorithms.sampling.train_stage import train_stage
 from alignkit.cli import main
@@ -17,10 +16,10 @@ from alignkit.engine.config import TrainConfig
 from alignkit.engine.logging import read_metrics
 from alignkit.models.load import save_model
 from alignkit.models.tiny import tiny_model, tiny_tokenizer
+from alignkit.tasks import RewardConfig, TaskConfig, build_task
 
-TASK = ["task.min_digits=1", "task.max_digits=1", "task.ops=[+]", "task.train_problems=16", "task.val_problems=4",
-        "task.eval_problems=8"]
-COMMON = TASK + ["train.threads=1", "train.progress=false", "sampler.max_new_tokens=4", "sampler.samples_per_problem=4",
+TASK = ["task.min_digits=1", "task.max_digits=1", "task.ops=[+]", "task.train=16", "task.val=4", "task.heldout=8"]
+COMMON = TASK + ["train.threads=1", "train.progress=false", "sampling.max_new_tokens=4", "sampling.n=4",
                  "metrics.train_problems=4", "train.max_tokens_per_batch=512"]
 
 
@@ -34,12 +33,16 @@ def answering_model(tmp_path_factory):
     """A tiny model trained for a few seconds on one-digit sums: it answers with digits."""
     torch.set_num_threads(1)
     tok, model = tiny_tokenizer(), tiny_model(seed=0)
-    task = load_task(ProblemsConfig(train_problems=40, val_problems=4, eval_problems=8, min_digits=1, max_digits=1, ops=["+"]))
-    data = tokenize_samples(tok, [Sample(task.prompt(p), p.answer) for p in task.train])
+    task = problems_task(train=40, val=4, heldout=8, min_digits=1, max_digits=1, ops=["+"])
+    data = tokenize_samples(tok, [Sample(p, task.answer_for(p)) for p in task.train])
     out = tmp_path_factory.mktemp("answering")
     cfg = TrainConfig(output_dir=str(out / "run"), lr=3e-3, epochs=40, max_tokens_per_batch=512, progress=False, warmup_ratio=0.05)
     model, _ = train_stage(model, tok, data, cfg)
     return str(save_model(model, tok, out / "model"))
+
+
+def problems_task(**kw):
+    return build_task(TaskConfig(**kw), RewardConfig())
 
 
 def cli(args, capsys):
@@ -51,8 +54,8 @@ def cli(args, capsys):
 
 def test_best_of_n_sweep(answering_model, tmp_path, capsys):
     out = tmp_path / "bon"
-    result = cli(["best-of-n", f"model.path={answering_model}", "task=arithmetic", "prompts=6", "ns=[1,2,4]",
-                  "temperatures=[0.7,1.3]", "max_new_tokens=4", "threads=1", f"output_dir={out}"], capsys)
+    result = cli(["best-of-n", f"model.path={answering_model}", "task.source=arithmetic", "task.heldout=6", "ns=[1,2,4]",
+                  "temperatures=[0.7,1.3]", "sampling.max_new_tokens=4", "threads=1", f"output_dir={out}"], capsys)
     rows = [json.loads(line) for line in (out / "sweep.jsonl").read_text().splitlines()]
     assert len(rows) == 6 and result["best_temperature"] in (0.7, 1.3)
     for t in (0.7, 1.3):
@@ -70,8 +73,8 @@ def test_best_of_n_sweep(answering_model, tmp_path, capsys):
 
 def test_best_of_n_gold_reward_on_preference_prompts(answering_model, tmp_path, capsys):
     out = tmp_path / "bon"
-    cli(["best-of-n", f"model.path={answering_model}", "prompts=4", "ns=[1,3]", "temperatures=[1.0]",
-         "max_new_tokens=6", "threads=1", f"output_dir={out}"], capsys)
+    cli(["best-of-n", f"model.path={answering_model}", "task.heldout=4", "ns=[1,3]", "temperatures=[1.0]",
+         "sampling.max_new_tokens=6", "threads=1", f"output_dir={out}"], capsys)
     rows = [json.loads(line) for line in (out / "sweep.jsonl").read_text().splitlines()]
     assert rows[1]["max_reward"] >= rows[0]["max_reward"] and -3.5 <= rows[0]["median_reward"] <= 2.0
 
@@ -95,7 +98,7 @@ def test_rest_em_logs_accuracy_pass_and_maj(answering_model, tmp_path, capsys):
 def test_rejection_sampling_pools_iterations(answering_model, tmp_path, capsys):
     out = tmp_path / "rs"
     cli(["rs", f"model.path={answering_model}", f"train.output_dir={out}", "train.lr=1e-3", "iterations=2",
-         "temperatures=[0.5,1.0]", "temperature_prompts=4", "reward=verifier"] + COMMON, capsys)
+         "temperatures=[0.5,1.0]", "temperature_prompts=4", "reward.kind=verifier"] + COMMON, capsys)
     rows = read_metrics(out)
     assert [r["step"] for r in rows] == [0, 1, 2]
     assert rows[1]["kept_from_older"] == 0 and rows[2]["kept"] >= rows[1]["kept"]  # the pool only grows
@@ -119,7 +122,7 @@ def test_raft(answering_model, tmp_path, capsys, selection, online):
 def test_rft_union_of_two_samplers(answering_model, tmp_path, capsys):
     out = tmp_path / "rft"
     result = cli(["rft", f"model.path={answering_model}", f"train.output_dir={out}", f"sampler_models=[self,{answering_model}]",
-                  "sampler.samples_per_problem=6", "train.epochs=1", "metrics.eval_samples=0"] + COMMON, capsys)
+                  "sampling.n=6", "train.epochs=1", "metrics.eval_samples=0"] + COMMON, capsys)
     data = result["data"]
     assert data["paths"] > 0 and data["paths_per_covered_problem"] >= 1
     # the union is deduplicated: never more than both models' paths together
@@ -166,8 +169,8 @@ def test_train_stage_keeps_the_best_validated_epoch_and_ties_go_later(tmp_path, 
     """Patience 1: training stops at the first epoch that validates worse than the best so far
     and restores the best weights; an equal score counts as no worse (the later epoch is kept)."""
     tok = tiny_tokenizer()
-    task = load_task(ProblemsConfig(train_problems=8, val_problems=0, eval_problems=0, min_digits=1, max_digits=1, ops=["+"]))
-    data = tokenize_samples(tok, [Sample(task.prompt(p), p.answer) for p in task.train])
+    task = problems_task(train=8, val=0, heldout=0, min_digits=1, max_digits=1, ops=["+"])
+    data = tokenize_samples(tok, [Sample(p, task.answer_for(p)) for p in task.train])
     cfg = TrainConfig(output_dir=str(tmp_path), lr=1e-3, epochs=3, max_tokens_per_batch=128, progress=False)
     snapshots, calls = [], iter(scores)
 
@@ -186,9 +189,8 @@ def test_train_stage_keeps_the_best_validated_epoch_and_ties_go_later(tmp_path, 
 def test_built_in_task_negative_results_knob(allow_negative):
     """task.allow_negative=false keeps every answer of the built-in task (train, validation and
     held-out) at zero or above; the default draws some 'a - b' with a < b."""
-    task = load_task(ProblemsConfig(train_problems=200, val_problems=20, eval_problems=50, ops=["-"],
-                                    allow_negative=allow_negative))
-    answers = [int(p.answer) for p in task.train + task.val + task.heldout]
+    task = problems_task(train=200, val=20, heldout=50, ops=["-"], allow_negative=allow_negative)
+    answers = [int(task.answer_for(p)) for p in task.train + task.val + task.heldout]
     assert len(answers) == 270
     assert any(a < 0 for a in answers) == allow_negative
 
@@ -243,7 +245,7 @@ def test_rest_em_e_step_samples_by_iteration(answering_model, tmp_path, capsys):
 
 
 def test_rest_em_few_shot_exemplars_only_in_the_first_e_step(answering_model, tmp_path, capsys, monkeypatch):
-    """sampler.shots go before the E-step prompts of iterations up to shot_iterations (1 here),
+    """shots.exemplars go before the E-step prompts of iterations up to shot_iterations (1 here),
     never before the evaluation's; a malformed exemplar is refused before any work."""
     import alignkit.algorithms.sampling.problems as problems
     import alignkit.algorithms.sampling.frame as frame
@@ -260,7 +262,7 @@ def test_rest_em_few_shot_exemplars_only_in_the_first_e_step(answering_model, tm
 
     spy(frame)
     spy(problems)
-    shots = 'sampler.shots=[["What is 2 + 2?", "2 + 2 = 4"]]'
+    shots = 'shots.exemplars=[["What is 2 + 2?", "2 + 2 = 4"]]'
     cli(["rest-em", f"model.path={answering_model}", f"train.output_dir={tmp_path / 'fs'}", "train.lr=1e-3",
          "train.epochs=1", "iterations=2", "stop_when_worse=false", "metrics.eval_samples=0", "metrics.baseline=false",
          shots] + COMMON, capsys)
@@ -269,6 +271,6 @@ def test_rest_em_few_shot_exemplars_only_in_the_first_e_step(answering_model, tm
     assert [len(s) for where, _, s in calls if where == "problems"] and all(
         not s for where, _, s in calls if where == "problems")
     assert main(["rest-em", f"model.path={answering_model}", f"train.output_dir={tmp_path / 'bad'}",
-                 'sampler.shots=[["What is 2 + 2?"]]'] + COMMON) != 0
-    assert "sampler.shots[0]: expected a [question, reply] pair" in capsys.readouterr().err
+                 'shots.exemplars=[["What is 2 + 2?"]]'] + COMMON) != 0
+    assert "shots.exemplars[0]: expected a [question, reply] pair" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()

@@ -184,10 +184,10 @@ def test_score_can_fail_replies_cut_off_by_the_budget():
 def test_collect_puts_few_shot_turns_before_each_prompt(tok):
     """Exemplar turns go into the text the generator continues, before the user message; the
     samples keep the bare prompt (what the M-step trains on and the reward sees)."""
-    from alignkit.tasks import RewardConfig, TaskConfig, build_task
     from alignkit.data.chat import prompt_text
     from alignkit.data.records import Message, user_prompt
     from alignkit.rollout.base import Completion
+    from alignkit.tasks import RewardConfig, TaskConfig, build_task
 
     seen = []
 

@@ -154,7 +154,7 @@ def run(cfg: DPOConfig) -> dict:
     model, tokenizer, _ = load_model(cfg.model, train=False)
     result = starting_accuracy(model, tokenizer, cfg.eval, run_dir)
     if pairs is None:
-        pairs, stats = make_pairs(model, tokenizer, cfg.data.pairs)
+        pairs, stats = make_pairs(model, tokenizer, cfg.data.pairs, cfg.train.precision)
         result.update({f"pairs/{k}": v for k, v in stats.items()})
         result["pairs_file"] = str(write_pairs(pairs, saved))
     rows = pack_rows(tokenize_pairs(tokenizer, pairs, cfg.data.max_length), cfg.train.max_tokens_per_batch)

@@ -12,8 +12,9 @@ from alignkit.data.records import user_prompt
 from alignkit.data.tasks.arithmetic import ArithmeticConfig, generate_problems
 from alignkit.eval.arithmetic import ArithmeticEvalConfig, evaluate_arithmetic
 from alignkit.models.load import ModelConfig, load_model
-from alignkit.rollout.base import SamplingParams
+from alignkit.rollout.base import SamplingConfig
 from alignkit.rollout.hf import HFGenerator
+from alignkit.tasks import read_prompts
 
 
 @dataclass
@@ -41,36 +42,18 @@ class GenerateConfig:
     model: ModelConfig = opt(factory=ModelConfig, help="the model to sample from")
     prompts: list[str] = opt(factory=lambda: ["What is 23 + 19? Answer with only the number."], help="user messages")
     prompts_file: str = opt("", "a JSONL file with a 'prompt' field per line (used instead of prompts)")
-    n: int = opt(1, "samples per prompt")
-    temperature: float = opt(0.0, "0 = greedy")
-    top_p: float = opt(1.0, "nucleus sampling mass")
-    top_k: int = opt(0, "top-k sampling (0 = off)")
-    max_new_tokens: int = opt(128, "generation budget")
+    sampling: SamplingConfig = opt(factory=lambda: SamplingConfig(temperature=0.0, batch_size=16),
+                                   help="samples per prompt (n) and how (temperature 0 = greedy)")
     seed: int = opt(0, "sampling seed")
     output: str = opt("runs/generate/samples.jsonl", "where the completions go")
 
 
-def read_prompts(cfg: GenerateConfig) -> list[str]:
-    if not cfg.prompts_file:
-        return list(cfg.prompts)
-    from alignkit.data.io import DataError, read_rows
-
-    rows, problems = read_rows(cfg.prompts_file), []
-    for where, row in rows:
-        if not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
-            problems.append(f"{where}: prompt: missing or not a non-empty string")
-    if problems:
-        raise DataError(problems, cfg.prompts_file)
-    return [row["prompt"] for _, row in rows]
-
-
 def run_generate(cfg: GenerateConfig) -> dict:
-    prompts = read_prompts(cfg)
+    prompts = read_prompts(cfg.prompts_file) if cfg.prompts_file else list(cfg.prompts)
     model, tokenizer, _ = load_model(cfg.model, train=False)
-    params = SamplingParams(n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                            max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
     texts = [prompt_text(tokenizer, user_prompt(p)) for p in prompts]
-    completions = HFGenerator(model, tokenizer).generate(texts, params)
+    generator = HFGenerator(model, tokenizer, cfg.sampling.batch_size)
+    completions = generator.generate(texts, cfg.sampling.params(cfg.seed))
     out = Path(cfg.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w") as f:

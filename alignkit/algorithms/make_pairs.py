@@ -23,7 +23,8 @@ from alignkit.data.tasks.arithmetic import ArithmeticConfig, generate_problems, 
 from alignkit.eval.arithmetic import prompts_for
 from alignkit.models.load import ModelConfig, load_model
 from alignkit.rewards.verifiers import verify
-from alignkit.rollout.base import Completion, SamplingParams
+from alignkit.precision import resolve_precision
+from alignkit.rollout.base import Completion, SamplingConfig
 from alignkit.rollout.hf import HFGenerator
 
 log = logging.getLogger("alignkit")
@@ -32,26 +33,20 @@ log = logging.getLogger("alignkit")
 @dataclass
 class PairsConfig:
     problems: int = opt(256, "training arithmetic problems to sample")
-    samples: int = opt(4, "answers sampled per problem")
-    temperature: float = opt(1.0, "sampling temperature")
-    top_p: float = opt(1.0, "nucleus sampling mass")
-    top_k: int = opt(0, "top-k sampling (0 = off)")
-    max_new_tokens: int = opt(24, "generation budget per answer")
+    sampling: SamplingConfig = opt(factory=lambda: SamplingConfig(n=4, max_new_tokens=24, batch_size=16),
+                                   help="answers sampled per problem (n) and how")
     style: str = opt("answer", "prompt style: answer (only the number) or cot (step by step)")
     word_problems: bool = opt(True, "short stories; false gives the plain form 'What is 47 + 38?'")
     pairs_per_problem: int = opt(1, "pairs per problem (each with a different incorrect answer)")
     gold_chosen: bool = opt(True, "when the model has no correct sample, prefer the gold answer; false = only the model's own answers (on-policy pairs)")
-    batch_size: int = opt(16, "prompts decoded together (each with `samples` rows)")
-    dtype: str = opt("fp32", "sampling precision: fp32, or bf16 autocast (faster on CPUs with bf16 matmul), or auto (bf16 where the device computes it natively)")
     seed: int = opt(0, "seed of the problems and of the sampler")
 
 
-def make_pairs(model, tokenizer, cfg: PairsConfig) -> tuple[list[PreferencePair], dict]:
-    """Sample, verify and pair; returns (pairs, statistics)."""
+def make_pairs(model, tokenizer, cfg: PairsConfig, precision: str = "fp32") -> tuple[list[PreferencePair], dict]:
+    """Sample (at `precision`, fp32 or bf16), verify and pair; returns (pairs, statistics)."""
     problems = generate_problems(cfg.problems, seed=cfg.seed, split="train", config=ArithmeticConfig(word_problems=cfg.word_problems))
-    params = SamplingParams(n=cfg.samples, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                            max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
-    completions = HFGenerator(model, tokenizer, cfg.batch_size, cfg.dtype).generate(prompts_for(tokenizer, problems, cfg.style), params)
+    generator = HFGenerator(model, tokenizer, cfg.sampling.batch_size, precision)
+    completions = generator.generate(prompts_for(tokenizer, problems, cfg.style), cfg.sampling.params(cfg.seed))
     pairs, stats = pair_answers(problems, completions, cfg)
     log.info("built %d pairs from %d problems (sample accuracy %.3f, %d pairs with the gold answer as chosen)",
              len(pairs), len(problems), stats["sample_accuracy"], stats["pairs_with_gold_chosen"])
@@ -109,6 +104,7 @@ class MakePairsConfig:
     model: ModelConfig = opt(factory=ModelConfig, help="the model whose answers are paired")
     pairs: PairsConfig = opt(factory=PairsConfig, help="sampling and pairing")
     output: str = opt("runs/pairs/pairs.jsonl", "where the pairs go (JSONL, TRL conversational format)")
+    precision: str = opt("fp32", "sampling precision: fp32, bf16 (autocast), or auto (bf16 where the device computes it natively)")
     threads: int = opt(0, "torch CPU threads (0 = torch default)")
 
 
@@ -116,5 +112,5 @@ def run(cfg: MakePairsConfig) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     model, tokenizer, _ = load_model(cfg.model, train=False)
-    pairs, stats = make_pairs(model, tokenizer, cfg.pairs)
+    pairs, stats = make_pairs(model, tokenizer, cfg.pairs, resolve_precision(cfg.precision))
     return {**stats, "output": str(write_pairs(pairs, cfg.output))}

@@ -2,10 +2,11 @@
 
 The whole story:
 1. Candidates: a file of prompts with k scored responses (`load_ranked`), or, built in, k answers
-   sampled from the starting policy for each prompt and scored: arithmetic training problems
-   checked by the verifier, with the gold answer added as one more candidate (the default), or
-   prompts of the synthetic preference task scored by its gold reward function (a RewardFn).
-   Samples are collected once, before training.
+   sampled from the starting policy for each training prompt of a task (`alignkit.tasks`) and
+   scored by its reward: arithmetic problems checked by the verifier, with the reference answer
+   added as one more candidate (the default), or any other task and reward (the synthetic
+   preference prompts and their gold rules, a prompts file and a reward model...). Samples are
+   collected once, before training.
 2. Every micro-batch is one padding-free row of [prompt, response_1 .. response_k] groups: the
    prompt is prefilled once for its k responses, the output head runs on response tokens only.
 3. losses.rrhf: hinge ranking of the length-normalised log-probs by reward, plus SFT on the best
@@ -22,42 +23,34 @@ from pathlib import Path
 import torch
 
 from alignkit.algorithms.dpo import finish, starting_accuracy
+from alignkit.algorithms.sampling.stages import Sample, collect
 from alignkit.config import opt
 from alignkit.data.formats import load_ranked
 from alignkit.data.packing import pack_rows, shuffled, tokenize_group
 from alignkit.data.records import RankedResponses, user_prompt
-from alignkit.data.tasks.arithmetic import ArithmeticConfig, generate_problems, prompt_text, target_text
-from alignkit.data.tasks.preferences import build_prompts
 from alignkit.engine.config import TrainConfig
 from alignkit.engine.trainer import Engine, fit, steps_for
 from alignkit.eval.arithmetic import ArithmeticEvalConfig
 from alignkit.losses.rrhf import rrhf_loss
 from alignkit.models.forward import group_logprobs
 from alignkit.models.load import ModelConfig, add_lora, load_model
-from alignkit.rewards.base import FunctionReward, GoldReward, RewardFn
-from alignkit.rewards.verifiers import verify
-from alignkit.rollout.base import Completion, SamplingParams, chat_prompts
+from alignkit.rewards.base import RewardFn
+from alignkit.rollout.base import SamplingConfig
 from alignkit.rollout.hf import HFGenerator
+from alignkit.tasks import RewardConfig, TaskConfig, build_task
 
 log = logging.getLogger("alignkit")
 
 
 @dataclass
 class CandidatesConfig:
-    task: str = opt("arithmetic", "arithmetic (verifier reward, gold answer added) or preferences (synthetic prompts, gold reward function)")
-    prompts: int = opt(256, "training prompts")
-    samples: int = opt(4, "responses sampled from the policy per prompt")
-    temperature: float = opt(1.0, "sampling temperature")
-    top_p: float = opt(1.0, "nucleus sampling mass")
-    top_k: int = opt(0, "top-k sampling (0 = off)")
-    max_new_tokens: int = opt(24, "generation budget per response")
-    style: str = opt("answer", "arithmetic prompt style: answer (only the number) or cot")
-    include_gold: bool = opt(True, "arithmetic: add the gold answer as a candidate")
+    task: TaskConfig = opt(factory=lambda: TaskConfig(train=256, val=0, heldout=0, word_problems=True),
+                           help="the prompts: the task's training split (alignkit.tasks)")
+    reward: RewardConfig = opt(factory=RewardConfig, help="the candidates' scores (auto: verifier for problems, gold for preferences)")
+    sampling: SamplingConfig = opt(factory=lambda: SamplingConfig(n=4, max_new_tokens=24, batch_size=16),
+                                   help="sampling (seeded with train.seed; precision: train.precision)")
+    include_gold: bool = opt(True, "tasks with answers: add the reference answer as a candidate")
     drop_ties: bool = opt(True, "leave out prompts whose candidates all score the same (no ranking to learn, no best response)")
-    word_problems: bool = opt(True, "arithmetic: short stories; false gives the plain form 'What is 47 + 38?'")
-    batch_size: int = opt(16, "prompts decoded together (each with `samples` rows)")
-    dtype: str = opt("fp32", "sampling precision: fp32, or bf16 autocast (faster on CPUs with bf16 matmul), or auto (bf16 where the device computes it natively)")
-    seed: int = opt(0, "seed of the prompts and of the sampler")
 
 
 @dataclass
@@ -78,49 +71,38 @@ class RRHFConfig:
     eval: ArithmeticEvalConfig = opt(factory=lambda: ArithmeticEvalConfig(problems=200), help="held-out arithmetic accuracy after training")
 
 
-def task_prompts(cfg: CandidatesConfig) -> tuple[list[str], RewardFn, list[str] | None]:
-    """(user prompts, their reward function, gold answers to add as candidates or None)."""
-    if cfg.task == "arithmetic":
-        problems = generate_problems(cfg.prompts, seed=cfg.seed, split="train", config=ArithmeticConfig(word_problems=cfg.word_problems))
-        texts = [prompt_text(p, cfg.style) for p in problems]
-        answer = {t: p.answer for t, p in zip(texts, problems)}
-        reward = FunctionReward(lambda prompt, response: verify(response, answer[prompt]), "verifier")
-        return texts, reward, [target_text(p, cfg.style) for p in problems] if cfg.include_gold else None
-    if cfg.task == "preferences":
-        return build_prompts(cfg.prompts, seed=cfg.seed, split="train"), GoldReward(), None
-    raise ValueError(f"data.candidates.task must be arithmetic or preferences, not {cfg.task!r}")
-
-
-def sample_candidates(model, tokenizer, cfg: CandidatesConfig) -> list[RankedResponses]:
-    """k distinct sampled responses per prompt (plus the gold one), scored; prompts with fewer
-    than two candidates (or, with drop_ties, all scored the same) are left out. On arithmetic a
-    reply cut off by max_new_tokens scores 0, even when its last number happens to match."""
-    texts, reward, gold = task_prompts(cfg)
-    conversations = [user_prompt(t) for t in texts]
-    params = SamplingParams(n=cfg.samples, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                            max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
-    completions = HFGenerator(model, tokenizer, cfg.batch_size, cfg.dtype).generate(chat_prompts(tokenizer, conversations), params)
-    ranked = rank_candidates(texts, conversations, completions, reward, gold, cfg)
-    log.info("sampled candidates for %d of %d prompts (%d completions)", len(ranked), len(texts), len(completions))
+def sample_candidates(model, tokenizer, cfg: CandidatesConfig, seed: int, precision: str) -> list[RankedResponses]:
+    """k distinct sampled responses per prompt (plus the reference one), scored; prompts with fewer
+    than two candidates (or, with drop_ties, all scored the same) are left out. On a task with
+    answers a reply cut off by max_new_tokens scores 0, even when its last number happens to match."""
+    task = build_task(cfg.task, cfg.reward, precision)
+    texts = task.train
+    gold = [task.reference(t) for t in texts] if task.has_answers and cfg.include_gold else None
+    generator = HFGenerator(model, tokenizer, cfg.sampling.batch_size, precision)
+    samples = collect(generator, tokenizer, texts, cfg.sampling.params(seed))
+    ranked = rank_candidates(texts, [user_prompt(t) for t in texts], samples, task.reward, gold, cfg.drop_ties,
+                             cut_is_wrong=task.has_answers)
+    log.info("sampled candidates for %d of %d prompts (%d completions)", len(ranked), len(texts), len(samples))
     return ranked
 
 
-def rank_candidates(texts: list[str], conversations: list, completions: list[Completion], reward: RewardFn,
-                    gold: list[str] | None, cfg: CandidatesConfig) -> list[RankedResponses]:
-    """Distinct responses per prompt (gold first when given) with their scores."""
+def rank_candidates(texts: list[str], conversations: list, samples: list[Sample], reward: RewardFn,
+                    gold: list[str] | None, drop_ties: bool = True, cut_is_wrong: bool = False) -> list[RankedResponses]:
+    """Distinct responses per prompt (gold first when given) with their scores; with
+    `cut_is_wrong`, a response only ever sampled cut off by max_new_tokens scores 0."""
     responses: list[dict[str, bool]] = [{g: False} for g in gold] if gold else [{} for _ in texts]  # text -> cut off
-    for c in completions:
-        text, seen = c.text.strip(), responses[c.prompt_index]
+    for x in samples:
+        text, seen = x.response.strip(), responses[x.prompt_index]
         if text:
-            seen[text] = seen.get(text, True) and c.finish_reason == "length"
+            seen[text] = seen.get(text, True) and x.finish_reason == "length"
     flat = [(i, r, cut) for i, rs in enumerate(responses) for r, cut in rs.items()]
     scores = reward([texts[i] for i, _, _ in flat], [r for _, r, _ in flat])
-    if cfg.task == "arithmetic":
+    if cut_is_wrong:
         scores = [0.0 if cut else s for s, (_, _, cut) in zip(scores, flat)]
     ranked, start = [], 0
     for conv, rs in zip(conversations, responses):
         mine = tuple(scores[start: start + len(rs)])
-        if len(rs) >= 2 and not (cfg.drop_ties and len(set(mine)) == 1):
+        if len(rs) >= 2 and not (drop_ties and len(set(mine)) == 1):
             ranked.append(RankedResponses(conv, tuple(rs), mine))
         start += len(rs)
     return ranked
@@ -164,7 +146,7 @@ def run(cfg: RRHFConfig) -> dict:
     model, tokenizer, _ = load_model(cfg.model, train=False)
     start = starting_accuracy(model, tokenizer, cfg.eval, Path(cfg.train.output_dir))
     if ranked is None:
-        ranked = sample_candidates(model, tokenizer, cfg.data.candidates)
+        ranked = sample_candidates(model, tokenizer, cfg.data.candidates, cfg.train.seed, cfg.train.precision)
         write_ranked(ranked, saved)
     groups = [tokenize_group(tokenizer, r.prompt, list(r.responses), cfg.data.max_length, list(r.scores)) for r in ranked]
     if None in groups:

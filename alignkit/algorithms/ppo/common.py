@@ -1,17 +1,15 @@
 """Stages shared by the online RL methods (PPO, REINFORCE, RLOO, GRPO) and their evaluation.
 
-* prompts: the built-in synthetic preference prompts (gold reward), arithmetic word problems
-  (verifier), or a file with a `prompt` text field; train and held-out sets never overlap;
-* reward functions by name (`build_task`), each a `RewardFn` over (user prompt text, reply);
-* collect: chat-format the prompts, sample through any `Generator`, assemble the tensors
-  (`alignkit.rollout.batch`);
+* prompts and reward: the task registry (`alignkit.tasks.build_task`) with PPO's defaults
+  (`PromptsConfig`, `RewardConfig`, which adds PPO's shaping of the scores over each batch);
+* collect: the sampling methods' `collect` stage, then the tensors assembled from the samples
+  (`alignkit.rollout.batch`); score: their `score` stage, then whitening, clipping, penalties;
 * `measure_policy`: held-out reward and KL(π‖π_ref) of any policy against any reference, the
   two axes of a reward-vs-KL frontier (used for early stopping and by benchmarks/frontier.py).
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 from dataclasses import dataclass
@@ -20,157 +18,69 @@ from typing import Callable
 
 import torch
 
+from alignkit.algorithms.sampling.stages import Sample, collect, score
 from alignkit.algorithms.sft import SFTDataConfig
 from alignkit.config import opt
 from alignkit.data.chat import prompt_text
 from alignkit.data.records import user_prompt
-from alignkit.rewards.base import FunctionReward, GoldReward, RewardFn
-from alignkit.rollout.base import Completion, Generator, SamplingParams
+from alignkit.rewards.base import RewardFn
+from alignkit.rollout.base import Generator, SamplingParams
 from alignkit.rollout.batch import assemble, select_rows
+from alignkit.tasks import RewardConfig as TaskRewardConfig
+from alignkit.tasks import TaskConfig
 
 log = logging.getLogger("alignkit")
 
-PROMPT_SOURCES = ("preferences", "arithmetic", "file")
-REWARD_KINDS = ("gold", "verifier", "model", "combined", "function")
-
-
 @dataclass
-class PromptsConfig:
-    source: str = opt("preferences", "preferences (built-in prompts with a known gold reward), arithmetic (word problems, verifier reward) or file")
-    path: str = opt("", "prompts for source=file: JSONL/JSON/Parquet/datasets dir with a 'prompt' text field")
-    heldout_path: str = opt("", "held-out prompts for source=file (empty = none: no evaluation)")
+class PromptsConfig(TaskConfig):
+    """PPO's task section (`alignkit.tasks.TaskConfig`) with PPO's defaults: the built-in preference
+    prompts, 1024 training and 64 held-out ones, both drawn with `seed`, and no validation split."""
+
+    source: str = opt("preferences", TaskConfig.__dataclass_fields__["source"].metadata["help"])
     train: int = opt(1024, "training prompts drawn from a built-in source")
+    val: int = opt(0, "validation problems apart from the training ones (unused by PPO: keep 0)")
     heldout: int = opt(64, "held-out prompts (evaluation, early stopping)")
-    seed: int = opt(0, "seed of the built-in prompt sets")
-    arithmetic_style: str = opt("answer", "arithmetic prompt style: answer (only the number) or cot")
+    heldout_seed: int | None = opt(None, "seed of the built-in held-out set (null: the same as seed)")
+    word_problems: bool = opt(True, "arithmetic: short stories instead of 'What is 47 + 38?'")
 
 
 @dataclass
-class RewardConfig:
-    kind: str = opt("gold", "gold (rules of the synthetic preferences), verifier (arithmetic answer check), model (a trained RM), combined (Llama 2 helpfulness + safety), function")
-    path: str = opt("", "reward-model directory for kind=model")
-    helpful_path: str = opt("", "helpfulness RM for kind=combined (empty = the gold helpfulness rule)")
-    safety_path: str = opt("", "safety RM for kind=combined (empty = the gold safety rule)")
-    safety_threshold: float = opt(0.15, "kind=combined: use the safety score when its probability is below this")
-    function: str = opt("", "kind=function: 'package.module:callable', fn(prompts, responses) -> list[float]")
+class RewardConfig(TaskRewardConfig):
+    """The reward (`alignkit.tasks.RewardConfig`, default the gold rules) and how PPO shapes its
+    scores over each batch."""
+
+    kind: str = opt("gold", TaskRewardConfig.__dataclass_fields__["kind"].metadata["help"])
     whiten: bool = opt(True, "whiten scores over each batch (Llama 2; kind=combined always does): a reward with a nonzero mean "
                              "and a fresh critic blame the last token, often eos, and replies grow")
     clip: float = opt(0.0, "clip scores to [-clip, clip] after whitening (0 = off)")
     missing_eos_penalty: float = opt(0.0, "subtract this from the score of a response cut at max_new_tokens")
 
-    def __post_init__(self):
-        if self.kind not in REWARD_KINDS:
-            raise ValueError(f"reward.kind must be one of {REWARD_KINDS}, not {self.kind!r}")
 
-
-def _file_prompts(path: str) -> list[str]:
-    from alignkit.data.io import DataError, read_rows
-
-    rows, bad = read_rows(path), []
-    prompts = [row.get("prompt") for _, row in rows]
-    bad = [f"{loc}: prompt: expected a non-empty string" for (loc, _), p in zip(rows, prompts)
-           if not isinstance(p, str) or not p.strip()]
-    if bad:
-        raise DataError(bad, path)
-    return prompts
-
-
-def _load_function(spec: str) -> RewardFn:
-    module, _, name = spec.partition(":")
-    if not module or not name:
-        raise ValueError(f"reward.function must look like 'package.module:callable', got {spec!r}")
-    return getattr(importlib.import_module(module), name)
-
-
-def _gold_safety_score(prompt: str, response: str) -> float:
-    """Gold safety as a logit: the gold reward on flagged prompts, +3 (σ = 0.95) elsewhere."""
-    from alignkit.rewards.gold import gold_reward, is_unsafe_prompt
-
-    return gold_reward(prompt, response) if is_unsafe_prompt(prompt) else 3.0
-
-
-def build_task(prompts: PromptsConfig, reward: RewardConfig, precision: str = "fp32"):
-    """(train prompts, held-out prompts, RewardFn). Batch whitening (reward.whiten, or always for
-    kind=combined as in Llama 2) is applied by `score`, so the RewardFn's own values stay
-    comparable across batches (logged as `reward`, used for evaluation)."""
-    problems = []
-    if prompts.source == "preferences":
-        from alignkit.data.tasks.preferences import build_prompts
-
-        train = build_prompts(prompts.train, prompts.seed, "train")
-        heldout = build_prompts(prompts.heldout, prompts.seed, "heldout")
-    elif prompts.source == "arithmetic":
-        from alignkit.data.tasks.arithmetic import generate_problems
-        from alignkit.data.tasks.arithmetic import prompt_text as arithmetic_prompt
-
-        splits = {s: generate_problems(n, prompts.seed, s) for s, n in (("train", prompts.train), ("heldout", prompts.heldout))}
-        problems = splits["train"] + splits["heldout"]
-        train, heldout = ([arithmetic_prompt(p, prompts.arithmetic_style) for p in splits[s]] for s in ("train", "heldout"))
-    elif prompts.source == "file":
-        if not prompts.path:
-            raise ValueError("prompts.source=file needs prompts.path")
-        train = _file_prompts(prompts.path)
-        heldout = _file_prompts(prompts.heldout_path) if prompts.heldout_path else []
-    else:
-        raise ValueError(f"prompts.source must be one of {PROMPT_SOURCES}, not {prompts.source!r}")
-
-    from alignkit.rewards.combine import CombinedReward
-
-    def rm(path: str) -> RewardFn:
-        from alignkit.rewards.model import RewardModel
-
-        return RewardModel.from_pretrained(path, precision=precision)
-
-    if reward.kind == "verifier":
-        if prompts.source != "arithmetic":
-            raise ValueError("reward.kind=verifier needs prompts.source=arithmetic (the answers come from there)")
-        from alignkit.rewards.verifier_reward import VerifierReward
-
-        base = VerifierReward(problems)
-    elif reward.kind == "gold":
-        base = GoldReward()
-    elif reward.kind == "model":
-        if not reward.path:
-            raise ValueError("reward.kind=model needs reward.path (a reward-model directory)")
-        base = rm(reward.path)
-    elif reward.kind == "function":
-        base = _load_function(reward.function)
-    else:
-        from alignkit.rewards.gold import is_unsafe_prompt
-
-        helpful = rm(reward.helpful_path) if reward.helpful_path else GoldReward()
-        safety = rm(reward.safety_path) if reward.safety_path else FunctionReward(_gold_safety_score, "gold_safety")
-        if not (reward.helpful_path and reward.safety_path):
-            log.info("combined reward: gold rules stand in for the missing helpfulness/safety reward model(s)")
-        base = CombinedReward(helpful, safety, is_unsafe_prompt, reward.safety_threshold, whiten_output=False)
-    return train, heldout, base
-
-
-def score(reward_fn: RewardFn, prompts: list[str], completions: list[Completion], cfg: RewardConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scores after whitening/clipping/penalties, raw scores), float32 [N] in completion order.
-    Whitening (reward.whiten, or kind=combined) uses the population std, as Llama 2's WHITEN."""
+def shaped_scores(reward_fn: RewardFn, samples: list[Sample], cfg: RewardConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Score the samples (`stages.score`); returns (scores after whitening/clipping/penalties, raw
+    scores), float32 [N] in sample order. Whitening (reward.whiten, or kind=combined) uses the
+    population std, as Llama 2's WHITEN. Batch whitening is applied here, so the RewardFn's own
+    values stay comparable across batches (logged as `reward`, used for evaluation)."""
     from alignkit.rewards.combine import whiten
 
-    texts = [c.text for c in completions]
-    users = [prompts[c.prompt_index] for c in completions]
-    raw = torch.tensor([float(x) for x in reward_fn(users, texts)], dtype=torch.float32)
+    raw = torch.tensor([x.reward for x in score(samples, reward_fn)], dtype=torch.float32)
     out = torch.tensor(whiten(raw.tolist())) if cfg.whiten or cfg.kind == "combined" else raw.clone()
     if cfg.clip > 0:
         out = out.clamp(-cfg.clip, cfg.clip)
     if cfg.missing_eos_penalty:
-        cut = torch.tensor([c.finish_reason == "length" for c in completions])
+        cut = torch.tensor([x.finish_reason == "length" for x in samples])
         out = out - cfg.missing_eos_penalty * cut.float()
     return out, raw
 
 
-def collect(generator: Generator, tokenizer, prompts: list[str], params: SamplingParams) -> tuple[dict, list[Completion]]:
-    """Sample `params.n` replies per user prompt text; returns (tensor batch, completions)."""
-    chat = [prompt_text(tokenizer, user_prompt(p)) for p in prompts]
-    completions = generator.generate(chat, params)
-    prompt_ids = tokenizer(chat, add_special_tokens=False)["input_ids"]
-    batch = assemble([prompt_ids[c.prompt_index] for c in completions], [c.token_ids for c in completions],
-                     tokenizer.pad_token_id)
-    return batch, completions
+def collect_batch(generator: Generator, tokenizer, prompts: list[str], params: SamplingParams,
+                  iteration: int = 0) -> tuple[dict, list[Sample]]:
+    """`params.n` replies per user prompt text (`stages.collect`) and their tensor batch
+    (`rollout.batch.assemble`); returns (batch, samples)."""
+    samples = collect(generator, tokenizer, prompts, params, iteration=iteration)
+    prompt_ids = tokenizer([prompt_text(tokenizer, user_prompt(p)) for p in prompts], add_special_tokens=False)["input_ids"]
+    batch = assemble([prompt_ids[x.prompt_index] for x in samples], [x.token_ids for x in samples], tokenizer.pad_token_id)
+    return batch, samples
 
 
 @torch.no_grad()
@@ -194,8 +104,8 @@ def measure_policy(generator: Generator, tokenizer, prompts: list[str], reward_f
                    chunk: int = 16, device: torch.device | str = "cpu") -> dict:
     """Mean reward and mean KL(π‖π_ref) per response (sum over tokens of log π − log π_ref,
     an unbiased estimate on samples from π) on `prompts`, plus length and reward std."""
-    batch, completions = collect(generator, tokenizer, prompts, params)
-    _, raw = score(reward_fn, prompts, completions, RewardConfig())
+    batch, samples = collect_batch(generator, tokenizer, prompts, params)
+    raw = torch.tensor([x.reward for x in score(samples, reward_fn)], dtype=torch.float32)
     on = lambda fn: (lambda b: fn({k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}))
     logp = per_token(on(policy_logp), batch, chunk)
     ref = per_token(on(reference_logp), batch, chunk)
@@ -262,14 +172,6 @@ def mean_stats(stats: list[dict]) -> dict:
     out = {k: sum(s.get(k, 0.0) for s in stats) / len(stats) for k in keys}
     out["train_tokens_per_s"] = out.pop("tokens_per_s", 0.0)
     return out
-
-
-def write_samples(path, iteration: int, prompts: list[str], completions: list[Completion], rewards, kl, count: int = 4) -> None:
-    """Append the first `count` rollouts of an iteration to a JSONL file."""
-    with open(path, "a") as f:
-        for i, c in enumerate(completions[:count]):
-            f.write(json.dumps({"iteration": iteration, "prompt": prompts[c.prompt_index], "response": c.text,
-                                "reward": float(rewards[i]), "kl": float(kl[i]), "finish_reason": c.finish_reason}) + "\n")
 
 
 def trim_samples(path, iteration: int) -> None:

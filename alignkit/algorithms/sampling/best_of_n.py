@@ -21,15 +21,13 @@ from pathlib import Path
 
 import torch
 
-from alignkit.algorithms.sampling.stages import Sample, best_per_prompt, by_prompt, collect, make_reward, score
+from alignkit.algorithms.sampling.stages import Sample, best_per_prompt, by_prompt, collect, score
 from alignkit.config import opt
-from alignkit.data.tasks.arithmetic import ArithmeticConfig, generate_problems
-from alignkit.data.tasks.arithmetic import prompt_text as arithmetic_prompt
-from alignkit.data.tasks.preferences import build_prompts
 from alignkit.models.load import ModelConfig, load_model
-from alignkit.rewards.verifier_reward import VerifierReward
-from alignkit.rollout.base import SamplingParams
+from alignkit.precision import resolve_precision
+from alignkit.rollout.base import SamplingConfig, SamplingParams
 from alignkit.rollout.hf import HFGenerator
+from alignkit.tasks import RewardConfig, TaskConfig, build_task
 
 log = logging.getLogger("alignkit")
 
@@ -49,29 +47,17 @@ def best_of_n(generator, tokenizer, prompts: list[str], reward_fn, params: Sampl
 @dataclass
 class BestOfNConfig:
     model: ModelConfig = opt(factory=ModelConfig, help="the policy to sample from")
-    task: str = opt("preferences", "prompts: preferences (built-in, gold reward) or arithmetic (verifier)")
-    reward: str = opt("auto", "auto (gold for preferences, verifier for arithmetic), gold, verifier, graded, or a reward-model directory")
-    prompts: int = opt(32, "prompts (held-out split)")
+    task: TaskConfig = opt(factory=lambda: TaskConfig(source="preferences", train=0, val=0, heldout=32, heldout_seed=None),
+                           help="the prompts: the task's held-out split (task.heldout of them)")
+    reward: RewardConfig = opt(factory=RewardConfig, help="the reward (auto: gold for preferences, verifier for problems)")
     ns: list[int] = opt(factory=lambda: [1, 2, 4, 8, 16], help="values of N (samples of the largest are reused)")
     temperatures: list[float] = opt(factory=lambda: [0.7, 1.0, 1.3], help="temperatures to sweep")
-    top_p: float = opt(1.0, "nucleus sampling mass")
-    top_k: int = opt(0, "top-k sampling (0 = off)")
-    max_new_tokens: int = opt(48, "generation budget")
-    batch_size: int = opt(16, "prompts decoded together")
-    dtype: str = opt("fp32", "generation autocast dtype: fp32, bf16, or auto (bf16 where the device computes it natively)")
+    sampling: SamplingConfig = opt(factory=lambda: SamplingConfig(max_new_tokens=48, batch_size=16),
+                                   help="sampling (max(ns) samples per prompt at each of `temperatures`: n and temperature are not read)")
+    precision: str = opt("fp32", "sampling precision: fp32, bf16 (autocast), or auto (bf16 where the device computes it natively)")
     threads: int = opt(0, "torch CPU threads (0 = default)")
-    seed: int = opt(0, "sampling seed and prompt seed")
+    seed: int = opt(0, "sampling seed")
     output_dir: str = opt("runs/best_of_n", "sweep.jsonl, table.md, best.jsonl, curves.png")
-
-
-def task_prompts(cfg: BestOfNConfig) -> tuple[list[str], object]:
-    if cfg.task == "preferences":
-        return build_prompts(cfg.prompts, seed=cfg.seed, split="heldout"), make_reward(cfg.reward, None, "gold")
-    if cfg.task == "arithmetic":
-        problems = generate_problems(cfg.prompts, seed=cfg.seed, split="heldout", config=ArithmeticConfig(word_problems=False))
-        verifier = VerifierReward(problems, prompt_fn=lambda p: arithmetic_prompt(p, "answer"))
-        return [arithmetic_prompt(p, "answer") for p in problems], make_reward(cfg.reward, verifier, "verifier")
-    raise ValueError(f"task must be preferences or arithmetic, not {cfg.task!r}")
 
 
 def sweep_rows(samples: list[Sample], ns: list[int]) -> list[dict]:
@@ -120,17 +106,16 @@ def run(cfg: BestOfNConfig) -> dict:
         torch.set_num_threads(cfg.threads)
     if not cfg.ns or min(cfg.ns) < 1:
         raise ValueError(f"ns must hold integers >= 1, got {cfg.ns}")
-    prompts, reward_fn = task_prompts(cfg)
+    task = build_task(cfg.task, cfg.reward, resolve_precision(cfg.precision))
+    prompts, reward_fn = task.heldout, task.reward
     model, tokenizer, _ = load_model(cfg.model, train=False)
-    generator = HFGenerator(model, tokenizer, cfg.batch_size, cfg.dtype)
+    generator = HFGenerator(model, tokenizer, cfg.sampling.batch_size, resolve_precision(cfg.precision))
     ns, big = sorted(set(cfg.ns)), max(cfg.ns)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows, best_rows = [], {}
     for t in cfg.temperatures:
-        params = SamplingParams(n=big, temperature=t, top_p=cfg.top_p, top_k=cfg.top_k,
-                                max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
-        samples = score(collect(generator, tokenizer, prompts, params), reward_fn)
+        samples = score(collect(generator, tokenizer, prompts, cfg.sampling.params(cfg.seed, n=big, temperature=t)), reward_fn)
         rows.extend({"temperature": t, **r} for r in sweep_rows(samples, ns))
         best_rows[t] = best_per_prompt(samples)
         log.info("T=%.2f: %s", t, rows[-1])

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from alignkit.algorithms.sampling.problems import generator_for, iteration_row, load_task, print_table, sampling
+from alignkit.algorithms.sampling.problems import generator_for, iteration_row, print_table
 from alignkit.algorithms.sampling.stages import Sample, collect, score, tokenize_samples
 from alignkit.algorithms.sampling.train_stage import train_stage
 from alignkit.engine.config import TrainConfig
@@ -23,19 +23,22 @@ from alignkit.engine.logging import MetricsLogger
 from alignkit.engine.trainer import resolve_device
 from alignkit.models.load import ModelConfig, add_lora, load_model, save_model
 from alignkit.rollout.hf import HFGenerator
+from alignkit.tasks import RewardConfig, build_task
 
 
 class SamplingRun:
-    """`cfg` is a method's config with the keys these methods share: model, train, task, sampler,
-    metrics, packing and max_length. `key` names the rows' first column (RAFT counts stages).
-    `policy` is the newest policy: the initial model, then the model each `train` returns."""
+    """`cfg` is a method's config with the keys these methods share: model, train, task, sampling,
+    shots, metrics, packing and max_length, and `reward` for the methods that choose one (RFT and
+    ReST-EM keep correct answers: the task's verifier). `key` names the rows' first column (RAFT
+    counts stages). `policy` is the newest policy: the initial model, then the model each `train`
+    returns. The task's reward is `self.task.reward`."""
 
     def __init__(self, cfg, key: str = "iteration"):
         self.cfg, self.key, self.start = cfg, key, time.time()
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         torch.manual_seed(cfg.train.seed)  # fresh LoRA adapters draw from the global generator
-        self.task = load_task(cfg.task)
+        self.task = build_task(cfg.task, getattr(cfg, "reward", None) or RewardConfig(kind="verifier"), cfg.train.precision)
         self.run_dir = Path(cfg.train.output_dir)
         self.logger = MetricsLogger(self.run_dir, config=asdict(cfg))
         self.device = resolve_device(cfg.train.device)  # sampling runs where training runs
@@ -51,18 +54,16 @@ class SamplingRun:
         return round((time.time() - self.start) / 60, 2)
 
     def generator(self, model) -> HFGenerator:
-        return generator_for(model, self.tokenizer, self.cfg.sampler)
+        return generator_for(model, self.tokenizer, self.cfg.sampling, self.cfg.train.precision)
 
     def sample(self, model, prompts: list[str], reward_fn, seed: int, temperature: float | None = None,
                truncated: float | None = None, iteration: int = 0, source: str = "", n: int | None = None) -> list[Sample]:
-        """Collect `n` (default sampler.samples_per_problem) responses per prompt from `model` (at
-        `temperature` instead of sampler.temperature when given) and score them (`stages.score`).
-        Iterations up to sampler.shot_iterations prompt with the sampler's few-shot exemplars."""
-        s = self.cfg.sampler
-        params = sampling(s, n or s.samples_per_problem, seed)
-        if temperature is not None:
-            params.temperature = temperature
-        shots = self.task.shot_turns(s.shots) if max(iteration, 1) <= s.shot_iterations else ()
+        """Collect `n` (default sampling.n) responses per prompt from `model` (at `temperature`
+        instead of sampling.temperature when given) and score them (`stages.score`). Iterations up
+        to shots.iterations prompt with the few-shot exemplars."""
+        shots = self.cfg.shots
+        params = self.cfg.sampling.params(seed, n=n, temperature=temperature)
+        shots = self.task.shot_turns(shots.exemplars) if max(iteration, 1) <= shots.iterations else ()
         samples = collect(self.generator(model), self.tokenizer, prompts, params, iteration=iteration, source=source,
                           shots=shots)
         return score(samples, reward_fn, truncated=truncated)
@@ -82,10 +83,10 @@ class SamplingRun:
         self.policy = model.merge_and_unload() if hasattr(model, "peft_config") else model
         return metrics
 
-    def evaluate(self, policy, seed: int, base: bool = False, val_acc: float | None = None) -> dict:
-        """`problems.iteration_row` of `policy` under the run's sampler and metrics settings."""
-        return iteration_row(policy, self.tokenizer, self.task, self.cfg.sampler, self.cfg.metrics, seed, base=base,
-                             val_acc=val_acc)
+    def evaluate(self, policy, seed: int, base: bool = False, val: float | None = None) -> dict:
+        """`problems.iteration_row` of `policy` under the run's sampling and metrics settings."""
+        return iteration_row(policy, self.tokenizer, self.task, self.cfg.sampling, self.cfg.metrics, self.cfg.train.precision,
+                             seed, base=base, val=val)
 
     def log_row(self, step: int, row: dict, context: dict | None = None) -> dict:
         """Add the minutes so far to `row`, keep it for the table and the result, and log it

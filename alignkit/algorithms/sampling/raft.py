@@ -15,18 +15,19 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from alignkit.algorithms.sampling.problems import MetricsConfig, ProblemsConfig, SamplerConfig
+from alignkit.algorithms.sampling.problems import MetricsConfig, ShotsConfig, sampling_defaults
 from alignkit.algorithms.sampling.frame import SamplingRun
 from alignkit.algorithms.sampling.stages import (
     above_threshold,
     best_per_prompt,
-    make_reward,
     reward_stats,
     top_fraction,
 )
 from alignkit.config import opt
 from alignkit.engine.config import TrainConfig
 from alignkit.models.load import ModelConfig, load_model
+from alignkit.rollout.base import SamplingConfig
+from alignkit.tasks import RewardConfig, TaskConfig
 
 log = logging.getLogger("alignkit")
 
@@ -35,9 +36,10 @@ log = logging.getLogger("alignkit")
 class RAFTConfig:
     model: ModelConfig = opt(factory=ModelConfig, help="the policy")
     train: TrainConfig = opt(factory=lambda: TrainConfig(output_dir="runs/raft", lr=5e-5, epochs=1.0), help="SFT of each stage")
-    task: ProblemsConfig = opt(factory=ProblemsConfig, help="prompts (problems) and the verifier")
-    reward: str = opt("graded", "verifier, graded, or a reward-model directory")
-    sampler: SamplerConfig = opt(factory=lambda: SamplerConfig(temperature=0.85), help="sampling (LMFlow: T=0.85)")
+    task: TaskConfig = opt(factory=TaskConfig, help="prompts (problems) and their splits (alignkit.tasks)")
+    reward: RewardConfig = opt(factory=lambda: RewardConfig(kind="graded"), help="the reward of the samples")
+    sampling: SamplingConfig = opt(factory=lambda: sampling_defaults(temperature=0.85), help="sampling (LMFlow: T=0.85)")
+    shots: ShotsConfig = opt(factory=ShotsConfig, help="few-shot exemplars before the prompts of the first iterations' sampling")
     metrics: MetricsConfig = opt(factory=lambda: MetricsConfig(eval_samples=0), help="per-stage evaluation")
     stages: int = opt(2, "RAFT stages")
     prompts_per_stage: int = opt(256, "b: prompts per stage (cycled through the training problems)")
@@ -61,8 +63,8 @@ def select(samples, cfg: RAFTConfig):
 
 def run(cfg: RAFTConfig) -> dict:
     job = SamplingRun(cfg, key="stage")
-    reward_fn = make_reward(cfg.reward, job.task.reward("binary"))
-    prompts = job.task.prompts(job.task.train)
+    reward_fn = job.task.reward
+    prompts = job.task.train
     b = min(cfg.prompts_per_stage, len(prompts))
     batches = [[prompts[(s * b + i) % len(prompts)] for i in range(b)] for s in range(cfg.stages)]
     job.baseline()
@@ -89,4 +91,4 @@ def run(cfg: RAFTConfig) -> dict:
         model = job.continue_from(job.policy)  # the next stage continues from the merged policy
         job.log_row(s, {"stage": s, **info, **job.evaluate(job.policy, cfg.train.seed + s)})
     return job.finish(job.policy, f"RAFT ({cfg.selection}, {'online' if cfg.online else 'offline'}), b={b}, "
-                                  f"K={cfg.sampler.samples_per_problem}", {"stages": job.rows})
+                                  f"K={cfg.sampling.n}", {"stages": job.rows})

@@ -17,17 +17,18 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from alignkit.algorithms.sampling.problems import MetricsConfig, ProblemsConfig, SamplerConfig
+from alignkit.algorithms.sampling.problems import MetricsConfig, ShotsConfig, sampling_defaults
 from alignkit.algorithms.sampling.frame import SamplingRun
 from alignkit.algorithms.sampling.stages import (
     above_threshold,
     best_per_prompt,
-    make_reward,
     reward_stats,
 )
 from alignkit.config import opt
 from alignkit.engine.config import TrainConfig
 from alignkit.models.load import ModelConfig, load_model
+from alignkit.rollout.base import SamplingConfig
+from alignkit.tasks import RewardConfig, TaskConfig
 
 log = logging.getLogger("alignkit")
 
@@ -37,9 +38,10 @@ class RSConfig:
     model: ModelConfig = opt(factory=ModelConfig, help="the model to fine-tune")
     sampler_model: str = opt("", "model directory that samples (distillation); empty = the newest trained model")
     train: TrainConfig = opt(factory=lambda: TrainConfig(output_dir="runs/rs", lr=5e-5, epochs=2.0), help="SFT of each iteration")
-    task: ProblemsConfig = opt(factory=ProblemsConfig, help="prompts (problems) and the verifier")
-    reward: str = opt("graded", "verifier, graded, or a reward-model directory")
-    sampler: SamplerConfig = opt(factory=SamplerConfig, help="sampling (sampler.temperature is unused: see temperatures)")
+    task: TaskConfig = opt(factory=TaskConfig, help="prompts (problems) and their splits (alignkit.tasks)")
+    reward: RewardConfig = opt(factory=lambda: RewardConfig(kind="graded"), help="the reward of the samples")
+    sampling: SamplingConfig = opt(factory=sampling_defaults, help="sampling (sampling.temperature is unused: see temperatures)")
+    shots: ShotsConfig = opt(factory=ShotsConfig, help="few-shot exemplars before the prompts of the first iterations' sampling")
     metrics: MetricsConfig = opt(factory=lambda: MetricsConfig(eval_samples=0), help="per-iteration evaluation")
     iterations: int = opt(2, "rejection-sampling iterations")
     temperatures: list[float] = opt(factory=lambda: [0.7, 1.0], help="candidate temperatures, re-tuned every iteration")
@@ -63,11 +65,11 @@ def pick_temperature(job: SamplingRun, sampler, prompts: list[str], reward_fn, s
 
 def run(cfg: RSConfig) -> dict:
     job = SamplingRun(cfg)
-    reward_fn = make_reward(cfg.reward, job.task.reward("binary"))
+    reward_fn = job.task.reward
     teacher = job.sampler_model(cfg.sampler_model) if cfg.sampler_model else None
     pool = []
     job.baseline()
-    prompts = job.task.prompts(job.task.train)
+    prompts = job.task.train
     for it in range(1, cfg.iterations + 1):
         sampler = teacher if teacher is not None else job.policy
         t, t_scores = pick_temperature(job, sampler, prompts[: cfg.temperature_prompts], reward_fn, cfg.train.seed + 100 * it, it)
@@ -88,5 +90,5 @@ def run(cfg: RSConfig) -> dict:
         model = load_model(cfg.model, train=True)[0] if cfg.from_base or it == 1 else job.continue_from(job.policy)
         job.train(model, chosen, f"iter-{it}")
         job.log_row(it, {"iteration": it, **info, **job.evaluate(job.policy, cfg.train.seed + it)})
-    return job.finish(job.policy, f"Rejection sampling, K={cfg.sampler.samples_per_problem}, pooled={cfg.pool}",
+    return job.finish(job.policy, f"Rejection sampling, K={cfg.sampling.n}, pooled={cfg.pool}",
                       {"iterations": job.rows})

@@ -15,17 +15,18 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from alignkit.algorithms.sampling.problems import MetricsConfig, ProblemsConfig, SamplerConfig
+from alignkit.algorithms.sampling.problems import MetricsConfig, ShotsConfig, sampling_defaults
 from alignkit.algorithms.sampling.frame import SamplingRun
 from alignkit.algorithms.sampling.stages import (
     above_threshold,
     dedupe,
-    make_reward,
     reward_stats,
 )
 from alignkit.config import opt
 from alignkit.engine.config import TrainConfig
 from alignkit.models.load import ModelConfig
+from alignkit.rollout.base import SamplingConfig
+from alignkit.tasks import RewardConfig, TaskConfig
 
 log = logging.getLogger("alignkit")
 
@@ -34,9 +35,10 @@ log = logging.getLogger("alignkit")
 class RestConfig:
     model: ModelConfig = opt(factory=ModelConfig, help="the initial policy")
     train: TrainConfig = opt(factory=lambda: TrainConfig(output_dir="runs/rest", lr=3e-5, epochs=1.0), help="each Improve step")
-    task: ProblemsConfig = opt(factory=ProblemsConfig, help="problems and the verifier")
-    reward: str = opt("graded", "graded (partial credit: thresholds matter), verifier, or a reward-model directory")
-    sampler: SamplerConfig = opt(factory=lambda: SamplerConfig(temperature=0.8), help="Grow sampling")
+    task: TaskConfig = opt(factory=TaskConfig, help="prompts (problems) and their splits (alignkit.tasks)")
+    reward: RewardConfig = opt(factory=lambda: RewardConfig(kind="graded"), help="the reward (graded: partial credit, so the thresholds matter)")
+    sampling: SamplingConfig = opt(factory=lambda: sampling_defaults(temperature=0.8), help="Grow sampling")
+    shots: ShotsConfig = opt(factory=ShotsConfig, help="few-shot exemplars before the prompts of the first iterations' sampling")
     metrics: MetricsConfig = opt(factory=lambda: MetricsConfig(eval_samples=0), help="evaluation after every Improve step")
     grow_steps: int = opt(1, "Grow steps")
     thresholds: list[float] = opt(factory=lambda: [0.25, 0.45, 1.0], help="increasing Improve thresholds")
@@ -49,11 +51,11 @@ def run(cfg: RestConfig) -> dict:
     if list(cfg.thresholds) != sorted(set(cfg.thresholds)):
         raise ValueError(f"thresholds must be strictly increasing, got {cfg.thresholds}")
     job = SamplingRun(cfg)
-    reward_fn = make_reward(cfg.reward, job.task.reward("binary"))
+    reward_fn = job.task.reward
     data, step = [], 0
     job.baseline("0")
     for g in range(1, cfg.grow_steps + 1):
-        new = job.sample(job.policy, job.task.prompts(job.task.train), reward_fn, cfg.train.seed + g, iteration=g)
+        new = job.sample(job.policy, job.task.train, reward_fn, cfg.train.seed + g, iteration=g)
         data = dedupe(data + new)
         log.info("grow %d: %d new samples (mean reward %.3f), data set %d", g, len(new), reward_stats(new)["mean"], len(data))
         for i, tau in enumerate(cfg.thresholds, start=1):

@@ -21,12 +21,7 @@ import logging
 import time
 from dataclasses import dataclass
 
-from alignkit.algorithms.sampling.problems import (
-    MetricsConfig,
-    ProblemsConfig,
-    SamplerConfig,
-    greedy_accuracy,
-)
+from alignkit.algorithms.sampling.problems import MetricsConfig, ShotsConfig, greedy_score, sampling_defaults
 from alignkit.algorithms.sampling.frame import SamplingRun
 from alignkit.algorithms.sampling.stages import (
     Sample,
@@ -40,6 +35,8 @@ from alignkit.algorithms.sampling.stages import (
 from alignkit.config import opt
 from alignkit.engine.config import TrainConfig
 from alignkit.models.load import ModelConfig, load_model
+from alignkit.rollout.base import SamplingConfig
+from alignkit.tasks import TaskConfig
 
 log = logging.getLogger("alignkit")
 
@@ -48,16 +45,17 @@ log = logging.getLogger("alignkit")
 class RestEMConfig:
     model: ModelConfig = opt(factory=ModelConfig, help="the base model (every M-step starts from it)")
     train: TrainConfig = opt(factory=lambda: TrainConfig(output_dir="runs/rest_em", lr=2e-5, epochs=2.0),
-                             help="M-step training (epochs = most epochs; early stopping on validation)")
-    task: ProblemsConfig = opt(factory=ProblemsConfig, help="problems and their verifier")
-    sampler: SamplerConfig = opt(factory=SamplerConfig, help="E-step sampling")
+                                     help="M-step training (epochs = most epochs; early stopping on validation)")
+    task: TaskConfig = opt(factory=TaskConfig, help="problems (with answers: the verifier is the E-step's reward)")
+    sampling: SamplingConfig = opt(factory=sampling_defaults, help="E-step sampling")
+    shots: ShotsConfig = opt(factory=ShotsConfig, help="few-shot exemplars before the prompts of the first iterations' sampling")
     metrics: MetricsConfig = opt(factory=MetricsConfig, help="per-iteration evaluation")
     iterations: int = opt(2, "EM iterations")
     cap_per_problem: int = opt(10, "most correct responses kept per problem")
     e_step_round_size: int = opt(0, "draw the N samples of a problem in rounds of this many (0: all at once); "
                                     "a problem with cap_per_problem correct responses already is not sampled again")
     e_step_samples: list[int] = opt(factory=list, help="N of each iteration's E-step, the last one repeating (e.g. "
-                                    "[8, 16]); empty: sampler.samples_per_problem in every iteration")
+                                    "[8, 16]); empty: sampling.n in every iteration")
     dedupe: bool = opt(True, "keep identical correct responses once")
     patience: int = opt(1, "M-step epochs without validation improvement before stopping")
     stop_when_worse: bool = opt(True, "stop iterating when validation accuracy falls")
@@ -72,7 +70,7 @@ def _correct(samples: list[Sample], cfg: RestEMConfig) -> list[Sample]:
 
 def samples_per_problem(cfg: RestEMConfig, it: int) -> int:
     """N of iteration `it`'s E-step (iterations count from 1)."""
-    return cfg.e_step_samples[min(it, len(cfg.e_step_samples)) - 1] if cfg.e_step_samples else cfg.sampler.samples_per_problem
+    return cfg.e_step_samples[min(it, len(cfg.e_step_samples)) - 1] if cfg.e_step_samples else cfg.sampling.n
 
 
 def e_step(job: SamplingRun, reward, seed: int, it: int) -> tuple[list[Sample], list[Sample]]:
@@ -83,7 +81,7 @@ def e_step(job: SamplingRun, reward, seed: int, it: int) -> tuple[list[Sample], 
     cfg = job.cfg
     n = samples_per_problem(cfg, it)
     size = cfg.e_step_round_size or n
-    todo, samples, first = job.task.prompts(job.task.train), [], []
+    todo, samples, first = job.task.train, [], []
     for r, start in enumerate(range(0, n, size)):
         new = job.sample(job.policy, todo, reward, seed + 7919 * r, truncated=0.0, iteration=it,
                          n=min(size, n - start))
@@ -103,7 +101,7 @@ def run(cfg: RestEMConfig) -> dict:
             raise ValueError(f"e_step_samples[{i}] must be an integer >= 1, got {n!r}")
     job = SamplingRun(cfg)
     task = job.task
-    reward = task.reward("binary")
+    reward = task.verifier("binary")
     if (base := job.baseline()) is not None:
         log.info("base: %s", base)
     best_val, best_policy, best_iteration = job.rows[0]["val_acc"] if job.rows else -1.0, job.policy, 0
@@ -125,13 +123,13 @@ def run(cfg: RestEMConfig) -> dict:
         # M-step: from the base model, reward-weighted NLL, early stopping on validation accuracy.
         job.policy = None
         model, _, _ = load_model(cfg.model, train=True)
-        val_gen = lambda mdl: {"reward": greedy_accuracy(job.generator(mdl), job.tokenizer, task, task.val, cfg.sampler.max_new_tokens)}
+        val_gen = lambda mdl: {"reward": greedy_score(job.generator(mdl), job.tokenizer, task, task.val, cfg.sampling.max_new_tokens)}
         t0 = time.time()
         m_step = job.train(model, kept, f"iter-{it}", weighted=True, val_fn=val_gen if task.val else None, patience=cfg.patience)
         job.policy.eval()
         m_s, t0 = round(time.time() - t0, 1), time.time()
         row = {"iteration": it, **e_row, "m_epochs": m_step.get("epochs_run", cfg.train.epochs), "m_step_s": m_s,
-               **job.evaluate(job.policy, cfg.train.seed + it, val_acc=m_step.get("val/reward"))}
+               **job.evaluate(job.policy, cfg.train.seed + it, val=m_step.get("val/reward"))}
         row["eval_s"] = round(time.time() - t0, 1)
         job.log_row(it, row)
         log.info("iteration %d: %s", it, row)
@@ -141,6 +139,6 @@ def run(cfg: RestEMConfig) -> dict:
             log.info("validation accuracy fell (%.3f < %.3f): stopping after iteration %d", row["val_acc"], best_val, it)
             break
     best_row = next((r for r in job.rows if r["iteration"] == best_iteration), job.rows[-1] if job.rows else {})
-    return job.finish(best_policy, f"ReST-EM on {len(task.train)} problems, N={cfg.sampler.samples_per_problem}, "
-                                   f"T={cfg.sampler.temperature} (best iteration: {best_iteration})",
+    return job.finish(best_policy, f"ReST-EM on {len(task.train)} problems, N={cfg.sampling.n}, "
+                                   f"T={cfg.sampling.temperature} (best iteration: {best_iteration})",
                       {"best_iteration": best_iteration, "heldout_acc": best_row.get("heldout_acc"), "iterations": job.rows})

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from alignkit.algorithms.sampling.problems import MetricsConfig, ProblemsConfig, SamplerConfig
+from alignkit.algorithms.sampling.problems import MetricsConfig, ShotsConfig, sampling_defaults
 from alignkit.algorithms.sampling.frame import SamplingRun
 from alignkit.algorithms.sampling.stages import (
     Sample,
@@ -23,9 +23,10 @@ from alignkit.algorithms.sampling.stages import (
     reasoning_path,
 )
 from alignkit.config import opt
-from alignkit.data.tasks.arithmetic import target_text
 from alignkit.engine.config import TrainConfig
 from alignkit.models.load import ModelConfig, load_model
+from alignkit.rollout.base import SamplingConfig
+from alignkit.tasks import TaskConfig
 
 log = logging.getLogger("alignkit")
 
@@ -35,8 +36,9 @@ class RFTConfig:
     model: ModelConfig = opt(factory=ModelConfig, help="the model to fine-tune (and the default sampler)")
     sampler_models: list[str] = opt(factory=list, help="model directories whose correct paths are pooled ('self' = model.path); empty = [self]")
     train: TrainConfig = opt(factory=lambda: TrainConfig(output_dir="runs/rft", lr=5e-5, epochs=3.0), help="fine-tuning")
-    task: ProblemsConfig = opt(factory=ProblemsConfig, help="problems and the verifier")
-    sampler: SamplerConfig = opt(factory=lambda: SamplerConfig(temperature=0.7), help="sampling (k = samples_per_problem; paper T=0.7)")
+    task: TaskConfig = opt(factory=TaskConfig, help="problems (with answers: the verifier keeps the correct paths)")
+    sampling: SamplingConfig = opt(factory=lambda: sampling_defaults(temperature=0.7), help="sampling (k = n; paper T=0.7)")
+    shots: ShotsConfig = opt(factory=ShotsConfig, help="few-shot exemplars before the prompts of the first iterations' sampling")
     metrics: MetricsConfig = opt(factory=MetricsConfig, help="evaluation before and after")
     dedupe_by: str = opt("path", "path (distinct equation lists / normalised text), text (exact text) or none")
     max_paths_per_problem: int = opt(0, "cap on distinct paths per problem (0 = no cap)")
@@ -59,9 +61,9 @@ def correct_paths(samples: list[Sample], dedupe_by: str) -> list[Sample]:
 def run(cfg: RFTConfig) -> dict:
     job = SamplingRun(cfg)
     task, base = job.task, job.policy
-    reward = task.reward("binary")
+    reward = task.verifier("binary")
     job.baseline()
-    prompts = task.prompts(task.train)
+    prompts = task.train
     union: list[Sample] = []
     per_model = {}
     for i, spec in enumerate(cfg.sampler_models or ["self"]):
@@ -76,14 +78,14 @@ def run(cfg: RFTConfig) -> dict:
         union = cap_per_prompt(union, cfg.max_paths_per_problem, cfg.train.seed)
     data = list(union)
     if cfg.include_reference:
-        data += [Sample(task.prompt(p), target_text(p, task.style), reward=1.0, source="reference") for p in task.train]
+        data += [Sample(p, task.reference(p), reward=1.0, source="reference") for p in task.train]
     info = {"paths": len(union), "problems_covered": len({x.prompt for x in union}) / len(prompts),
             "paths_per_covered_problem": len(union) / max(1, len({x.prompt for x in union})),
             **{f"{k}/{m}": v for k, d in per_model.items() for m, v in d.items()}}
     log.info("RFT data: %s", info)
     if not data:
-        raise ValueError("no correct reasoning path was sampled: raise samples_per_problem or the temperature")
+        raise ValueError("no correct reasoning path was sampled: raise sampling.n or the temperature")
     job.train(load_model(cfg.model, train=True)[0], data, "train")
     job.log_row(1, {"iteration": 1, "kept": len(data), **job.evaluate(job.policy, cfg.train.seed + 1)}, context=info)
-    return job.finish(job.policy, f"RFT, k={cfg.sampler.samples_per_problem}, samplers={cfg.sampler_models or ['self']}",
+    return job.finish(job.policy, f"RFT, k={cfg.sampling.n}, samplers={cfg.sampler_models or ['self']}",
                       {"data": info, "iterations": job.rows})

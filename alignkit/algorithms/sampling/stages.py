@@ -1,6 +1,9 @@
-"""The stages every sampling-based method shares (DESIGN.md rule 3):
+"""The stages every sampling-based method shares (docs/architecture.md, "online methods are stages"):
 
     collect (generate K per prompt) -> score (a RewardFn) -> select (filter / rank) -> train (SFT)
+
+PPO and its relatives collect and score through the same `collect` and `score` (and assemble
+their tensors from the samples' token ids, `ppo.common.collect_batch`).
 
 A `Sample` is one response to one prompt with its reward and where it came from (iteration,
 sampler model). Selection functions take and return lists of samples, so methods compose them:
@@ -17,7 +20,7 @@ import math
 import random
 import re
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -40,6 +43,8 @@ class Sample:
     source: str = ""
     """The model that produced it."""
     finish_reason: str = ""
+    token_ids: list[int] = field(default_factory=list, repr=False)
+    """The generated token ids (what PPO's tensors are assembled from)."""
 
 
 # ---------------------------------------------------------------------------------- collect
@@ -50,28 +55,10 @@ def collect(generator, tokenizer, prompts: list[str], params: SamplingParams, it
     texts = [prompt_text(tokenizer, user_prompt(p, system, shots)) for p in prompts]
     out = generator.generate(texts, params)
     return [Sample(prompts[c.prompt_index], c.text, c.prompt_index, c.sample_index, None, iteration, source,
-                   c.finish_reason) for c in out]
+                   c.finish_reason, c.token_ids) for c in out]
 
 
 # ------------------------------------------------------------------------------------ score
-def make_reward(spec: str, verifier=None, auto: str = "verifier"):
-    """A RewardFn from a config string: 'gold' (built-in preferences), 'verifier' / 'graded'
-    (the task's `VerifierReward`, binary or graded), 'auto' (= `auto`), or a reward-model
-    directory (`alignkit.rewards.model.RewardModel`)."""
-    spec = auto if spec == "auto" else spec
-    if spec == "gold":
-        from alignkit.rewards.base import GoldReward
-
-        return GoldReward()
-    if spec in ("verifier", "graded"):
-        if verifier is None:
-            raise ValueError(f"reward={spec} needs problems with answers (an arithmetic or problems task)")
-        return verifier.with_mode("binary" if spec == "verifier" else "graded")
-    from alignkit.rewards.model import RewardModel
-
-    return RewardModel.from_pretrained(spec)
-
-
 def score(samples: list[Sample], reward_fn, batch_size: int = 256, truncated: float | None = None) -> list[Sample]:
     """Set `reward` on every sample (in place, batched); returns the samples. With `truncated`, a
     sample cut off by max_new_tokens gets that reward instead: for a verifier, a cut-off reply is
@@ -182,13 +169,15 @@ def tokenize_samples(tokenizer, samples: list[Sample], max_length: int = 512, we
     return out
 
 
-def write_samples(path, samples: list[Sample]) -> None:
-    """One JSON line per sample (prompt, response, reward, iteration, source)."""
+def write_samples(path, samples: list[Sample], mode: str = "w", **columns: list) -> None:
+    """One JSON line per sample (prompt, response, reward, iteration, source, finish_reason, and
+    one value of each of `columns`, e.g. PPO's per-reply kl); mode "a" appends."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        for x in samples:
+    with open(path, mode) as f:
+        for i, x in enumerate(samples):
             f.write(json.dumps({"prompt": x.prompt, "response": x.response, "reward": x.reward, "iteration": x.iteration,
-                                "source": x.source, "finish_reason": x.finish_reason}) + "\n")
+                                "source": x.source, "finish_reason": x.finish_reason,
+                                **{k: float(v[i]) for k, v in columns.items()}}) + "\n")
 
 
 # ---------------------------------------------------------------------------------- metrics
