@@ -132,7 +132,7 @@ def group_row(groups: list[Group], root: list[int] | tuple = (), keep_last: bool
                     segments.append(len(lengths))
                     count += 1
             lengths.append(float(count))
-    row = lambda x: torch.tensor([x], dtype=torch.long)  # noqa: E731
+    row = lambda x: torch.tensor([x], dtype=torch.long)
     batch = {
         "input_ids": row(ids), "position_ids": row(pos), "group_ids": row(gids), "parts": row(parts),
         "source": torch.tensor(source, dtype=torch.long), "targets": torch.tensor(targets, dtype=torch.long),
