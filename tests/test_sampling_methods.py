@@ -105,6 +105,21 @@ def test_rejection_sampling_pools_iterations(answering_model, tmp_path, capsys):
     assert rows[2]["temperature"] in (0.5, 1.0) and "best_of_k@T=0.5" in rows[2]
 
 
+def test_rejection_sampling_on_preference_prompts_with_the_gold_reward(answering_model, tmp_path, capsys):
+    """A task without answers: the samples are scored by the gold rules, and every evaluation
+    reports the greedy replies' mean reward instead of an accuracy (no pass@k)."""
+    out = tmp_path / "rs_pref"
+    result = cli(["rs", f"model.path={answering_model}", f"train.output_dir={out}", "train.lr=1e-3", "iterations=1",
+                  "temperatures=[1.0]", "temperature_prompts=4", "task.source=preferences", "task.train=6", "task.heldout=4",
+                  "reward.kind=gold", "min_reward=null", "metrics.eval_samples=4"]
+                 + [a for a in COMMON if not a.startswith("task.")], capsys)
+    rows = result["iterations"]
+    assert [r["iteration"] for r in rows] == [0, 1] and rows[1]["kept"] == 6  # the best sample of every prompt
+    for r in rows:
+        assert {"train_reward", "heldout_reward"} <= set(r) and -3.5 <= r["heldout_reward"] <= 2.0
+        assert not any(k.endswith("_acc") or k.startswith(("pass@", "maj@")) for k in r)
+
+
 @pytest.mark.parametrize("selection,online", [("local", True), ("global", False)])
 def test_raft(answering_model, tmp_path, capsys, selection, online):
     out = tmp_path / "raft"
