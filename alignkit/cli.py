@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import logging
 import os
 import sys
+import typing
 
 from alignkit.config import ConfigError, defaults, describe, load_config
 from alignkit.engine.allocator import tune_malloc
+from alignkit.engine.config import Resumable
 
 # command -> (module, config class, run function, one-line description)
 COMMANDS = {
@@ -58,6 +61,12 @@ def _models(args: list[str]) -> int:
     return 0
 
 
+def resumable(cls: type) -> bool:
+    """Whether a command's config can continue a killed run: its `train` section is Resumable."""
+    train = typing.get_type_hints(cls).get("train") if dataclasses.is_dataclass(cls) else None
+    return isinstance(train, type) and issubclass(train, Resumable)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
@@ -86,6 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     recipe = rest[0] if rest and rest[0].endswith((".yaml", ".yml")) else None
     overrides = [a for a in rest[1 if recipe else 0:] if a != "--resume"]
     if "--resume" in rest:
+        if not resumable(cls):
+            print(f"alignkit {command}: error: --resume: {command} cannot resume a run (it writes no checkpoints); "
+                  "start it again", file=sys.stderr)
+            return 2
         overrides.append("train.resume=true")
     unknown = [a for a in overrides if "=" not in a]
     if unknown:

@@ -27,6 +27,42 @@ def opt(default: Any = dataclasses.MISSING, help: str = "", factory: Any = datac
     return dataclasses.field(default=default, metadata={"help": help})
 
 
+def _value(cfg: Any, key: str) -> Any:
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+# Value checks for a config's __post_init__: each raises a ValueError that names the (dotted) key.
+
+def at_least(cfg: Any, minimum: float, *keys: str) -> None:
+    """Each of `keys` is >= minimum (1 for counts, 0 where 0 means off)."""
+    for key in keys:
+        value = _value(cfg, key)
+        if value < minimum:
+            raise ValueError(f"{key} must be at least {minimum}, not {value}")
+
+
+def in_range(cfg: Any, key: str, low: float, high: float, low_open: bool = False, high_open: bool = False) -> None:
+    """low <= value <= high, with either end excluded when open."""
+    value = _value(cfg, key)
+    if value < low or value > high or (low_open and value == low) or (high_open and value == high):
+        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise ValueError(f"{key} must be in {interval}, not {value}")
+
+
+def one_of(cfg: Any, key: str, *choices: Any) -> None:
+    value = _value(cfg, key)
+    if value not in choices:
+        raise ValueError(f"{key} must be one of {', '.join(map(str, choices))}, not {value!r}")
+
+
+def non_empty(cfg: Any, *keys: str) -> None:
+    for key in keys:
+        if not _value(cfg, key):
+            raise ValueError(f"{key} must not be empty")
+
+
 def _nearest(key: str, valid: list[str]) -> str:
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
     return f"; did you mean '{close[0]}'?" if close else f" (valid keys: {', '.join(sorted(valid))})"

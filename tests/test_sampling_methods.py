@@ -12,7 +12,7 @@ import torch
 from alignkit.algorithms.sampling.stages import Sample, tokenize_samples
 from alignkit.algorithms.sampling.train_stage import train_stage
 from alignkit.cli import main
-from alignkit.engine.config import TrainConfig
+from alignkit.engine.config import SamplingTrainConfig
 from alignkit.engine.logging import read_metrics
 from alignkit.models.load import save_model
 from alignkit.models.tiny import tiny_model, tiny_tokenizer
@@ -36,7 +36,7 @@ def answering_model(tmp_path_factory):
     task = problems_task(train=40, val=4, heldout=8, min_digits=1, max_digits=1, ops=["+"])
     data = tokenize_samples(tok, [Sample(p, task.answer_for(p)) for p in task.train])
     out = tmp_path_factory.mktemp("answering")
-    cfg = TrainConfig(output_dir=str(out / "run"), lr=3e-3, epochs=40, max_tokens_per_batch=512, progress=False, warmup_ratio=0.05)
+    cfg = SamplingTrainConfig(output_dir=str(out / "run"), lr=3e-3, epochs=40, max_tokens_per_batch=512, progress=False, warmup_ratio=0.05)
     model, _ = train_stage(model, tok, data, cfg)
     return str(save_model(model, tok, out / "model"))
 
@@ -186,7 +186,7 @@ def test_train_stage_keeps_the_best_validated_epoch_and_ties_go_later(tmp_path, 
     tok = tiny_tokenizer()
     task = problems_task(train=8, val=0, heldout=0, min_digits=1, max_digits=1, ops=["+"])
     data = tokenize_samples(tok, [Sample(p, task.answer_for(p)) for p in task.train])
-    cfg = TrainConfig(output_dir=str(tmp_path), lr=1e-3, epochs=3, max_tokens_per_batch=128, progress=False)
+    cfg = SamplingTrainConfig(output_dir=str(tmp_path), lr=1e-3, epochs=3, max_tokens_per_batch=128, progress=False)
     snapshots, calls = [], iter(scores)
 
     def val_fn(model):

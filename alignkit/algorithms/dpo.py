@@ -26,11 +26,11 @@ import torch
 
 from alignkit.algorithms.make_pairs import PairsConfig, make_pairs, write_pairs
 from alignkit.algorithms.sft import tokenize_examples, train_sft
-from alignkit.config import opt
+from alignkit.config import at_least, in_range, opt
 from alignkit.data.formats import load_preferences
 from alignkit.data.packing import Group, pack_rows, shuffled, tokenize_group
 from alignkit.data.records import Message, PreferencePair, SFTExample
-from alignkit.engine.config import TrainConfig
+from alignkit.engine.config import CheckpointConfig, LoopConfig, TrainConfig
 from alignkit.engine.trainer import Engine, fit, resolve_device, steps_for, to_device
 from alignkit.eval.arithmetic import ArithmeticEvalConfig, evaluate_arithmetic, heldout_problems
 from alignkit.losses.dpo import dpo_loss, ipo_loss
@@ -59,8 +59,9 @@ class DPOConfig:
     nll_weight: float = opt(0.0, "RPO / DPO+NLL (Pang et al. 2024): add this times the chosen response's per-token NLL")
     precompute_ref: bool = opt(False, "compute reference log-probs in one inference pass before training (no reference model kept)")
     sft_reference: bool = opt(False, "first fit the reference by SFT on the chosen responses (when there is no SFT model)")
-    reference_train: TrainConfig = opt(factory=lambda: TrainConfig(output_dir="", lr=2e-5, epochs=1.0),
-                                       help="the SFT of the reference (output_dir empty = <train.output_dir>/reference)")
+    reference_train: CheckpointConfig = opt(factory=lambda: CheckpointConfig(output_dir="", lr=2e-5, epochs=1.0),
+                                            help="the SFT of the reference (output_dir empty = <train.output_dir>/reference; "
+                                                 "resumes with train.resume)")
     eval: ArithmeticEvalConfig = opt(factory=lambda: ArithmeticEvalConfig(problems=200), help="held-out arithmetic accuracy after training")
 
     def __post_init__(self):
@@ -68,6 +69,11 @@ class DPOConfig:
             raise ValueError(f"loss must be dpo or ipo, not {self.loss!r}")
         if self.label_smoothing and self.loss != "dpo":
             raise ValueError("label_smoothing (conservative DPO) applies to loss=dpo only")
+        if self.beta <= 0:
+            raise ValueError(f"beta must be > 0, not {self.beta}")
+        in_range(self, "label_smoothing", 0.0, 0.5, high_open=True)
+        at_least(self, 0, "nll_weight")
+        at_least(self, 1, "data.max_length")
 
 
 def tokenize_pairs(tokenizer, pairs: list[PreferencePair], max_length: int) -> list[Group]:
@@ -121,7 +127,7 @@ def dpo_step(model, cfg: DPOConfig, reference=None):
     return step
 
 
-def precompute_reference(rows: list[dict], reference, cfg: TrainConfig) -> None:
+def precompute_reference(rows: list[dict], reference, cfg: LoopConfig) -> None:
     """Store each row's reference log-probs in it (under the training precision)."""
     device = resolve_device(cfg.device)
     bf16 = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.precision == "bf16" else contextlib.nullcontext()
@@ -135,11 +141,11 @@ def fit_reference(model, tokenizer, pairs: list[PreferencePair], cfg: DPOConfig)
     examples = [SFTExample(p.prompt + (Message("assistant", p.chosen),)) for p in pairs]
     train = tokenize_examples(tokenizer, examples, cfg.data.max_length)
     rt = cfg.reference_train
-    rt = replace(rt, output_dir=rt.output_dir or str(Path(cfg.train.output_dir) / "reference"), resume=cfg.train.resume)
+    rt = replace(rt, output_dir=rt.output_dir or str(Path(cfg.train.output_dir) / "reference"))
     if cfg.model.lora is not None:
         model = add_lora(model, cfg.model.lora)
     log.info("fitting the reference by SFT on %d chosen responses", len(train))
-    engine, _ = train_sft(model, tokenizer, train, rt)
+    engine, _ = train_sft(model, tokenizer, train, rt, resume=cfg.train.resume)
     return engine.model.merge_and_unload() if cfg.model.lora is not None else engine.model
 
 
@@ -170,7 +176,7 @@ def run(cfg: DPOConfig) -> dict:
     if cfg.precompute_ref:  # before the engine: a resumed run loads trained weights into `model`
         precompute_reference(rows, reference, cfg.train)
         reference = None
-    engine = Engine(model, cfg.train, steps_for(len(rows), cfg.train), asdict(cfg))
+    engine = Engine(model, cfg.train, steps_for(len(rows), cfg.train), asdict(cfg), cfg.train.resume)
     result.update(fit(engine, dpo_step(engine.model, cfg, reference), shuffled(rows, cfg.train.seed)))
     return {**result, **finish(engine, tokenizer, cfg.eval, run_dir, cfg.train.merge_lora)}
 

@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from alignkit.config import opt
+from alignkit.config import at_least, non_empty, opt
 from alignkit.data.chat import prompt_text
 from alignkit.data.records import user_prompt
 from alignkit.data.tasks.arithmetic import ArithmeticConfig, generate_problems
@@ -24,6 +24,10 @@ class EvalConfig:
     min_digits: int = opt(2, "smallest operand size (digits)")
     max_digits: int = opt(2, "largest operand size (digits)")
     output_dir: str = opt("runs/eval", "where samples.jsonl and result.json go")
+
+    def __post_init__(self):
+        at_least(self, 1, "min_digits", "eval.problems")
+        at_least(self, self.min_digits, "max_digits")
 
 
 def run_eval(cfg: EvalConfig) -> dict:
@@ -46,6 +50,10 @@ class GenerateConfig:
                                    help="samples per prompt (n) and how (temperature 0 = greedy)")
     seed: int = opt(0, "sampling seed")
     output: str = opt("runs/generate/samples.jsonl", "where the completions go")
+
+    def __post_init__(self):
+        if not self.prompts_file:
+            non_empty(self, "prompts")
 
 
 def run_generate(cfg: GenerateConfig) -> dict:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from alignkit.config import opt
+from alignkit.config import at_least, one_of, opt
 from alignkit.data.records import PreferencePair, Problem, user_prompt
 from alignkit.data.tasks.arithmetic import ArithmeticConfig, generate_problems, prompt_text, target_text
 from alignkit.eval.arithmetic import prompts_for
@@ -40,6 +40,10 @@ class PairsConfig:
     pairs_per_problem: int = opt(1, "pairs per problem (each with a different incorrect answer)")
     gold_chosen: bool = opt(True, "when the model has no correct sample, prefer the gold answer; false = only the model's own answers (on-policy pairs)")
     seed: int = opt(0, "seed of the problems and of the sampler")
+
+    def __post_init__(self):
+        at_least(self, 1, "problems", "pairs_per_problem")
+        one_of(self, "style", "answer", "cot")
 
 
 def make_pairs(model, tokenizer, cfg: PairsConfig, precision: str = "fp32") -> tuple[list[PreferencePair], dict]:
@@ -106,6 +110,10 @@ class MakePairsConfig:
     output: str = opt("runs/pairs/pairs.jsonl", "where the pairs go (JSONL, TRL conversational format)")
     precision: str = opt("fp32", "sampling precision: fp32, bf16 (autocast), or auto (bf16 where the device computes it natively)")
     threads: int = opt(0, "torch CPU threads (0 = torch default)")
+
+    def __post_init__(self):
+        one_of(self, "precision", "fp32", "bf16", "auto")
+        at_least(self, 0, "threads")
 
 
 def run(cfg: MakePairsConfig) -> dict:

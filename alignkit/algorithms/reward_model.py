@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from alignkit.algorithms.sft import split_eval
-from alignkit.config import ConfigError, opt
+from alignkit.config import ConfigError, at_least, in_range, opt
 from alignkit.data.collate import pack_groups
 from alignkit.data.formats import load_feedback
 from alignkit.data.packing import Group, group_row, scoring_group, shuffled
@@ -66,6 +66,9 @@ class RMConfig:
             raise ValueError(f"margin must be one of {', '.join(MARGIN_TABLES)}, not {self.margin!r}")
         if self.data.format not in ("auto", "pairs", "ranked"):
             raise ValueError(f"data.format must be auto, pairs or ranked, not {self.data.format!r}")
+        in_range(self, "data.eval_fraction", 0.0, 1.0, high_open=True)
+        at_least(self, 1, "data.builtin_pairs", "data.max_length", "eval_pairs")
+        at_least(self, 0, "data.builtin_eval_pairs", "center_coef")
 
 
 def load_items(data: RMDataConfig, seed: int) -> tuple[str, list, list]:

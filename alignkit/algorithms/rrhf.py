@@ -24,7 +24,7 @@ import torch
 
 from alignkit.algorithms.dpo import finish, starting_accuracy
 from alignkit.algorithms.sampling.stages import Sample, collect
-from alignkit.config import opt
+from alignkit.config import at_least, opt
 from alignkit.data.formats import load_ranked
 from alignkit.data.packing import pack_rows, shuffled, tokenize_group
 from alignkit.data.records import RankedResponses, user_prompt
@@ -69,6 +69,10 @@ class RRHFConfig:
     alpha: float = opt(1.0, "length normalisation: p_i = log pi(y_i) / |y_i|^alpha")
     rank_weight: float = opt(1.0, "weight of the ranking loss next to the SFT loss on the best response")
     eval: ArithmeticEvalConfig = opt(factory=lambda: ArithmeticEvalConfig(problems=200), help="held-out arithmetic accuracy after training")
+
+    def __post_init__(self):
+        at_least(self, 0, "alpha", "rank_weight")
+        at_least(self, 1, "data.max_length")
 
 
 def sample_candidates(model, tokenizer, cfg: CandidatesConfig, seed: int, precision: str) -> list[RankedResponses]:
@@ -158,6 +162,6 @@ def run(cfg: RRHFConfig) -> dict:
     log.info("RRHF on %d prompts (%d responses) in %d packed rows", len(groups), sum(len(g.responses) for g in groups), len(rows))
     if cfg.model.lora is not None:
         model = add_lora(model, cfg.model.lora)
-    engine = Engine(model, cfg.train, steps_for(len(rows), cfg.train), asdict(cfg))
+    engine = Engine(model, cfg.train, steps_for(len(rows), cfg.train), asdict(cfg), cfg.train.resume)
     result = fit(engine, rrhf_step(engine.model, cfg), shuffled(rows, cfg.train.seed))
     return {"prompts": len(groups), **start, **result, **finish(engine, tokenizer, cfg.eval, Path(cfg.train.output_dir), cfg.train.merge_lora)}

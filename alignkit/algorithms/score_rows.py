@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from alignkit.config import opt
+from alignkit.config import at_least, one_of, opt
 from alignkit.data.io import DataError, read_rows
 from alignkit.rewards.combine import CombinedReward, SingleReward
 from alignkit.rewards.gold import is_unsafe_prompt
@@ -54,6 +54,9 @@ class ScoreConfig:
             raise ValueError(f"threshold must be a probability in (0, 1), not {self.threshold}")
         if self.unsafe_prompts not in ("builtin", "flagged"):
             raise ValueError(f"unsafe_prompts must be builtin or flagged, not {self.unsafe_prompts!r}")
+        one_of(self, "precision", "fp32", "bf16", "auto")
+        at_least(self, 1, "max_length", "max_tokens")
+        at_least(self, 0, "threads")
 
 
 def read_scoring_rows(path: str) -> list[dict]:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from alignkit.config import opt
+from alignkit.config import at_least, in_range, one_of, opt
 from alignkit.data.chat import Tokenized, tokenize_conversation, truncate
 from alignkit.data.collate import epoch_batches_fn, pad_batch
 from alignkit.data.formats import load_sft
@@ -46,6 +46,14 @@ class SFTDataConfig:
     max_length: int = opt(512, "tokens per example")
     on_overlong: str = opt("truncate", "truncate (prompt from the left, then response at the right), drop, or error")
     packing: bool = opt(True, "pack examples into rows of train.max_tokens_per_batch tokens (padding-free)")
+
+    def __post_init__(self):
+        in_range(self, "eval_fraction", 0.0, 1.0, high_open=True)
+        one_of(self, "builtin", "mixture", "arithmetic")
+        at_least(self, 1, "arithmetic_examples", "max_length")
+        one_of(self, "arithmetic_style", "answer", "cot")
+        one_of(self, "targets", "all", "last")
+        one_of(self, "on_overlong", "truncate", "drop", "error")
 
 
 @dataclass

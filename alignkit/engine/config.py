@@ -1,4 +1,22 @@
-"""Training settings shared by every method (Llama 2 defaults)."""
+"""Training settings (Llama 2 defaults): the keys of the one loop, and what each command adds.
+
+Every command exposes only the keys it honours (docs/architecture.md), so the `train` section of
+a command is one of these classes:
+
+| class                | commands                   | adds to the one below it                              |
+|----------------------|----------------------------|-------------------------------------------------------|
+| LoopConfig           | (base)                     | optimizer, schedule, precision, device, seed, metrics |
+| StageConfig          | (base)                     | epochs, max_steps, grad_accum, packed micro-batches   |
+| SamplingTrainConfig  | rs raft rft rest rest-em   | batch_size (packing=pad); no checkpoints, no resume   |
+| CheckpointConfig     | dpo's reference_train      | save_every, keep_checkpoints (resumes with `train`)   |
+| TrainConfig          | dpo rrhf                   | resume, merge_lora                                    |
+| EvalTrainConfig      | rm                         | eval_every (held-out evaluation during training)      |
+| SFTTrainConfig       | sft                        | batch_size (data.packing=false)                       |
+| PPOTrainConfig       | ppo                        | its own batching and checkpoint keys, in iterations   |
+
+A `Resumable` config has the `resume` key, which its command hands to the engine;
+`alignkit <command> --resume` is an error for a command whose train config is not one.
+"""
 
 from __future__ import annotations
 
@@ -7,16 +25,14 @@ from dataclasses import dataclass
 from alignkit.config import opt
 from alignkit.precision import resolve_precision
 
+TRACKERS = ("tensorboard", "wandb", "mlflow")
+
 
 @dataclass
-class TrainConfig:
+class LoopConfig:
+    """What the engine reads for every optimizer step, whatever drives it."""
     output_dir: str = opt("runs/run", "run directory: metrics.jsonl, checkpoints/, final/")
     lr: float = opt(2e-5, "peak learning rate")
-    epochs: float = opt(1.0, "passes over the data (fractions allowed)")
-    max_steps: int = opt(0, "stop after this many optimizer steps (0 = use epochs)")
-    batch_size: int = opt(8, "examples per micro-batch (padding mode)")
-    max_tokens_per_batch: int = opt(2048, "tokens per packed micro-batch row (packing mode)")
-    grad_accum: int = opt(1, "micro-batches per optimizer step")
     schedule: str = opt("cosine", "cosine (decays to min_lr_ratio) or constant (after warmup)")
     warmup_ratio: float = opt(0.03, "fraction of steps spent warming up linearly")
     warmup_steps: int = opt(0, "warmup steps (overrides warmup_ratio when > 0)")
@@ -30,24 +46,133 @@ class TrainConfig:
                                   "device computes it natively, else fp32: precision.py)")
     device: str = opt("auto", "auto, cpu, cuda")
     seed: int = opt(0, "seed for data order, initialisation and sampling")
-    log_every: int = opt(1, "write metrics every N steps")
-    eval_every: int = opt(0, "evaluate every N steps (0 = only at the end)")
-    save_every: int = opt(0, "checkpoint every N steps (0 = only at the end)")
-    keep_checkpoints: int = opt(2, "how many recent checkpoints to keep")
-    resume: bool = opt(False, "continue from the newest checkpoint in output_dir")
     on_nonfinite: str = opt("stop", "stop or skip a step whose loss or gradient is not finite")
     trackers: list[str] = opt(factory=list, help="extra trackers: tensorboard, wandb, mlflow")
-    progress: bool = opt(True, "show a progress bar")
-    merge_lora: bool = opt(True, "save the final model with the LoRA adapter merged (false = adapter only)")
     threads: int = opt(0, "torch CPU threads (0 = torch default)")
 
     def __post_init__(self):
         if self.precision not in ("fp32", "bf16", "auto"):
             raise ValueError(f"precision must be fp32, bf16 or auto, not {self.precision!r}")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, not {self.device!r}")
         self.precision = resolve_precision(self.precision, self.device)
         if self.schedule not in ("cosine", "constant"):
             raise ValueError(f"schedule must be cosine or constant, not {self.schedule!r}")
         if self.on_nonfinite not in ("stop", "skip"):
             raise ValueError(f"on_nonfinite must be stop or skip, not {self.on_nonfinite!r}")
-        if self.grad_accum < 1 or self.batch_size < 1:
-            raise ValueError("grad_accum and batch_size must be at least 1")
+        if not 0.0 <= self.warmup_ratio <= 1.0:
+            raise ValueError(f"warmup_ratio must be in [0, 1], not {self.warmup_ratio}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], not {self.min_lr_ratio}")
+        if not (0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0):
+            raise ValueError(f"beta1 and beta2 must be in [0, 1), not {self.beta1} and {self.beta2}")
+        if self.eps <= 0:
+            raise ValueError(f"eps must be > 0, not {self.eps}")
+        for key in ("lr", "warmup_steps", "weight_decay", "max_grad_norm", "threads"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{key} must be >= 0, not {getattr(self, key)}")
+        unknown = [t for t in self.trackers if t not in TRACKERS]
+        if unknown:
+            raise ValueError(f"trackers: unknown tracker {unknown[0]!r} (expected {', '.join(TRACKERS)})")
+
+
+@dataclass
+class StageConfig(LoopConfig):
+    """Passes over a fixed set of examples in token-packed micro-batches (`fit`, the sampling
+    methods' train stage)."""
+    epochs: float = opt(1.0, "passes over the data (fractions allowed)")
+    max_steps: int = opt(0, "stop after this many optimizer steps (0 = use epochs)")
+    grad_accum: int = opt(1, "micro-batches per optimizer step")
+    max_tokens_per_batch: int = opt(2048, "tokens per packed micro-batch row (packing mode)")
+    log_every: int = opt(1, "write metrics every N steps")
+    progress: bool = opt(True, "show a progress bar")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.epochs <= 0:
+            raise ValueError(f"epochs must be > 0, not {self.epochs}")
+        if self.max_steps < 0:
+            raise ValueError(f"max_steps must be >= 0 (0 = use epochs), not {self.max_steps}")
+        for key in ("grad_accum", "max_tokens_per_batch", "log_every"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be at least 1, not {getattr(self, key)}")
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, not {batch_size}")
+
+
+@dataclass
+class SamplingTrainConfig(StageConfig):
+    """The train stage of the sampling methods: short, re-run from its samples, never checkpointed."""
+    batch_size: int = opt(8, "examples per micro-batch (packing=pad)")
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_batch_size(self.batch_size)
+
+
+@dataclass
+class CheckpointConfig(StageConfig):
+    """`fit` with checkpoints (it saves at the end, and every save_every steps)."""
+    save_every: int = opt(0, "checkpoint every N steps (0 = only at the end)")
+    keep_checkpoints: int = opt(2, "how many recent checkpoints to keep (0 = all)")
+
+    def __post_init__(self):
+        super().__post_init__()
+        for key in ("save_every", "keep_checkpoints"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{key} must be >= 0, not {getattr(self, key)}")
+
+
+@dataclass
+class Resumable:
+    """The `resume` key (`--resume`) of a command that continues a killed run."""
+    resume: bool = opt(False, "continue from the newest checkpoint in output_dir")
+
+
+@dataclass
+class TrainConfig(Resumable, CheckpointConfig):
+    """A command's own checkpointed, resumable training that saves the final model."""
+    merge_lora: bool = opt(True, "save the final model with the LoRA adapter merged (false = adapter only)")
+
+
+@dataclass
+class EvalTrainConfig(TrainConfig):
+    """TrainConfig with a held-out evaluation during training."""
+    eval_every: int = opt(0, "evaluate every N steps (0 = only at the end)")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.eval_every < 0:
+            raise ValueError(f"eval_every must be >= 0, not {self.eval_every}")
+
+
+@dataclass
+class SFTTrainConfig(EvalTrainConfig):
+    """EvalTrainConfig with padded micro-batches when packing is off."""
+    batch_size: int = opt(8, "examples per micro-batch (data.packing=false)")
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_batch_size(self.batch_size)
+
+
+@dataclass
+class PPOTrainConfig(Resumable, LoopConfig):
+    """`alignkit ppo`: its iterations set the schedule's length; rollouts are split in rows."""
+    batch_size: int = opt(8, "rollout rows per micro-batch (a minibatch's micro-batches accumulate into one step)")
+    max_tokens_per_batch: int = opt(2048, "tokens per packed row of PPO-ptx SFT data (ptx.coef > 0)")
+    save_every: int = opt(0, "checkpoint every N iterations (0 = only at the end)")
+    keep_checkpoints: int = opt(2, "how many recent checkpoints to keep (0 = all)")
+    merge_lora: bool = opt(True, "save the final model with the LoRA adapter merged (false = adapter only)")
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_batch_size(self.batch_size)
+        if self.max_tokens_per_batch < 1:
+            raise ValueError(f"max_tokens_per_batch must be at least 1, not {self.max_tokens_per_batch}")
+        for key in ("save_every", "keep_checkpoints"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{key} must be >= 0, not {getattr(self, key)}")

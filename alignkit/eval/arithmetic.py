@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from alignkit.config import opt
+from alignkit.config import at_least, one_of, opt
 from alignkit.data.chat import prompt_text
 from alignkit.data.records import Problem, user_prompt
 from alignkit.data.tasks.arithmetic import ArithmeticConfig, generate_problems
@@ -25,6 +25,11 @@ class ArithmeticEvalConfig:
     seed: int = opt(1234, "seed of the held-out problem set")
     word_problems: bool = opt(True, "short stories; false gives the plain form 'What is 47 + 38?'")
     baseline: bool = opt(False, "also evaluate the starting model before training (same problems)")
+
+    def __post_init__(self):
+        at_least(self, 0, "problems")
+        at_least(self, 1, "max_new_tokens", "batch_size")
+        one_of(self, "style", "answer", "cot")
 
 
 def heldout_problems(cfg: ArithmeticEvalConfig) -> list[Problem]:

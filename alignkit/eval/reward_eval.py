@@ -21,7 +21,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from alignkit.config import opt
+from alignkit.config import at_least, one_of, opt
 from alignkit.data.records import RATINGS, PreferencePair, RankedResponses
 from alignkit.data.tasks.preferences import build_preferences
 from alignkit.models.load import ModelConfig
@@ -172,6 +172,12 @@ class RMEvalConfig:
     max_tokens: int = opt(2048, "tokens per packed scoring row")
     precision: str = opt("fp32", "fp32, or bf16 autocast, or auto (bf16 where the device computes it natively)")
     threads: int = opt(0, "torch CPU threads (0 = torch default)")
+
+    def __post_init__(self):
+        one_of(self, "data.format", "auto", "pairs", "ranked")
+        at_least(self, 1, "data.builtin_pairs", "data.max_length", "bins", "max_tokens")
+        one_of(self, "precision", "fp32", "bf16", "auto")
+        at_least(self, 0, "threads")
 
 
 def run(cfg: RMEvalConfig) -> dict:

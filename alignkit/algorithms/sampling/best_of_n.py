@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from alignkit.algorithms.sampling.stages import Sample, best_per_prompt, by_prompt, collect, score
-from alignkit.config import opt
+from alignkit.config import at_least, non_empty, one_of, opt
 from alignkit.models.load import ModelConfig, load_model
 from alignkit.precision import resolve_precision
 from alignkit.rollout.base import SamplingConfig, SamplingParams
@@ -58,6 +58,13 @@ class BestOfNConfig:
     threads: int = opt(0, "torch CPU threads (0 = default)")
     seed: int = opt(0, "sampling seed")
     output_dir: str = opt("runs/best_of_n", "sweep.jsonl, table.md, best.jsonl, curves.png")
+
+    def __post_init__(self):
+        non_empty(self, "ns", "temperatures")
+        if min(self.ns) < 1:
+            raise ValueError(f"ns must hold integers >= 1, got {self.ns}")
+        one_of(self, "precision", "fp32", "bf16", "auto")
+        at_least(self, 0, "threads")
 
 
 def sweep_rows(samples: list[Sample], ns: list[int]) -> list[dict]:
@@ -104,8 +111,6 @@ def plot(rows: list[dict], path: Path) -> str | None:
 def run(cfg: BestOfNConfig) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    if not cfg.ns or min(cfg.ns) < 1:
-        raise ValueError(f"ns must hold integers >= 1, got {cfg.ns}")
     task = build_task(cfg.task, cfg.reward, resolve_precision(cfg.precision))
     prompts, reward_fn = task.heldout, task.reward
     model, tokenizer, _ = load_model(cfg.model, train=False)

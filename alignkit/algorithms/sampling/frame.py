@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -18,7 +18,6 @@ import torch
 from alignkit.algorithms.sampling.problems import generator_for, iteration_row, print_table
 from alignkit.algorithms.sampling.stages import Sample, collect, score, tokenize_samples
 from alignkit.algorithms.sampling.train_stage import train_stage
-from alignkit.engine.config import TrainConfig
 from alignkit.engine.logging import MetricsLogger
 from alignkit.engine.trainer import resolve_device
 from alignkit.models.load import ModelConfig, add_lora, load_model, save_model
@@ -77,7 +76,7 @@ class SamplingRun:
         run_dir/name; `policy` becomes the trained model (LoRA merged). Returns its metrics;
         `options` go to `train_stage` (val_fn, patience)."""
         cfg = self.cfg
-        train_cfg = TrainConfig(**{**asdict(cfg.train), "output_dir": str(self.run_dir / name)})
+        train_cfg = replace(cfg.train, output_dir=str(self.run_dir / name))
         data = tokenize_samples(self.tokenizer, samples, cfg.max_length, weighted=weighted)
         model, metrics = train_stage(model, self.tokenizer, data, train_cfg, cfg.packing, weighted=weighted, **options)
         self.policy = model.merge_and_unload() if hasattr(model, "peft_config") else model

@@ -23,8 +23,9 @@ from alignkit.algorithms.sampling.stages import (
     reward_stats,
     top_fraction,
 )
-from alignkit.config import opt
-from alignkit.engine.config import TrainConfig
+from alignkit.algorithms.sampling.train_stage import PACKINGS
+from alignkit.config import at_least, in_range, one_of, opt
+from alignkit.engine.config import SamplingTrainConfig
 from alignkit.models.load import ModelConfig, load_model
 from alignkit.rollout.base import SamplingConfig
 from alignkit.tasks import RewardConfig, TaskConfig
@@ -35,7 +36,7 @@ log = logging.getLogger("alignkit")
 @dataclass
 class RAFTConfig:
     model: ModelConfig = opt(factory=ModelConfig, help="the policy")
-    train: TrainConfig = opt(factory=lambda: TrainConfig(output_dir="runs/raft", lr=5e-5, epochs=1.0), help="SFT of each stage")
+    train: SamplingTrainConfig = opt(factory=lambda: SamplingTrainConfig(output_dir="runs/raft", lr=5e-5, epochs=1.0), help="SFT of each stage")
     task: TaskConfig = opt(factory=TaskConfig, help="prompts (problems) and their splits (alignkit.tasks)")
     reward: RewardConfig = opt(factory=lambda: RewardConfig(kind="graded"), help="the reward of the samples")
     sampling: SamplingConfig = opt(factory=lambda: sampling_defaults(temperature=0.85), help="sampling (LMFlow: T=0.85)")
@@ -49,6 +50,12 @@ class RAFTConfig:
     min_reward: float | None = opt(None, "also drop kept samples below this reward (null = keep the ranking's choice)")
     packing: str = opt("prefix", "prefix (rows share the prompt prefix: cheapest), pack (padding-free) or pad")
     max_length: int = opt(256, "tokens per training example")
+
+    def __post_init__(self):
+        at_least(self, 1, "stages", "prompts_per_stage", "max_length")
+        one_of(self, "selection", "local", "global")
+        in_range(self, "fraction", 0.0, 1.0, low_open=True)
+        one_of(self, "packing", *PACKINGS)
 
 
 def select(samples, cfg: RAFTConfig):

@@ -24,8 +24,9 @@ from alignkit.algorithms.sampling.stages import (
     best_per_prompt,
     reward_stats,
 )
-from alignkit.config import opt
-from alignkit.engine.config import TrainConfig
+from alignkit.algorithms.sampling.train_stage import PACKINGS
+from alignkit.config import at_least, non_empty, one_of, opt
+from alignkit.engine.config import SamplingTrainConfig
 from alignkit.models.load import ModelConfig, load_model
 from alignkit.rollout.base import SamplingConfig
 from alignkit.tasks import RewardConfig, TaskConfig
@@ -37,7 +38,7 @@ log = logging.getLogger("alignkit")
 class RSConfig:
     model: ModelConfig = opt(factory=ModelConfig, help="the model to fine-tune")
     sampler_model: str = opt("", "model directory that samples (distillation); empty = the newest trained model")
-    train: TrainConfig = opt(factory=lambda: TrainConfig(output_dir="runs/rs", lr=5e-5, epochs=2.0), help="SFT of each iteration")
+    train: SamplingTrainConfig = opt(factory=lambda: SamplingTrainConfig(output_dir="runs/rs", lr=5e-5, epochs=2.0), help="SFT of each iteration")
     task: TaskConfig = opt(factory=TaskConfig, help="prompts (problems) and their splits (alignkit.tasks)")
     reward: RewardConfig = opt(factory=lambda: RewardConfig(kind="graded"), help="the reward of the samples")
     sampling: SamplingConfig = opt(factory=sampling_defaults, help="sampling (sampling.temperature is unused: see temperatures)")
@@ -51,6 +52,11 @@ class RSConfig:
     from_base: bool = opt(False, "train each iteration from the initial model instead of the newest")
     packing: str = opt("prefix", "prefix (rows share the prompt prefix: cheapest), pack (padding-free) or pad")
     max_length: int = opt(256, "tokens per training example")
+
+    def __post_init__(self):
+        at_least(self, 1, "iterations", "temperature_prompts", "max_length")
+        non_empty(self, "temperatures")
+        one_of(self, "packing", *PACKINGS)
 
 
 def pick_temperature(job: SamplingRun, sampler, prompts: list[str], reward_fn, seed: int,

@@ -22,8 +22,9 @@ from alignkit.algorithms.sampling.stages import (
     dedupe,
     reward_stats,
 )
-from alignkit.config import opt
-from alignkit.engine.config import TrainConfig
+from alignkit.algorithms.sampling.train_stage import PACKINGS
+from alignkit.config import at_least, non_empty, one_of, opt
+from alignkit.engine.config import SamplingTrainConfig
 from alignkit.models.load import ModelConfig
 from alignkit.rollout.base import SamplingConfig
 from alignkit.tasks import RewardConfig, TaskConfig
@@ -34,7 +35,7 @@ log = logging.getLogger("alignkit")
 @dataclass
 class RestConfig:
     model: ModelConfig = opt(factory=ModelConfig, help="the initial policy")
-    train: TrainConfig = opt(factory=lambda: TrainConfig(output_dir="runs/rest", lr=3e-5, epochs=1.0), help="each Improve step")
+    train: SamplingTrainConfig = opt(factory=lambda: SamplingTrainConfig(output_dir="runs/rest", lr=3e-5, epochs=1.0), help="each Improve step")
     task: TaskConfig = opt(factory=TaskConfig, help="prompts (problems) and their splits (alignkit.tasks)")
     reward: RewardConfig = opt(factory=lambda: RewardConfig(kind="graded"), help="the reward (graded: partial credit, so the thresholds matter)")
     sampling: SamplingConfig = opt(factory=lambda: sampling_defaults(temperature=0.8), help="Grow sampling")
@@ -46,10 +47,15 @@ class RestConfig:
     packing: str = opt("prefix", "prefix (rows share the prompt prefix: cheapest), pack (padding-free) or pad")
     max_length: int = opt(256, "tokens per training example")
 
+    def __post_init__(self):
+        non_empty(self, "thresholds")
+        if list(self.thresholds) != sorted(set(self.thresholds)):
+            raise ValueError(f"thresholds must be strictly increasing, got {self.thresholds}")
+        at_least(self, 1, "grow_steps", "max_length")
+        one_of(self, "packing", *PACKINGS)
+
 
 def run(cfg: RestConfig) -> dict:
-    if list(cfg.thresholds) != sorted(set(cfg.thresholds)):
-        raise ValueError(f"thresholds must be strictly increasing, got {cfg.thresholds}")
     job = SamplingRun(cfg)
     reward_fn = job.task.reward
     data, step = [], 0

@@ -32,8 +32,9 @@ from alignkit.algorithms.sampling.stages import (
     pass_maj_at_k,
     write_samples,
 )
-from alignkit.config import opt
-from alignkit.engine.config import TrainConfig
+from alignkit.algorithms.sampling.train_stage import PACKINGS
+from alignkit.config import at_least, one_of, opt
+from alignkit.engine.config import SamplingTrainConfig
 from alignkit.models.load import ModelConfig, load_model
 from alignkit.rollout.base import SamplingConfig
 from alignkit.tasks import TaskConfig
@@ -44,7 +45,7 @@ log = logging.getLogger("alignkit")
 @dataclass
 class RestEMConfig:
     model: ModelConfig = opt(factory=ModelConfig, help="the base model (every M-step starts from it)")
-    train: TrainConfig = opt(factory=lambda: TrainConfig(output_dir="runs/rest_em", lr=2e-5, epochs=2.0),
+    train: SamplingTrainConfig = opt(factory=lambda: SamplingTrainConfig(output_dir="runs/rest_em", lr=2e-5, epochs=2.0),
                                      help="M-step training (epochs = most epochs; early stopping on validation)")
     task: TaskConfig = opt(factory=TaskConfig, help="problems (with answers: the verifier is the E-step's reward)")
     sampling: SamplingConfig = opt(factory=sampling_defaults, help="E-step sampling")
@@ -61,6 +62,15 @@ class RestEMConfig:
     stop_when_worse: bool = opt(True, "stop iterating when validation accuracy falls")
     packing: str = opt("prefix", "prefix (rows share the prompt prefix: cheapest), pack (padding-free) or pad")
     max_length: int = opt(256, "tokens per training example")
+
+    def __post_init__(self):
+        at_least(self, 1, "iterations", "cap_per_problem", "patience", "max_length")
+        if self.e_step_round_size < 0:
+            raise ValueError(f"e_step_round_size must be >= 0 (0: all N samples in one round), got {self.e_step_round_size}")
+        for i, n in enumerate(self.e_step_samples):
+            if n < 1:
+                raise ValueError(f"e_step_samples[{i}] must be an integer >= 1, got {n!r}")
+        one_of(self, "packing", *PACKINGS)
 
 
 def _correct(samples: list[Sample], cfg: RestEMConfig) -> list[Sample]:
@@ -94,11 +104,6 @@ def e_step(job: SamplingRun, reward, seed: int, it: int) -> tuple[list[Sample], 
 
 
 def run(cfg: RestEMConfig) -> dict:
-    if cfg.e_step_round_size < 0:
-        raise ValueError(f"e_step_round_size must be >= 0 (0: all N samples in one round), got {cfg.e_step_round_size}")
-    for i, n in enumerate(cfg.e_step_samples):
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise ValueError(f"e_step_samples[{i}] must be an integer >= 1, got {n!r}")
     job = SamplingRun(cfg)
     task = job.task
     reward = task.verifier("binary")

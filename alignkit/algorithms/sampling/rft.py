@@ -22,8 +22,9 @@ from alignkit.algorithms.sampling.stages import (
     dedupe,
     reasoning_path,
 )
-from alignkit.config import opt
-from alignkit.engine.config import TrainConfig
+from alignkit.algorithms.sampling.train_stage import PACKINGS
+from alignkit.config import at_least, one_of, opt
+from alignkit.engine.config import SamplingTrainConfig
 from alignkit.models.load import ModelConfig, load_model
 from alignkit.rollout.base import SamplingConfig
 from alignkit.tasks import TaskConfig
@@ -35,7 +36,7 @@ log = logging.getLogger("alignkit")
 class RFTConfig:
     model: ModelConfig = opt(factory=ModelConfig, help="the model to fine-tune (and the default sampler)")
     sampler_models: list[str] = opt(factory=list, help="model directories whose correct paths are pooled ('self' = model.path); empty = [self]")
-    train: TrainConfig = opt(factory=lambda: TrainConfig(output_dir="runs/rft", lr=5e-5, epochs=3.0), help="fine-tuning")
+    train: SamplingTrainConfig = opt(factory=lambda: SamplingTrainConfig(output_dir="runs/rft", lr=5e-5, epochs=3.0), help="fine-tuning")
     task: TaskConfig = opt(factory=TaskConfig, help="problems (with answers: the verifier keeps the correct paths)")
     sampling: SamplingConfig = opt(factory=lambda: sampling_defaults(temperature=0.7), help="sampling (k = n; paper T=0.7)")
     shots: ShotsConfig = opt(factory=ShotsConfig, help="few-shot exemplars before the prompts of the first iterations' sampling")
@@ -45,6 +46,12 @@ class RFTConfig:
     include_reference: bool = opt(False, "also train on the problems' reference solutions (the paper's SFT data)")
     packing: str = opt("prefix", "prefix (rows share the prompt prefix: cheapest), pack (padding-free) or pad")
     max_length: int = opt(256, "tokens per training example")
+
+    def __post_init__(self):
+        one_of(self, "dedupe_by", "path", "text", "none")
+        at_least(self, 0, "max_paths_per_problem")
+        at_least(self, 1, "max_length")
+        one_of(self, "packing", *PACKINGS)
 
 
 def correct_paths(samples: list[Sample], dedupe_by: str) -> list[Sample]:
