@@ -196,8 +196,8 @@ def build_reward(cfg: RewardConfig, task: Task, precision: str = "fp32") -> Rewa
         return rm(cfg.path)
     if kind == "function":
         return _load_function(cfg.function)
-    from alignkit.rewards.gold import is_unsafe_prompt
     from alignkit.rewards.combine import CombinedReward
+    from alignkit.rewards.gold import is_unsafe_prompt
 
     helpful = rm(cfg.helpful_path) if cfg.helpful_path else GoldReward()
     safety = rm(cfg.safety_path) if cfg.safety_path else FunctionReward(_gold_safety_score, "gold_safety")
@@ -212,7 +212,7 @@ def build_task(task: TaskConfig, reward: RewardConfig, precision: str = "fp32") 
     if task.source in ("arithmetic", "problems"):
         train, val, heldout = _problem_splits(task)
         out = Task(task.source, [], [], [], style=task.style)
-        prompts = lambda ps: [out.prompt(p) for p in ps]  # noqa: E731
+        prompts = lambda ps: [out.prompt(p) for p in ps]
         out.train, out.val, out.heldout = prompts(train), prompts(val), prompts(heldout)
         out.problems = {out.prompt(p): p for p in train + val + heldout}
     elif task.source == "preferences":

@@ -54,8 +54,9 @@ def cli(args, capsys):
 
 def test_best_of_n_sweep(answering_model, tmp_path, capsys):
     out = tmp_path / "bon"
-    result = cli(["best-of-n", f"model.path={answering_model}", "task.source=arithmetic", "task.heldout=6", "ns=[1,2,4]",
-                  "temperatures=[0.7,1.3]", "sampling.max_new_tokens=4", "threads=1", f"output_dir={out}"], capsys)
+    result = cli(["best-of-n", f"model.path={answering_model}", "task.source=arithmetic", "task.heldout=6", "ns=[1,2]",
+                  "sampling.n=4", "sampling.temperature=0.7", "temperatures=[1.3]",
+                  "sampling.max_new_tokens=4", "threads=1", f"output_dir={out}"], capsys)
     rows = [json.loads(line) for line in (out / "sweep.jsonl").read_text().splitlines()]
     assert len(rows) == 6 and result["best_temperature"] in (0.7, 1.3)
     for t in (0.7, 1.3):
@@ -73,7 +74,7 @@ def test_best_of_n_sweep(answering_model, tmp_path, capsys):
 
 def test_best_of_n_gold_reward_on_preference_prompts(answering_model, tmp_path, capsys):
     out = tmp_path / "bon"
-    cli(["best-of-n", f"model.path={answering_model}", "task.heldout=4", "ns=[1,3]", "temperatures=[1.0]",
+    cli(["best-of-n", f"model.path={answering_model}", "task.heldout=4", "ns=[1]", "sampling.n=3", "temperatures=[1.0]",
          "sampling.max_new_tokens=6", "threads=1", f"output_dir={out}"], capsys)
     rows = [json.loads(line) for line in (out / "sweep.jsonl").read_text().splitlines()]
     assert rows[1]["max_reward"] >= rows[0]["max_reward"] and -3.5 <= rows[0]["median_reward"] <= 2.0
@@ -98,7 +99,7 @@ def test_rest_em_logs_accuracy_pass_and_maj(answering_model, tmp_path, capsys):
 def test_rejection_sampling_pools_iterations(answering_model, tmp_path, capsys):
     out = tmp_path / "rs"
     cli(["rs", f"model.path={answering_model}", f"train.output_dir={out}", "train.lr=1e-3", "iterations=2",
-         "temperatures=[0.5,1.0]", "temperature_prompts=4", "reward.kind=verifier"] + COMMON, capsys)
+         "temperatures=[0.5]", "temperature_prompts=4", "reward.kind=verifier"] + COMMON, capsys)
     rows = read_metrics(out)
     assert [r["step"] for r in rows] == [0, 1, 2]
     assert rows[1]["kept_from_older"] == 0 and rows[2]["kept"] >= rows[1]["kept"]  # the pool only grows

@@ -47,7 +47,7 @@ def test_problems_file_keeps_its_tail_apart(tmp_path):
     rows = [{"question": f"What is {i} + 1?", "answer": str(i + 1)} for i in range(10)]
     task = build_task(TaskConfig(source="problems", path=_jsonl(tmp_path / "p.jsonl", rows), train=100, val=2, heldout=3),
                       RewardConfig())
-    asked = lambda ts: [int(t.split()[2]) for t in ts]  # noqa: E731
+    asked = lambda ts: [int(t.split()[2]) for t in ts]
     assert asked(task.train) == [0, 1, 2, 3, 4] and asked(task.val) == [5, 6] and asked(task.heldout) == [7, 8, 9]
     assert task.reward(task.heldout, ["8", "10", "0"]) == [1.0, 0.0, 0.0]
 

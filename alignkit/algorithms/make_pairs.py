@@ -22,8 +22,8 @@ from alignkit.data.records import PreferencePair, Problem, user_prompt
 from alignkit.data.tasks.arithmetic import ArithmeticConfig, generate_problems, prompt_text, target_text
 from alignkit.eval.arithmetic import prompts_for
 from alignkit.models.load import ModelConfig, load_model
-from alignkit.rewards.verifiers import verify
 from alignkit.precision import resolve_precision
+from alignkit.rewards.verifiers import verify
 from alignkit.rollout.base import Completion, SamplingConfig
 from alignkit.rollout.hf import HFGenerator
 

@@ -3,10 +3,11 @@
 KL(pi_BoN || pi) <= log N - (N-1)/N (N=16: 1.835 nats, N=64: 3.175).
 
 `alignkit best-of-n` sweeps N and the temperature as in Llama 2 Fig. 7/8: for each temperature
-it samples max(ns) responses per prompt once and reads every smaller N from the first N of
-them (nested subsets: the max over N can only rise with N, and no sample is drawn twice).
+it samples sampling.n responses per prompt once and reads every smaller N of `ns` from the
+first N of them (nested subsets: the max over N can only rise with N, and no sample is drawn
+twice). The temperatures swept are sampling.temperature and those of `temperatures`.
 For each (T, N) it reports the mean over prompts of the max and of the median reward among N
-samples, writes `sweep.jsonl`, `table.md`, `best.jsonl` (the best of max(ns) per prompt at the
+samples, writes `sweep.jsonl`, `table.md`, `best.jsonl` (the best of sampling.n per prompt at the
 best temperature) and `curves.png` (when matplotlib is installed).
 """
 
@@ -50,10 +51,11 @@ class BestOfNConfig:
     task: TaskConfig = opt(factory=lambda: TaskConfig(source="preferences", train=0, val=0, heldout=32, heldout_seed=None),
                            help="the prompts: the task's held-out split (task.heldout of them)")
     reward: RewardConfig = opt(factory=RewardConfig, help="the reward (auto: gold for preferences, verifier for problems)")
-    ns: list[int] = opt(factory=lambda: [1, 2, 4, 8, 16], help="values of N (samples of the largest are reused)")
-    temperatures: list[float] = opt(factory=lambda: [0.7, 1.0, 1.3], help="temperatures to sweep")
-    sampling: SamplingConfig = opt(factory=lambda: SamplingConfig(max_new_tokens=48, batch_size=16),
-                                   help="sampling (max(ns) samples per prompt at each of `temperatures`: n and temperature are not read)")
+    ns: list[int] = opt(factory=lambda: [1, 2, 4, 8], help="values of N reported besides sampling.n (each at most sampling.n: "
+                                                       "the first N of the same samples)")
+    temperatures: list[float] = opt(factory=lambda: [0.7, 1.3], help="temperatures swept besides sampling.temperature")
+    sampling: SamplingConfig = opt(factory=lambda: SamplingConfig(n=16, max_new_tokens=48, batch_size=16),
+                                   help="sampling (n: samples per prompt, the largest N)")
     precision: str = opt("fp32", "sampling precision: fp32, bf16 (autocast), or auto (bf16 where the device computes it natively)")
     threads: int = opt(0, "torch CPU threads (0 = default)")
     seed: int = opt(0, "sampling seed")
@@ -115,16 +117,19 @@ def run(cfg: BestOfNConfig) -> dict:
     prompts, reward_fn = task.heldout, task.reward
     model, tokenizer, _ = load_model(cfg.model, train=False)
     generator = HFGenerator(model, tokenizer, cfg.sampling.batch_size, resolve_precision(cfg.precision))
-    ns, big = sorted(set(cfg.ns)), max(cfg.ns)
+    ns, big = sorted({*cfg.ns, cfg.sampling.n}), cfg.sampling.n
+    if ns[-1] > big:
+        raise ValueError(f"ns must not exceed sampling.n={big} (the samples drawn per prompt), got {cfg.ns}")
+    temperatures = sorted({*cfg.temperatures, cfg.sampling.temperature})
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows, best_rows = [], {}
-    for t in cfg.temperatures:
+    for t in temperatures:
         samples = score(collect(generator, tokenizer, prompts, cfg.sampling.params(cfg.seed, n=big, temperature=t)), reward_fn)
         rows.extend({"temperature": t, **r} for r in sweep_rows(samples, ns))
         best_rows[t] = best_per_prompt(samples)
         log.info("T=%.2f: %s", t, rows[-1])
-    best_t = max(cfg.temperatures, key=lambda t: next(r["max_reward"] for r in rows if r["temperature"] == t and r["N"] == big))
+    best_t = max(temperatures, key=lambda t: next(r["max_reward"] for r in rows if r["temperature"] == t and r["N"] == big))
     (out / "sweep.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (out / "best.jsonl").write_text("".join(json.dumps({"prompt": x.prompt, "response": x.response, "reward": x.reward,
                                                         "temperature": best_t, "N": big}) + "\n" for x in best_rows[best_t]))

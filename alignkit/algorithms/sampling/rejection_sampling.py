@@ -41,11 +41,12 @@ class RSConfig:
     train: SamplingTrainConfig = opt(factory=lambda: SamplingTrainConfig(output_dir="runs/rs", lr=5e-5, epochs=2.0), help="SFT of each iteration")
     task: TaskConfig = opt(factory=TaskConfig, help="prompts (problems) and their splits (alignkit.tasks)")
     reward: RewardConfig = opt(factory=lambda: RewardConfig(kind="graded"), help="the reward of the samples")
-    sampling: SamplingConfig = opt(factory=sampling_defaults, help="sampling (sampling.temperature is unused: see temperatures)")
+    sampling: SamplingConfig = opt(factory=sampling_defaults, help="sampling (sampling.temperature: the first candidate temperature)")
     shots: ShotsConfig = opt(factory=ShotsConfig, help="few-shot exemplars before the prompts of the first iterations' sampling")
     metrics: MetricsConfig = opt(factory=lambda: MetricsConfig(eval_samples=0), help="per-iteration evaluation")
     iterations: int = opt(2, "rejection-sampling iterations")
-    temperatures: list[float] = opt(factory=lambda: [0.7, 1.0], help="candidate temperatures, re-tuned every iteration")
+    temperatures: list[float] = opt(factory=lambda: [0.7], help="candidate temperatures besides sampling.temperature, "
+                                                                "re-tuned every iteration")
     temperature_prompts: int = opt(32, "training prompts used to pick the temperature")
     pool: bool = opt(True, "select among the samples of all iterations (false: the newest only)")
     min_reward: float | None = opt(1.0, "drop prompts whose best sample scores below this (null = keep all)")
@@ -61,9 +62,10 @@ class RSConfig:
 
 def pick_temperature(job: SamplingRun, sampler, prompts: list[str], reward_fn, seed: int,
                      iteration: int) -> tuple[float, dict]:
-    """The candidate temperature with the highest mean best-of-K reward of `sampler` on `prompts`."""
+    """The candidate temperature (sampling.temperature and `temperatures`) with the highest mean
+    best-of-K reward of `sampler` on `prompts`."""
     scores = {}
-    for t in job.cfg.temperatures:
+    for t in sorted({*job.cfg.temperatures, job.cfg.sampling.temperature}):
         best = best_per_prompt(job.sample(sampler, prompts, reward_fn, seed, temperature=t, iteration=iteration))
         scores[t] = reward_stats(best)["mean"]
     return max(scores, key=scores.__getitem__), scores
