@@ -162,7 +162,7 @@ def build(cls: type, data: dict, where: str = "", base: Any = None) -> Any:
     try:
         obj = cls(**kwargs)
     except (TypeError, ValueError) as err:
-        raise ConfigError(f"{where or cls.__name__}: {err}") from err
+        raise ConfigError(f"{where}: {err}" if where else str(err)) from err
     return obj
 
 
