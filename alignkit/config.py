@@ -43,6 +43,13 @@ def at_least(cfg: Any, minimum: float, *keys: str) -> None:
             raise ValueError(f"{key} must be at least {minimum}, not {value}")
 
 
+def positive(cfg: Any, *keys: str) -> None:
+    for key in keys:
+        value = _value(cfg, key)
+        if value <= 0:
+            raise ValueError(f"{key} must be > 0, not {value}")
+
+
 def in_range(cfg: Any, key: str, low: float, high: float, low_open: bool = False, high_open: bool = False) -> None:
     """low <= value <= high, with either end excluded when open."""
     value = _value(cfg, key)

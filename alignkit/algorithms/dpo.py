@@ -26,7 +26,7 @@ import torch
 
 from alignkit.algorithms.make_pairs import PairsConfig, make_pairs, write_pairs
 from alignkit.algorithms.sft import tokenize_examples, train_sft
-from alignkit.config import at_least, in_range, opt
+from alignkit.config import at_least, in_range, opt, positive
 from alignkit.data.formats import load_preferences
 from alignkit.data.packing import Group, pack_rows, shuffled, tokenize_group
 from alignkit.data.records import Message, PreferencePair, SFTExample
@@ -69,8 +69,7 @@ class DPOConfig:
             raise ValueError(f"loss must be dpo or ipo, not {self.loss!r}")
         if self.label_smoothing and self.loss != "dpo":
             raise ValueError("label_smoothing (conservative DPO) applies to loss=dpo only")
-        if self.beta <= 0:
-            raise ValueError(f"beta must be > 0, not {self.beta}")
+        positive(self, "beta")
         in_range(self, "label_smoothing", 0.0, 0.5, high_open=True)
         at_least(self, 0, "nll_weight")
         at_least(self, 1, "data.max_length")

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from alignkit.config import opt
+from alignkit.config import at_least, in_range, opt, positive
 from alignkit.precision import resolve_precision
 
 TRACKERS = ("tensorboard", "wandb", "mlflow")
@@ -60,17 +60,12 @@ class LoopConfig:
             raise ValueError(f"schedule must be cosine or constant, not {self.schedule!r}")
         if self.on_nonfinite not in ("stop", "skip"):
             raise ValueError(f"on_nonfinite must be stop or skip, not {self.on_nonfinite!r}")
-        if not 0.0 <= self.warmup_ratio <= 1.0:
-            raise ValueError(f"warmup_ratio must be in [0, 1], not {self.warmup_ratio}")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ValueError(f"min_lr_ratio must be in [0, 1], not {self.min_lr_ratio}")
-        if not (0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0):
-            raise ValueError(f"beta1 and beta2 must be in [0, 1), not {self.beta1} and {self.beta2}")
-        if self.eps <= 0:
-            raise ValueError(f"eps must be > 0, not {self.eps}")
-        for key in ("lr", "warmup_steps", "weight_decay", "max_grad_norm", "threads"):
-            if getattr(self, key) < 0:
-                raise ValueError(f"{key} must be >= 0, not {getattr(self, key)}")
+        for key in ("warmup_ratio", "min_lr_ratio"):
+            in_range(self, key, 0.0, 1.0)
+        for key in ("beta1", "beta2"):
+            in_range(self, key, 0.0, 1.0, high_open=True)
+        positive(self, "eps")
+        at_least(self, 0, "lr", "warmup_steps", "weight_decay", "max_grad_norm", "threads")
         unknown = [t for t in self.trackers if t not in TRACKERS]
         if unknown:
             raise ValueError(f"trackers: unknown tracker {unknown[0]!r} (expected {', '.join(TRACKERS)})")
@@ -89,18 +84,9 @@ class StageConfig(LoopConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.epochs <= 0:
-            raise ValueError(f"epochs must be > 0, not {self.epochs}")
-        if self.max_steps < 0:
-            raise ValueError(f"max_steps must be >= 0 (0 = use epochs), not {self.max_steps}")
-        for key in ("grad_accum", "max_tokens_per_batch", "log_every"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"{key} must be at least 1, not {getattr(self, key)}")
-
-
-def _check_batch_size(batch_size: int) -> None:
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, not {batch_size}")
+        positive(self, "epochs")
+        at_least(self, 0, "max_steps")
+        at_least(self, 1, "grad_accum", "max_tokens_per_batch", "log_every")
 
 
 @dataclass
@@ -110,7 +96,7 @@ class SamplingTrainConfig(StageConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        _check_batch_size(self.batch_size)
+        at_least(self, 1, "batch_size")
 
 
 @dataclass
@@ -121,9 +107,7 @@ class CheckpointConfig(StageConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        for key in ("save_every", "keep_checkpoints"):
-            if getattr(self, key) < 0:
-                raise ValueError(f"{key} must be >= 0, not {getattr(self, key)}")
+        at_least(self, 0, "save_every", "keep_checkpoints")
 
 
 @dataclass
@@ -145,8 +129,7 @@ class EvalTrainConfig(TrainConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.eval_every < 0:
-            raise ValueError(f"eval_every must be >= 0, not {self.eval_every}")
+        at_least(self, 0, "eval_every")
 
 
 @dataclass
@@ -156,7 +139,7 @@ class SFTTrainConfig(EvalTrainConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        _check_batch_size(self.batch_size)
+        at_least(self, 1, "batch_size")
 
 
 @dataclass
@@ -170,9 +153,5 @@ class PPOTrainConfig(Resumable, LoopConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        _check_batch_size(self.batch_size)
-        if self.max_tokens_per_batch < 1:
-            raise ValueError(f"max_tokens_per_batch must be at least 1, not {self.max_tokens_per_batch}")
-        for key in ("save_every", "keep_checkpoints"):
-            if getattr(self, key) < 0:
-                raise ValueError(f"{key} must be >= 0, not {getattr(self, key)}")
+        at_least(self, 1, "batch_size", "max_tokens_per_batch")
+        at_least(self, 0, "save_every", "keep_checkpoints")
