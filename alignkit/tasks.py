@@ -33,7 +33,9 @@ REWARD_KINDS = ("auto", "verifier", "graded", "gold", "model", "combined", "func
 
 
 @dataclass
-class TaskConfig:
+class PromptSetConfig:
+    """Where the prompts come from: training and held-out sets, no validation split (PPO's `prompts`)."""
+
     source: str = opt("arithmetic", "arithmetic (built-in problems, verifier), preferences (built-in prompts, gold "
                                     "rules), problems (a problems file, verifier) or prompts (a file with a 'prompt' text field)")
     path: str = opt("", "source=problems: question+answer rows (GSM8K '####' or problem+answer); source=prompts: "
@@ -41,7 +43,6 @@ class TaskConfig:
     heldout_path: str = opt("", "held-out file of the same kind (empty: problems keep the last `heldout` of path "
                                 "apart; prompts have no held-out set)")
     train: int = opt(512, "training prompts (built-in sources; at most this many of a problems file)")
-    val: int = opt(64, "validation problems apart from the training ones (early stopping; sources with answers)")
     heldout: int = opt(200, "held-out prompts for evaluation")
     seed: int = opt(0, "seed of the built-in training (and validation) set")
     heldout_seed: int | None = opt(1234, "seed of the built-in held-out set (null: the same as seed)")
@@ -59,6 +60,14 @@ class TaskConfig:
             raise ValueError(f"task.source={self.source} needs task.path")
         if self.style not in ("answer", "cot"):
             raise ValueError(f"task.style must be answer or cot, not {self.style!r}")
+
+
+@dataclass
+class TaskConfig(PromptSetConfig):
+    """A prompt set with a validation split apart from the training prompts (the sampling methods'
+    early stopping and model selection)."""
+
+    val: int = opt(64, "validation problems apart from the training ones (early stopping; sources with answers)")
 
 
 @dataclass
@@ -123,8 +132,9 @@ class Task:
         return tuple(m for q, a in shots for m in (Message("user", ask(q)), Message("assistant", a)))
 
 
-def _problem_splits(cfg: TaskConfig) -> tuple[list[Problem], list[Problem], list[Problem]]:
+def _problem_splits(cfg: PromptSetConfig) -> tuple[list[Problem], list[Problem], list[Problem]]:
     """Training, validation and held-out problems (built-in splits never share an equation)."""
+    n_val = cfg.val if isinstance(cfg, TaskConfig) else 0
     if cfg.source == "problems":
         from alignkit.data.formats import load_problems
 
@@ -132,14 +142,14 @@ def _problem_splits(cfg: TaskConfig) -> tuple[list[Problem], list[Problem], list
         heldout = load_problems(cfg.heldout_path)[: cfg.heldout] if cfg.heldout_path else []
         if not cfg.heldout_path:
             problems, heldout = problems[: len(problems) - cfg.heldout], problems[len(problems) - cfg.heldout:]
-        if len(problems) < 1 + cfg.val:
-            raise ValueError(f"{cfg.path}: {len(problems)} problems, too few for task.val={cfg.val}")
-        return problems[: min(len(problems) - cfg.val, cfg.train)], problems[-cfg.val:] if cfg.val else [], heldout
+        if len(problems) < 1 + n_val:
+            raise ValueError(f"{cfg.path}: {len(problems)} problems, too few for task.val={n_val}")
+        return problems[: min(len(problems) - n_val, cfg.train)], problems[-n_val:] if n_val else [], heldout
     from alignkit.data.tasks.arithmetic import ArithmeticConfig, generate_problems
 
     arith = ArithmeticConfig(min_digits=cfg.min_digits, max_digits=cfg.max_digits, ops=tuple(cfg.ops),
                              word_problems=cfg.word_problems, allow_negative=cfg.allow_negative)
-    pool = generate_problems(cfg.train + cfg.val, seed=cfg.seed, split="train", config=arith)
+    pool = generate_problems(cfg.train + n_val, seed=cfg.seed, split="train", config=arith)
     heldout_seed = cfg.seed if cfg.heldout_seed is None else cfg.heldout_seed
     heldout = generate_problems(cfg.heldout, seed=heldout_seed, split="heldout", config=arith) if cfg.heldout else []
     return pool[: cfg.train], pool[cfg.train:], heldout
@@ -206,7 +216,7 @@ def build_reward(cfg: RewardConfig, task: Task, precision: str = "fp32") -> Rewa
     return CombinedReward(helpful, safety, is_unsafe_prompt, cfg.safety_threshold, whiten_output=False)
 
 
-def build_task(task: TaskConfig, reward: RewardConfig, precision: str = "fp32") -> Task:
+def build_task(task: PromptSetConfig, reward: RewardConfig, precision: str = "fp32") -> Task:
     """The task of `task` scored by `reward` (a reward model runs at `precision`): `.train`,
     `.heldout` (prompt texts) and `.reward` (a RewardFn over user prompt texts and replies)."""
     if task.source in ("arithmetic", "problems"):

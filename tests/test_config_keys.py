@@ -216,7 +216,9 @@ def one_digit(at: str = "task") -> list[str]:
 
 
 def problems(at: str = "task") -> list[str]:
-    return [f"{at}.{kv}" for kv in ("source=problems", "path={problems}", "heldout_path={problems}", "train=4", "val=1",
+    """A problems file as the task; PPO's `prompts` have no validation split."""
+    val = () if at == "prompts" else ("val=1",)
+    return [f"{at}.{kv}" for kv in ("source=problems", "path={problems}", "heldout_path={problems}", "train=4", *val,
                                     "heldout=2")]
 
 

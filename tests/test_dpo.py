@@ -21,7 +21,7 @@ from alignkit.data.records import Message, PreferencePair, Problem
 from alignkit.engine.config import TrainConfig
 from alignkit.engine.logging import read_metrics
 from alignkit.engine.trainer import Engine, fit
-from alignkit.eval.arithmetic import ArithmeticEvalConfig
+from alignkit.eval.arithmetic import TrainingEvalConfig
 from alignkit.losses.dpo import dpo_loss, ipo_loss
 from alignkit.models.forward import group_logprobs
 from alignkit.models.load import LoraConfig, ModelConfig, add_lora
@@ -121,7 +121,7 @@ def _run_cfg(tmp_path, name, **kw):
     model = ModelConfig(path=str(tmp_path / "tiny"), lora=kw.pop("lora", None))
     train = TrainConfig(output_dir=str(tmp_path / name), lr=1e-3, max_steps=3, progress=False,
                         max_tokens_per_batch=kw.pop("max_tokens", 80))
-    return DPOConfig(model=model, train=train, eval=ArithmeticEvalConfig(problems=kw.pop("eval", 0), max_new_tokens=4), **kw)
+    return DPOConfig(model=model, train=train, eval=TrainingEvalConfig(problems=kw.pop("eval", 0), max_new_tokens=4), **kw)
 
 
 def test_run_precompute_matches_live_reference(tok, tmp_path):

@@ -123,8 +123,8 @@ def test_config_validation():
 
 def test_default_tasks_exclude_heldout():
     cfg = MixtureConfig()
-    assert "unit_conversion" not in cfg.tasks
-    assert set(cfg.tasks) == set(TASKS) - {"unit_conversion"}
+    assert "unit_conversion" not in cfg.training_tasks()
+    assert set(cfg.training_tasks()) == set(TASKS) - {"unit_conversion"}
 
 
 # Three tasks whose instructions have no fields, so an example's task can be read from its text.

@@ -17,7 +17,7 @@ from alignkit.data.records import Message
 from alignkit.engine.config import TrainConfig
 from alignkit.engine.logging import read_metrics
 from alignkit.engine.trainer import Engine, fit
-from alignkit.eval.arithmetic import ArithmeticEvalConfig
+from alignkit.eval.arithmetic import TrainingEvalConfig
 from alignkit.models.load import LoraConfig, ModelConfig
 from alignkit.models.tiny import save_tiny, tiny_model
 from alignkit.rewards.base import FunctionReward
@@ -57,7 +57,7 @@ def test_run_builtin_arithmetic_candidates(tmp_path):
         train=TrainConfig(output_dir=str(tmp_path / "run"), lr=1e-3, max_steps=2, progress=False, max_tokens_per_batch=400),
         data=RRHFDataConfig(candidates=CandidatesConfig(task=TaskConfig(train=3, val=0, heldout=0, word_problems=True),
                                                         sampling=SamplingConfig(n=2, max_new_tokens=4, batch_size=3))),
-        eval=ArithmeticEvalConfig(problems=2, max_new_tokens=4),
+        eval=TrainingEvalConfig(problems=2, max_new_tokens=4),
     )
     result = run(cfg)
     assert result["prompts"] == 3 and 0.0 <= result["rank_accuracy"] <= 1.0

@@ -32,7 +32,7 @@ from alignkit.data.packing import Group, pack_rows, shuffled, tokenize_group
 from alignkit.data.records import Message, PreferencePair, SFTExample
 from alignkit.engine.config import CheckpointConfig, LoopConfig, TrainConfig
 from alignkit.engine.trainer import Engine, fit, resolve_device, steps_for, to_device
-from alignkit.eval.arithmetic import ArithmeticEvalConfig, evaluate_arithmetic, heldout_problems
+from alignkit.eval.arithmetic import TrainingEvalConfig, evaluate_arithmetic, heldout_problems, starting_accuracy
 from alignkit.losses.dpo import dpo_loss, ipo_loss
 from alignkit.models.forward import group_logprobs
 from alignkit.models.load import ModelConfig, add_lora, load_model, save_model
@@ -62,7 +62,7 @@ class DPOConfig:
     reference_train: CheckpointConfig = opt(factory=lambda: CheckpointConfig(output_dir="", lr=2e-5, epochs=1.0),
                                             help="the SFT of the reference (output_dir empty = <train.output_dir>/reference; "
                                                  "resumes with train.resume)")
-    eval: ArithmeticEvalConfig = opt(factory=lambda: ArithmeticEvalConfig(problems=200), help="held-out arithmetic accuracy after training")
+    eval: TrainingEvalConfig = opt(factory=lambda: TrainingEvalConfig(problems=200), help="held-out arithmetic accuracy after training")
 
     def __post_init__(self):
         if self.loss not in ("dpo", "ipo"):
@@ -180,16 +180,7 @@ def run(cfg: DPOConfig) -> dict:
     return {**result, **finish(engine, tokenizer, cfg.eval, run_dir, cfg.train.merge_lora)}
 
 
-def starting_accuracy(model, tokenizer, eval_cfg: ArithmeticEvalConfig, run_dir: Path) -> dict:
-    """Held-out arithmetic accuracy of the starting model (eval.baseline), on the problems `finish` uses."""
-    if eval_cfg.problems <= 0 or not eval_cfg.baseline:
-        return {}
-    acc = evaluate_arithmetic(model, tokenizer, heldout_problems(eval_cfg), eval_cfg, run_dir / "eval_samples_start.jsonl")["accuracy"]
-    log.info("starting model: held-out arithmetic accuracy %.3f", acc)
-    return {"eval/start_arithmetic_accuracy": acc}
-
-
-def finish(engine: Engine, tokenizer, eval_cfg: ArithmeticEvalConfig, run_dir: Path, merge_lora: bool) -> dict:
+def finish(engine: Engine, tokenizer, eval_cfg: TrainingEvalConfig, run_dir: Path, merge_lora: bool) -> dict:
     """Held-out arithmetic accuracy of the trained policy (when asked), then save it as a plain HF model."""
     out = {}
     if eval_cfg.problems > 0:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from alignkit.algorithms.dpo import finish, starting_accuracy
+from alignkit.algorithms.dpo import finish
 from alignkit.algorithms.sampling.stages import Sample, collect
 from alignkit.config import at_least, opt
 from alignkit.data.formats import load_ranked
@@ -30,7 +30,7 @@ from alignkit.data.packing import pack_rows, shuffled, tokenize_group
 from alignkit.data.records import RankedResponses, user_prompt
 from alignkit.engine.config import TrainConfig
 from alignkit.engine.trainer import Engine, fit, steps_for
-from alignkit.eval.arithmetic import ArithmeticEvalConfig
+from alignkit.eval.arithmetic import TrainingEvalConfig, starting_accuracy
 from alignkit.losses.rrhf import rrhf_loss
 from alignkit.models.forward import group_logprobs
 from alignkit.models.load import ModelConfig, add_lora, load_model
@@ -68,7 +68,7 @@ class RRHFConfig:
     data: RRHFDataConfig = opt(factory=RRHFDataConfig, help="scored candidates")
     alpha: float = opt(1.0, "length normalisation: p_i = log pi(y_i) / |y_i|^alpha")
     rank_weight: float = opt(1.0, "weight of the ranking loss next to the SFT loss on the best response")
-    eval: ArithmeticEvalConfig = opt(factory=lambda: ArithmeticEvalConfig(problems=200), help="held-out arithmetic accuracy after training")
+    eval: TrainingEvalConfig = opt(factory=lambda: TrainingEvalConfig(problems=200), help="held-out arithmetic accuracy after training")
 
     def __post_init__(self):
         at_least(self, 0, "alpha", "rank_weight")

@@ -24,7 +24,7 @@ from alignkit.data.tasks.arithmetic import prompt_text as arithmetic_prompt
 from alignkit.data.tasks.arithmetic import target_text
 from alignkit.engine.config import CheckpointConfig, SFTTrainConfig
 from alignkit.engine.trainer import Engine, fit, steps_for
-from alignkit.eval.arithmetic import ArithmeticEvalConfig, evaluate_arithmetic, heldout_problems
+from alignkit.eval.arithmetic import TrainingEvalConfig, evaluate_arithmetic, heldout_problems, starting_accuracy
 from alignkit.losses.sft import sft_loss
 from alignkit.models.forward import group_token_logprobs, target_logprobs
 from alignkit.models.load import ModelConfig, load_model, save_model
@@ -33,7 +33,9 @@ log = logging.getLogger("alignkit")
 
 
 @dataclass
-class SFTDataConfig:
+class SFTExamplesConfig:
+    """Where SFT examples come from and how they are tokenized (also PPO-ptx's data, which packs always)."""
+
     path: str = opt("", "training data (JSONL, JSON, Parquet or a datasets dir); empty = built-in data")
     split: str | None = opt(None, "split of a DatasetDict directory")
     eval_path: str = opt("", "held-out data in the same formats (empty = hold out eval_fraction)")
@@ -45,7 +47,6 @@ class SFTDataConfig:
     targets: str = opt("all", "assistant turns that are targets: all or last")
     max_length: int = opt(512, "tokens per example")
     on_overlong: str = opt("truncate", "truncate (prompt from the left, then response at the right), drop, or error")
-    packing: bool = opt(True, "pack examples into rows of train.max_tokens_per_batch tokens (padding-free)")
 
     def __post_init__(self):
         in_range(self, "eval_fraction", 0.0, 1.0, high_open=True)
@@ -57,11 +58,16 @@ class SFTDataConfig:
 
 
 @dataclass
+class SFTDataConfig(SFTExamplesConfig):
+    packing: bool = opt(True, "pack examples into rows of train.max_tokens_per_batch tokens (padding-free)")
+
+
+@dataclass
 class SFTConfig:
     model: ModelConfig = opt(factory=ModelConfig, help="the model to fine-tune")
     train: SFTTrainConfig = opt(factory=lambda: SFTTrainConfig(output_dir="runs/sft", epochs=2.0), help="training loop")
     data: SFTDataConfig = opt(factory=SFTDataConfig, help="training data")
-    eval: ArithmeticEvalConfig = opt(factory=lambda: ArithmeticEvalConfig(problems=100), help="held-out arithmetic accuracy after training")
+    eval: TrainingEvalConfig = opt(factory=lambda: TrainingEvalConfig(problems=100), help="held-out arithmetic accuracy after training")
 
 
 class OverlongError(ValueError):
@@ -147,7 +153,7 @@ def train_sft(model, tokenizer, train: list[Tokenized], cfg: CheckpointConfig, p
     return engine, metrics
 
 
-def builtin_examples(data: SFTDataConfig, seed: int) -> list[SFTExample]:
+def builtin_examples(data: SFTExamplesConfig, seed: int) -> list[SFTExample]:
     if data.builtin == "mixture":
         return build_mixture(data.mixture)
     if data.builtin == "arithmetic":
@@ -165,7 +171,7 @@ def split_eval(examples: list, fraction: float, seed: int) -> tuple[list, list]:
     return [examples[i] for i in order[n_eval:]], [examples[i] for i in order[:n_eval]]
 
 
-def load_examples(data: SFTDataConfig, seed: int) -> tuple[list[SFTExample], list[SFTExample]]:
+def load_examples(data: SFTExamplesConfig, seed: int) -> tuple[list[SFTExample], list[SFTExample]]:
     """Training and held-out examples, all validated before any model is loaded."""
     examples = load_sft(data.path, data.split) if data.path else builtin_examples(data, seed)
     if data.eval_path:
@@ -177,13 +183,15 @@ def run(cfg: SFTConfig) -> dict:
     train_examples, eval_examples = load_examples(cfg.data, cfg.train.seed)
     torch.manual_seed(cfg.train.seed)
     model, tokenizer, _ = load_model(cfg.model)
+    run_dir = Path(cfg.train.output_dir)
+    start = starting_accuracy(model, tokenizer, cfg.eval, run_dir)
     tok = lambda exs: tokenize_examples(tokenizer, exs, cfg.data.max_length, cfg.data.targets, cfg.data.on_overlong)
     train, held_out = tok(train_examples), (tok(eval_examples) if eval_examples else [])
     log.info("SFT on %d examples (%d target tokens), %d held out", len(train), sum(t.n_targets for t in train), len(held_out))
     eval_fn = eval_loss_fn(held_out, tokenizer.pad_token_id) if held_out else None
     engine, metrics = train_sft(model, tokenizer, train, cfg.train, cfg.data.packing, eval_fn, asdict(cfg),
                                 resume=cfg.train.resume)
-    run_dir = Path(cfg.train.output_dir)
+    metrics.update(start)
     if cfg.eval.problems > 0:
         result = evaluate_arithmetic(engine.model, tokenizer, heldout_problems(cfg.eval), cfg.eval, run_dir / "eval_samples.jsonl")
         engine.log({"arithmetic_accuracy": result["accuracy"]}, prefix="eval/")

@@ -45,12 +45,11 @@ class MixtureConfig:
         overlap = sorted(set(self.tasks) & set(self.heldout_tasks))
         if overlap:
             raise ValueError(f"tasks {overlap} are both trained on and held out")
-        self.tasks = list(self.tasks) or [t for t in TASKS if t not in self.heldout_tasks]
-        if not self.tasks:
+        if not self.training_tasks():
             raise ValueError("no training tasks: every registered task is held out")
         for name in self.task_sizes:
-            if name not in self.tasks:
-                raise ValueError(f"task_sizes names {name!r}, which is not a training task {self.tasks}")
+            if name not in self.training_tasks():
+                raise ValueError(f"task_sizes names {name!r}, which is not a training task {self.training_tasks()}")
         bad = [f for f in self.formats if f not in FORMATS]
         if bad or not self.formats:
             raise ValueError(f"formats must be a non-empty list of {FORMATS}, got {self.formats}")
@@ -59,11 +58,15 @@ class MixtureConfig:
                 f"cap, n_shots and total must be >= 1, got {self.cap}, {self.n_shots}, {self.total}"
             )
         need = self.n_shots + 1 if any(f.startswith("few_shot") for f in self.formats) else 1
-        small = {t: self.size(t) for t in self.tasks if self.size(t) < need}
+        small = {t: self.size(t) for t in self.training_tasks() if self.size(t) < need}
         if small:
             raise ValueError(
                 f"each task needs at least {need} items for these formats and n_shots; got {small}"
             )
+
+    def training_tasks(self) -> list[str]:
+        """The tasks listed in `tasks`, or when none are: every registered task not held out."""
+        return list(self.tasks) or [t for t in TASKS if t not in self.heldout_tasks]
 
     def size(self, task: str) -> int:
         """n_t: the number of items generated for `task`."""
@@ -72,11 +75,11 @@ class MixtureConfig:
 
 def mixture_counts(config: MixtureConfig) -> dict[str, int]:
     """Examples per training task: `total` split in proportion to min(n_t, cap)."""
-    weights = {t: min(config.size(t), config.cap) for t in config.tasks}
+    weights = {t: min(config.size(t), config.cap) for t in config.training_tasks()}
     whole = sum(weights.values())
     total = whole if config.total is None else config.total
     counts = {t: total * w // whole for t, w in weights.items()}
-    by_remainder = sorted(config.tasks, key=lambda t: -(total * weights[t] % whole))
+    by_remainder = sorted(weights, key=lambda t: -(total * weights[t] % whole))
     for t in by_remainder[: total - sum(counts.values())]:
         counts[t] += 1
     return counts

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,8 @@ from alignkit.rewards.verifiers import extract_answer, verify
 from alignkit.rollout.base import SamplingParams
 from alignkit.rollout.hf import HFGenerator
 
+log = logging.getLogger("alignkit")
+
 
 @dataclass
 class ArithmeticEvalConfig:
@@ -24,12 +27,18 @@ class ArithmeticEvalConfig:
     batch_size: int = opt(32, "prompts decoded together")
     seed: int = opt(1234, "seed of the held-out problem set")
     word_problems: bool = opt(True, "short stories; false gives the plain form 'What is 47 + 38?'")
-    baseline: bool = opt(False, "also evaluate the starting model before training (same problems)")
 
     def __post_init__(self):
         at_least(self, 0, "problems")
         at_least(self, 1, "max_new_tokens", "batch_size")
         one_of(self, "style", "answer", "cot")
+
+
+@dataclass
+class TrainingEvalConfig(ArithmeticEvalConfig):
+    """The evaluation of a command that trains: the same keys, and the starting model's too."""
+
+    baseline: bool = opt(False, "also evaluate the starting model before training (same problems)")
 
 
 def heldout_problems(cfg: ArithmeticEvalConfig) -> list[Problem]:
@@ -58,3 +67,12 @@ def evaluate_arithmetic(model, tokenizer, problems: list[Problem], cfg: Arithmet
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return {"accuracy": correct / max(1, len(problems)), "n": len(problems)}
+
+
+def starting_accuracy(model, tokenizer, cfg: TrainingEvalConfig, run_dir: Path) -> dict:
+    """Held-out accuracy of the starting model (eval.baseline), on the problems the trained one gets."""
+    if cfg.problems <= 0 or not cfg.baseline:
+        return {}
+    acc = evaluate_arithmetic(model, tokenizer, heldout_problems(cfg), cfg, run_dir / "eval_samples_start.jsonl")["accuracy"]
+    log.info("starting model: held-out arithmetic accuracy %.3f", acc)
+    return {"eval/start_arithmetic_accuracy": acc}

@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 
 from alignkit.algorithms.sampling.stages import Sample, collect, score
-from alignkit.algorithms.sft import SFTDataConfig
+from alignkit.algorithms.sft import SFTExamplesConfig
 from alignkit.config import opt
 from alignkit.data.chat import prompt_text
 from alignkit.data.records import user_prompt
@@ -27,18 +27,17 @@ from alignkit.rewards.base import RewardFn
 from alignkit.rollout.base import Generator, SamplingParams
 from alignkit.rollout.batch import assemble, select_rows
 from alignkit.tasks import RewardConfig as TaskRewardConfig
-from alignkit.tasks import TaskConfig
+from alignkit.tasks import PromptSetConfig
 
 log = logging.getLogger("alignkit")
 
 @dataclass
-class PromptsConfig(TaskConfig):
-    """PPO's task section (`alignkit.tasks.TaskConfig`) with PPO's defaults: the built-in preference
-    prompts, 1024 training and 64 held-out ones, both drawn with `seed`, and no validation split."""
+class PromptsConfig(PromptSetConfig):
+    """PPO's prompts (`alignkit.tasks.PromptSetConfig`) with PPO's defaults: the built-in preference
+    prompts, 1024 training and 64 held-out ones, both drawn with `seed`."""
 
-    source: str = opt("preferences", TaskConfig.__dataclass_fields__["source"].metadata["help"])
+    source: str = opt("preferences", PromptSetConfig.__dataclass_fields__["source"].metadata["help"])
     train: int = opt(1024, "training prompts drawn from a built-in source")
-    val: int = opt(0, "validation problems apart from the training ones (unused by PPO: keep 0)")
     heldout: int = opt(64, "held-out prompts (evaluation, early stopping)")
     heldout_seed: int | None = opt(None, "seed of the built-in held-out set (null: the same as seed)")
     word_problems: bool = opt(True, "arithmetic: short stories instead of 'What is 47 + 38?'")
@@ -130,7 +129,7 @@ class KLConfig:
 @dataclass
 class PTXConfig:
     coef: float = opt(0.0, "γ_ptx: weight of the token-mean NLL on SFT data (0 = off)")
-    data: SFTDataConfig = opt(factory=SFTDataConfig, help="the SFT data mixed in (same keys as `alignkit sft`)")
+    data: SFTExamplesConfig = opt(factory=SFTExamplesConfig, help="the SFT data mixed in (the keys of `alignkit sft`'s data but packing: PTX rows are always packed)")
 
 
 @dataclass
