@@ -2,9 +2,9 @@
 
 bf16 autocast halves the bytes each matrix product reads, and pays on CUDA GPUs that support it
 and on x86 CPUs with AVX-512 BF16 or AMX instructions. On other CPUs PyTorch converts bf16 in
-software: on a 2-core AVX2-only AMD EPYC (Zen 3) a ReST-EM train step took 89.8 s in bf16
-against 4.2 s in fp32, and sampling 6x as long (`benchmarks/precision.py`, RESULTS.md). So `auto` (the
-recipes' setting for `train.precision`, sampler `dtype` and `model.dtype`) picks bf16 only there.
+software, several times slower than fp32 (`benchmarks/precision.py` measures both; the figures are
+in benchmarks/RESULTS.md). So `auto` (the recipes' setting for `train.precision` and
+`model.dtype`) picks bf16 only where it is native.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Supervised fine-tuning (Llama 2 style): loss on assistant tokens only, packed sequences.
 
-`train_sft` is the SFT stage that rejection sampling, RAFT, RFT and ReST-EM reuse; `run` is
-`alignkit sft`: load the model and data (a file, or the built-in Flan-style mixture), validate,
+`train_sft` is the checkpointed SFT loop (also DPO's SFT reference); `sft_step` is the step
+that the sampling methods' train stage uses too; `run` is `alignkit sft`: load the model and data (a file, or the built-in Flan-style mixture), validate,
 train, save a plain HF model, and report held-out loss and arithmetic accuracy.
 """
 

@@ -55,7 +55,7 @@ def make_optimizer(model, cfg: LoopConfig) -> torch.optim.Optimizer:
     if not decay and not no_decay:
         raise ValueError("the model has no trainable parameters")
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    # The fused kernel (CPU and CUDA) updates 135M parameters ~3.5x faster than the per-tensor loop.
+    # The fused kernel (CPU and CUDA) updates all parameters in one pass instead of one loop per tensor.
     fused = all(p.device.type in ("cpu", "cuda") for p in decay + no_decay)
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                              fused=fused or None)

@@ -39,7 +39,7 @@ class SamplingRun:
         torch.manual_seed(cfg.train.seed)  # fresh LoRA adapters draw from the global generator
         self.task = build_task(cfg.task, getattr(cfg, "reward", None) or RewardConfig(kind="verifier"), cfg.train.precision)
         self.run_dir = Path(cfg.train.output_dir)
-        self.logger = MetricsLogger(self.run_dir, config=asdict(cfg))
+        self.logger = MetricsLogger(self.run_dir, cfg.train.trackers, config=asdict(cfg))
         self.device = resolve_device(cfg.train.device)  # sampling runs where training runs
         self.policy, self.tokenizer, _ = load_model(cfg.model, train=False)
         self.policy.to(self.device)
