@@ -31,7 +31,7 @@ TRACKERS = ("tensorboard", "wandb", "mlflow")
 @dataclass
 class LoopConfig:
     """What the engine reads for every optimizer step, whatever drives it."""
-    output_dir: str = opt("runs/run", "run directory: metrics.jsonl, checkpoints/, final/")
+    output_dir: str = opt("runs/run", "run directory: metrics.jsonl, final/ (and checkpoints/ where the command checkpoints)")
     lr: float = opt(2e-5, "peak learning rate")
     schedule: str = opt("cosine", "cosine (decays to min_lr_ratio) or constant (after warmup)")
     warmup_ratio: float = opt(0.03, "fraction of steps spent warming up linearly")
