@@ -6,6 +6,7 @@ import sys
 import pytest
 
 from alignkit.rewards.verifiers import (
+    DECIMAL_REL_TOL,
     answers_match,
     extract_answer,
     graded,
@@ -13,6 +14,7 @@ from alignkit.rewards.verifiers import (
     gsm8k_split,
     majority_vote,
     math_equal,
+    parse_decimal,
     parse_number,
     pass_at_k,
     verify,
@@ -66,9 +68,104 @@ def test_answers_match():
     assert answers_match("1234", "1,234")
     assert not answers_match("41", "42")
     assert not answers_match(None, "1")
-    assert answers_match("0.3333333", "0.33333333")  # |diff| 3e-8 <= 1e-6
+    assert not answers_match("0.3333333", "0.33333333")  # a rounded decimal is not float noise
     assert not answers_match("0.33", "0.34")
     assert answers_match("Paris.", "paris")  # non-numeric: normalised strings
+
+
+NEAR_MISSES = [  # (reply, reference): one unit off at large magnitudes, 1e-6 relative or less
+    ("#### 1450001", "1450000"),
+    ("The answer is 1,450,001.", "1450000"),
+    ("\\boxed{1450001}", "1450000"),
+    ("#### 1449999", "1450000"),
+    ("#### 999999999", "1000000000"),
+    ("#### 1000000001", "1000000000"),
+    ("#### -1450001", "-1450000"),
+    ("#### 1450000.5", "1450000"),
+    ("#### 1450000.0000001", "1450000"),
+    ("#### 1450001", "1450000.0"),  # an integer written with decimals is still an integer
+    ("#### 9007199254740993", "9007199254740992"),  # equal as float64s, so not compared as floats
+]
+
+
+@pytest.mark.parametrize("reply,reference", NEAR_MISSES)
+def test_integer_near_misses_are_wrong(reply, reference):
+    # relative error <= 1e-6: the old tolerance (1e-6 * max(1, |gold|)) accepted every one of these
+    assert verify(reply, reference) == 0.0
+    assert not answers_match(extract_answer(reply), reference)
+
+
+RIGHT_FORMS = [
+    "#### 1450000",
+    "#### 1,450,000",
+    "She has $1,450,000.00 now.",
+    "#### 1450000.0",
+    "#### 1450000.00",
+    "\\boxed{1450000}",
+    "$\\boxed{1{,}450{,}000}$",
+    "The answer is 1450000.",
+    "The answer is **1,450,000**.",
+]
+
+
+@pytest.mark.parametrize("reply", RIGHT_FORMS)
+def test_integer_answer_forms_are_right(reply):
+    assert verify(reply, "1450000") == 1.0
+    assert verify(reply, "1,450,000") == 1.0  # the reference may carry separators too
+    assert verify(reply, "1450001") == 0.0  # and the same form is still checked by value
+
+
+def test_negative_integers():
+    assert verify("It drops to -1,450,000.", "-1450000") == 1.0
+    assert verify("#### \u22121450000.00", "-1450000") == 1.0
+    assert verify("#### 1450000", "-1450000") == 0.0
+    assert verify("#### -999999999", "-1000000000") == 0.0
+
+
+def test_decimal_reference_tolerance():
+    assert DECIMAL_REL_TOL == 1e-12
+    assert verify("#### 0.30000000000000004", "0.3") == 1.0  # 0.1 + 0.2 in float64
+    assert verify("#### 0.3", "0.30000000000000004") == 1.0
+    assert verify("#### 0.30", "0.3") == 1.0
+    assert verify("#### 0.3000001", "0.3") == 0.0  # 3e-7 relative: a different answer
+    assert verify("#### 1450000.251", "1450000.25") == 0.0  # 7e-10 relative
+    assert verify("#### 1450001", "1450000.5") == 0.0
+    assert verify("#### -2.5", "2.5") == 0.0
+    assert answers_match("1.5000001", "1.5", tol=1e-6)  # an explicit tolerance still applies...
+    assert not answers_match("1450001", "1450000", tol=1e-6)  # ...to decimals only
+
+
+def test_parse_decimal_is_exact():
+    assert parse_decimal("9007199254740993") != parse_decimal("9007199254740992")
+    assert parse_decimal("$1,450,000.00") == 1450000
+    assert parse_decimal("-7.") == -7
+    assert parse_decimal("4 apples") is None
+
+
+def test_graded_keeps_near_misses_below_full_credit():
+    near = graded("#### 1450001", "1450000")
+    assert near == pytest.approx(0.5 * (1 - 1 / 1450000))
+    assert near < 0.5  # a near miss is partial credit, never a correct answer
+    assert graded("#### 1,450,000.00", "1450000") == 1.0
+    assert graded("#### 0.30000000000000004", "0.3") == 1.0
+
+
+def test_math_equal_is_exact_for_integer_references():
+    pytest.importorskip("math_verify")
+    from math_verify import parse
+    from math_verify import verify as mv_verify
+
+    assert not math_equal("\\boxed{1450001}", "1450000")
+    assert not math_equal("So the result is $1,450,001$", "1450000")
+    assert not math_equal("\\boxed{1.450001 \\times 10^6}", "1450000")
+    assert math_equal("\\boxed{1.45 \\times 10^6}", "1450000")
+    assert math_equal("\\boxed{\\frac{2900000}{2}}", "1450000.0")
+    # math-verify alone rounds floats to 6 decimals, so with the reference written "1450000.0"
+    # it accepts a LaTeX reply 1e-7 off; math_equal makes the floats exact first.
+    for reply in ("\\boxed{1450000.0000001 \\cdot 1}", "\\boxed{x = 1450000.0000001}"):
+        assert mv_verify(parse("1450000.0"), parse(reply))
+        assert not math_equal(reply, "1450000.0")
+        assert not math_equal(reply, "1450000")
 
 
 def test_verify_and_graded():
@@ -132,3 +229,4 @@ def test_majority_vote():
     assert majority_vote(["2.50", "2.5", "3"]) == "2.5"
     assert majority_vote([None, None]) is None
     assert majority_vote([]) is None
+    assert majority_vote(["1000000000000001", "1000000000000002", "1000000000000002"]) == "1000000000000002"

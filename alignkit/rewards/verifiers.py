@@ -4,12 +4,19 @@
 last number in the text, in this order: the last `\\boxed{...}`, the text after the last
 "####", the sentence after the last "answer is" / "answer:"; otherwise the last number.
 Numbers are returned without thousands separators, currency signs or trailing periods.
+
+`answers_match` compares numbers exactly (as decimals, never through floats) when the
+reference is an integer: 1450001 is wrong for 1450000 however large the numbers, while
+1,450,000, $1,450,000.00 and 1450000.0 are right. Only a reference with a fractional part
+gets a tolerance, `DECIMAL_REL_TOL` (relative), for binary floating-point noise in a
+reply such as 0.30000000000000004 for 0.3.
 """
 
 from __future__ import annotations
 
 import re
 from collections import Counter
+from decimal import Decimal
 
 _MINUS = str.maketrans({"\u2212": "-", "\ufe63": "-", "\uff0d": "-"})
 # A number: optional sign not glued to a word ("47-38" is two numbers), digits with or
@@ -20,6 +27,13 @@ _HASHES = re.compile(r"####")
 _ANSWER_IS = re.compile(r"answer\s*(?:is|:)\s*:?", re.IGNORECASE)
 _LATEX_TEXT = re.compile(r"\\(?:text|mbox|mathrm)\s*\{[^{}]*\}")
 _CALCULATOR = re.compile(r"<<[^<>]*>>")
+
+# The relative tolerance for references with a fractional part, and only for them (integer
+# references match exactly). It absorbs float64 noise in a reply computed in floating point
+# (0.1 + 0.2 printed as 0.30000000000000004 is off by ~1.3e-16 relative; float64's epsilon is
+# 2.2e-16, so 1e-12 leaves room for thousands of roundings) and nothing a model could state
+# on purpose: 1450000.251 for 1450000.25 (7e-10 relative) is wrong.
+DECIMAL_REL_TOL = 1e-12
 
 
 def _clean(text: str) -> str:
@@ -79,25 +93,43 @@ def extract_answer(text: str) -> str | None:
     return found[-1] if found else None
 
 
-def parse_number(s: str | None) -> float | None:
-    """The value of a string that is one number ("1,234", "$5.50", "-7."); else None."""
+def parse_decimal(s: str | None) -> Decimal | None:
+    """The exact value of a string that is one number ("1,234", "$5.50", "-7."); else None."""
     if s is None:
         return None
     text = _clean(s).strip().rstrip(".").strip()
-    return float(text.replace(",", "")) if _NUMBER.fullmatch(text) else None
+    return Decimal(text.replace(",", "")) if _NUMBER.fullmatch(text) else None
+
+
+def parse_number(s: str | None) -> float | None:
+    """`parse_decimal` as a float (for partial credit and voting, not for deciding a match)."""
+    x = parse_decimal(s)
+    return None if x is None else float(x)
+
+
+def _is_integer(x: Decimal) -> bool:
+    return x == x.to_integral_value()
 
 
 def _normalise(s: str) -> str:
     return " ".join(_clean(s).lower().split()).rstrip(".")
 
 
-def answers_match(pred: str | None, gold: str, tol: float = 1e-6) -> bool:
-    """Numbers equal within `tol` (relative to max(1, |gold|)); else equal normalised strings."""
+def answers_match(pred: str | None, gold: str, tol: float = DECIMAL_REL_TOL) -> bool:
+    """Whether a predicted answer matches the reference `gold`.
+
+    Numbers are compared as exact decimals. An integer reference (1450000, or 1450000.0)
+    needs a prediction of exactly that value: 1450000.00 matches, 1450001 does not. A
+    reference with a fractional part matches within `tol` relative to |gold| (default
+    `DECIMAL_REL_TOL`, 1e-12: float noise only). Non-numbers: equal normalised strings.
+    """
     if pred is None:
         return False
-    a, b = parse_number(pred), parse_number(gold)
+    a, b = parse_decimal(pred), parse_decimal(gold)
     if a is not None and b is not None:
-        return abs(a - b) <= tol * max(1.0, abs(b))
+        if _is_integer(b):
+            return a == b
+        return abs(a - b) <= Decimal(repr(tol)) * abs(b)
     return _normalise(pred) == _normalise(gold)
 
 
@@ -134,8 +166,30 @@ def graded(response: str, answer: str) -> float:
     return 0.5 * max(0.0, 1.0 - abs(p - g) / max(abs(g), 1.0))
 
 
+def _exact_floats(parsed: list) -> list:
+    """math-verify's parse with every sympy Float replaced by its exact decimal value."""
+    import sympy
+
+    def exact(expr):
+        if not isinstance(expr, sympy.Basic):
+            return expr
+        return expr.xreplace({f: sympy.Rational(str(f)) for f in expr.atoms(sympy.Float)})
+
+    return [exact(e) for e in parsed]
+
+
 def math_equal(response: str, answer: str) -> bool:
-    """Mathematical equivalence via `math-verify` when installed, else `answers_match`."""
+    """Mathematical equivalence via `math-verify` when installed, else `answers_match`.
+
+    A reply whose extracted answer is a plain number, against a numeric reference, is decided
+    by `answers_match` (integers exactly). For LaTeX replies (\\frac, ^...) math-verify decides;
+    against an integer reference its floats are first made exact decimals, so its float
+    rounding (6 decimal places) cannot accept 1450000.0000001 for 1450000. Against a decimal
+    reference that rounding is math-verify's own tolerance.
+    """
+    pred_answer, gold_value = extract_answer(response), parse_decimal(answer)
+    if gold_value is not None and parse_decimal(pred_answer) is not None:
+        return answers_match(pred_answer, answer)
     try:
         from math_verify import parse
         from math_verify import verify as mv_verify
@@ -145,8 +199,10 @@ def math_equal(response: str, answer: str) -> bool:
         gold = parse(answer) or parse(f"${answer}$")
         pred = parse(response)
         if gold and pred:
+            if gold_value is not None and _is_integer(gold_value):
+                gold, pred = _exact_floats(gold), _exact_floats(pred)
             return bool(mv_verify(gold, pred))
-    return answers_match(extract_answer(response), answer)
+    return answers_match(pred_answer, answer)
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -165,10 +221,10 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 
 def _vote_key(answer: str) -> str:
-    x = parse_number(answer)
+    x = parse_decimal(answer)
     if x is None:
         return _normalise(answer)
-    return str(int(x)) if x.is_integer() and abs(x) < 1e15 else format(x, ".12g")
+    return str(int(x)) if _is_integer(x) else format(float(x), ".12g")
 
 
 def majority_vote(answers: list[str | None]) -> str | None:
