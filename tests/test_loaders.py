@@ -8,12 +8,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from alignkit.data.formats import load_preferences, load_problems, load_ranked, load_sft
+from alignkit.data.chat import IGNORE, render_ids
+from alignkit.data.formats import HH_HINT, load_preferences, load_problems, load_ranked, load_sft
 from alignkit.data.io import DataError, read_rows
+from alignkit.data.packing import scoring_group, tokenize_group
 from alignkit.data.records import Message, PreferencePair, Problem, RankedResponses, SFTExample
 
 U, A, S = "user", "assistant", "system"
 HH_PROMPT = "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Name a colour."
+NO_COMMON = "shares no prompt with chosen (the conversations differ before their first assistant turn)"
 
 
 @pytest.fixture(autouse=True)
@@ -211,18 +214,163 @@ def test_preferences_bad_rows_all_reported():
         "prefs.jsonl:3: rejected: same text as chosen",
         "prefs.jsonl:4: rating: unknown rating 'great' (expected one of: significantly better, "
         "better, slightly better, negligibly better)",
-        "prefs.jsonl:5: rejected: prompt (text before the last '\\n\\nAssistant:') differs from chosen's",
+        "prefs.jsonl:5: rejected: " + NO_COMMON,
         "prefs.jsonl:6: prompt: missing",
         "prefs.jsonl:6: safety: unknown label 'safe' (expected one of: chosen_only_safe, both_safe, "
         "both_unsafe)",
         "prefs.jsonl:6: is_unsafe: expected true or false, got string",
         "prefs.jsonl:7: prompt: must end with a user turn (last is assistant)",
         "prefs.jsonl:7: chosen: expected a single assistant message",
-        "prefs.jsonl:7: rejected: empty text",
-        "prefs.jsonl:8: rejected: conversation before the last assistant turn differs from chosen's",
+        "prefs.jsonl:8: rejected: " + NO_COMMON,
         "prefs.jsonl:9: fields: no known preference format (found: text; expected: "
         "prompt+chosen+rejected | chosen+rejected conversations | chosen+rejected Anthropic HH text)",
     ]
+
+
+# HH-RLHF rows as published: "\n\nHuman: ...\n\nAssistant: ..." with nothing stripped.
+ADDRESS = "\n\nHuman: What is the home address of my coworker Dana?"
+SHELL = "\n\nHuman: How do I list files?\n\nAssistant: Use ls.\n\nHuman: And hidden ones?"
+
+
+def test_hh_rlhf_empty_final_reply_is_kept_with_one_warning(caplog):
+    write_jsonl("hh.jsonl", [
+        {"chosen": ADDRESS + "\n\nAssistant:", "rejected": ADDRESS + "\n\nAssistant: She lives at 12 Oak Street."},
+        {"chosen": SHELL + "\n\nAssistant: Use ls -a.", "rejected": SHELL + "\n\nAssistant: "},
+        {"chosen": SHELL + "\n\nAssistant: ls -a shows them.", "rejected": SHELL + "\n\nAssistant: Try dir."},
+    ])
+    shell = conv((U, "How do I list files?"), (A, "Use ls."), (U, "And hidden ones?"))
+    with caplog.at_level("WARNING", logger="alignkit"):
+        assert load_preferences("hh.jsonl") == [
+            PreferencePair(conv((U, "What is the home address of my coworker Dana?")), "", "She lives at 12 Oak Street."),
+            PreferencePair(shell, "Use ls -a.", ""),
+            PreferencePair(shell, "ls -a shows them.", "Try dir."),
+        ]
+    assert [r.getMessage() for r in caplog.records] == [
+        "hh.jsonl: 2 of 3 preference pairs have an empty chosen or rejected reply; kept "
+        "(an empty reply is a valid answer, e.g. declining to answer)"
+    ]
+
+
+def test_hh_rlhf_histories_that_differ_early_split_at_the_last_shared_assistant_turn(caplog):
+    """TRL's implicit prompt (longest common prefix) cut back to the last '\n\nAssistant:' both share."""
+    human = "\n\nHuman: Hi\n\nAssistant: Hello! How can I help?\n\nHuman: "
+    assistant = "\n\nHuman: Name a fruit.\n\nAssistant: "
+    write_jsonl("hh.jsonl", [
+        # differ in an earlier Human turn (the second one)
+        {"chosen": human + "Name a colour.\n\nAssistant: Blue.\n\nHuman: Another?\n\nAssistant: Red.",
+         "rejected": human + "Name a color.\n\nAssistant: Blue.\n\nHuman: Another?\n\nAssistant: Green."},
+        # differ in an earlier Assistant turn (the first one)
+        {"chosen": assistant + "An apple.\n\nHuman: Its colour?\n\nAssistant: Red.",
+         "rejected": assistant + "A pear.\n\nHuman: Its colour?\n\nAssistant: Green."},
+        # rejected goes one exchange further, with an empty final reply
+        {"chosen": assistant + "A plum.",
+         "rejected": assistant + "A plum.\n\nHuman: Thanks\n\nAssistant:"},
+        # the usual row: same history, different final reply
+        {"chosen": assistant + "A fig.", "rejected": assistant + "A kiwi."},
+    ])
+    with caplog.at_level("WARNING", logger="alignkit"):
+        pairs = load_preferences("hh.jsonl")
+    assert pairs == [
+        PreferencePair(conv((U, "Hi")),
+                       "Hello! How can I help?\n\nHuman: Name a colour.\n\nAssistant: Blue.\n\nHuman: Another?\n\nAssistant: Red.",
+                       "Hello! How can I help?\n\nHuman: Name a color.\n\nAssistant: Blue.\n\nHuman: Another?\n\nAssistant: Green."),
+        PreferencePair(conv((U, "Name a fruit.")),
+                       "An apple.\n\nHuman: Its colour?\n\nAssistant: Red.",
+                       "A pear.\n\nHuman: Its colour?\n\nAssistant: Green."),
+        PreferencePair(conv((U, "Name a fruit.")), "A plum.", "A plum.\n\nHuman: Thanks\n\nAssistant:"),
+        PreferencePair(conv((U, "Name a fruit.")), "A fig.", "A kiwi."),
+    ]
+    assert [r.getMessage() for r in caplog.records] == [
+        "hh.jsonl: 3 of 4 preference pairs differ before their last assistant turn; the prompt is "
+        "the turns both share, each reply carries its differing turns as text"
+    ]
+
+
+def test_implicit_prompt_lists_follow_the_hh_rule():
+    """The same rows as TRL implicit-prompt message lists give the same pairs as their HH text."""
+    hi, fruit = [(U, "Hi"), (A, "Hello! How can I help?")], [(U, "Name a fruit.")]
+    rows = [
+        (hi + [(U, "Name a colour."), (A, "Blue.")], hi + [(U, "Name a color."), (A, "Blue.")]),
+        (fruit + [(A, "An apple."), (U, "Its colour?"), (A, "Red.")], fruit + [(A, "A pear."), (U, "Its colour?"), (A, "")]),
+        (fruit + [(A, "")], fruit + [(A, "A kiwi.")]),
+    ]
+    hh = lambda turns: "".join(f"\n\n{'Human' if r == U else 'Assistant'}:" + (f" {c}" if c else "") for r, c in turns)
+    write_jsonl("lists.jsonl", [{"chosen": msgs(*c), "rejected": msgs(*r)} for c, r in rows])
+    write_jsonl("hh.jsonl", [{"chosen": hh(c), "rejected": hh(r)} for c, r in rows])
+    assert load_preferences("lists.jsonl") == load_preferences("hh.jsonl") == [
+        PreferencePair(conv((U, "Hi")), "Hello! How can I help?\n\nHuman: Name a colour.\n\nAssistant: Blue.",
+                       "Hello! How can I help?\n\nHuman: Name a color.\n\nAssistant: Blue."),
+        PreferencePair(conv((U, "Name a fruit.")), "An apple.\n\nHuman: Its colour?\n\nAssistant: Red.",
+                       "A pear.\n\nHuman: Its colour?\n\nAssistant:"),
+        PreferencePair(conv((U, "Name a fruit.")), "", "A kiwi."),
+    ]
+
+
+def test_empty_replies_in_trl_rows():
+    write_jsonl("prefs.jsonl", [
+        {"prompt": "Q", "chosen": "", "rejected": "bad"},
+        {"prompt": "Q", "chosen": "good", "rejected": ""},
+        {"prompt": msgs((U, "Q")), "chosen": msgs((A, "")), "rejected": msgs((A, "bad"))},
+    ])
+    assert load_preferences("prefs.jsonl") == [
+        PreferencePair(conv((U, "Q")), "", "bad"),
+        PreferencePair(conv((U, "Q")), "good", ""),
+        PreferencePair(conv((U, "Q")), "", "bad"),
+    ]
+
+
+def test_unusable_hh_and_implicit_rows_still_reported():
+    write_jsonl("prefs.jsonl", [
+        {"chosen": ADDRESS + "\n\nAssistant:", "rejected": ADDRESS + "\n\nAssistant: No."},
+        {"chosen": ADDRESS, "rejected": ADDRESS + "\n\nAssistant: No."},
+        {"chosen": ADDRESS + "\n\nAssistant: Sorry, no.", "rejected": 7},
+        {"chosen": ADDRESS + "\n\nAssistant:", "rejected": ADDRESS + "\n\nAssistant: "},
+        {"chosen": ADDRESS + "\n\nAssistant: No.", "rejected": "\n\nHuman: Where is Dana?\n\nAssistant: Home."},
+        {"chosen": msgs((U, "Q"), (A, "")), "rejected": msgs((U, "Q"), (A, " "))},
+        {"chosen": msgs((U, "Q"), (A, ""), (U, "Well?"), (A, "No.")), "rejected": msgs((U, "Q"), (A, "Hm"))},
+        {"prompt": "Q", "chosen": None, "rejected": ""},
+    ])
+    assert problems(load_preferences, "prefs.jsonl") == [
+        "prefs.jsonl:2: chosen: " + HH_HINT,
+        "prefs.jsonl:3: rejected: expected a string, got number",
+        "prefs.jsonl:4: rejected: same text as chosen",
+        "prefs.jsonl:5: rejected: " + NO_COMMON,
+        "prefs.jsonl:6: rejected: same text as chosen",
+        "prefs.jsonl:7: chosen[1].content: empty text",
+        "prefs.jsonl:8: chosen: missing",
+    ]
+
+
+def test_empty_reply_tokenizes_to_the_end_of_turn(tok):
+    """A reward model scores an empty reply at its end-of-turn token; DPO's target is that token."""
+    write_jsonl("hh.jsonl", [{"chosen": ADDRESS + "\n\nAssistant:", "rejected": ADDRESS + "\n\nAssistant: 12 Oak St."}])
+    (pair,) = load_preferences("hh.jsonl")
+    group = scoring_group(tok, pair.prompt, [pair.chosen, pair.rejected], max_length=512)
+    assert tok.eos_token_id in group.responses[0]
+    assert group.prompt + group.responses[0] == render_ids(tok, pair.prompt + (Message(A, ""),))
+    dpo = tokenize_group(tok, pair.prompt, [pair.chosen, pair.rejected], max_length=512)
+    assert [t for t in dpo.labels[0] if t != IGNORE] == [tok.eos_token_id]
+
+
+def test_rm_trains_on_hh_rlhf_rows_with_empty_replies_and_early_differences(tmp_path, caplog):
+    """`alignkit rm` on rows shaped like the published HH-RLHF files starts training."""
+    from alignkit.cli import main
+    from alignkit.models.tiny import save_tiny
+
+    fruit = "\n\nHuman: Name a fruit.\n\nAssistant: "
+    data = write_jsonl("hh.jsonl", [
+        {"chosen": ADDRESS + "\n\nAssistant:", "rejected": ADDRESS + "\n\nAssistant: 12 Oak Street."},
+        {"chosen": SHELL + "\n\nAssistant: ls -a", "rejected": SHELL + "\n\nAssistant: "},
+        {"chosen": fruit + "An apple.\n\nHuman: Its colour?\n\nAssistant: Red.",
+         "rejected": fruit + "A pear.\n\nHuman: Its colour?\n\nAssistant: Blue."},
+    ])
+    run_dir = tmp_path / "run"
+    with caplog.at_level("WARNING", logger="alignkit"):
+        rc = main(["rm", f"model.path={save_tiny(str(tmp_path / 'tiny'))}", f"data.path={data}",
+                   f"train.output_dir={run_dir}", "train.max_steps=2", "train.progress=false"])
+    assert rc == 0
+    assert (run_dir / "final" / "config.json").is_file()
+    assert "hh.jsonl: 2 of 3 preference pairs have an empty chosen or rejected reply" in caplog.text
 
 
 def test_preferences_from_parquet():

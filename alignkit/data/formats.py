@@ -7,8 +7,11 @@ return None for a value they could not read.
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 import re
+from collections import Counter
 from collections.abc import Callable
 
 from .io import DataError, iter_rows, json_type
@@ -23,6 +26,8 @@ from .records import (
     SFTExample,
     normalise_rating,
 )
+
+log = logging.getLogger("alignkit")
 
 Bad = Callable[[str, str], None]
 Messages = tuple[Message, ...]
@@ -45,8 +50,23 @@ def load_sft(path: str, split: str | None = None) -> list[SFTExample]:
 
 
 def load_preferences(path: str, split: str | None = None) -> list[PreferencePair]:
-    """Preference pairs: TRL standard, conversational or implicit-prompt rows, or HH-RLHF text."""
-    return _load(path, split, _pair)
+    """Preference pairs: TRL standard, conversational or implicit-prompt rows, or HH-RLHF text.
+
+    An empty chosen or rejected reply is valid (in HH-RLHF's harmless set saying nothing is
+    often the preferred answer): it is kept, and one warning per file gives the count. So are
+    implicit-prompt rows (HH text or message lists) whose conversations differ before the last
+    assistant turn: see `_hh_pair` and `_implicit_pair`; one warning per file counts them too."""
+    notes: Counter = Counter()
+    pairs = _load(path, split, lambda row, loc, bad: _pair(row, loc, bad, notes))
+    empty = sum(1 for p in pairs if not p.chosen.strip() or not p.rejected.strip())
+    if empty:
+        log.warning("%s: %d of %d preference pairs have an empty chosen or rejected reply; kept "
+                    "(an empty reply is a valid answer, e.g. declining to answer)", path, empty, len(pairs))
+    if notes["history"]:
+        log.warning("%s: %d of %d preference pairs differ before their last assistant turn; the "
+                    "prompt is the turns both share, each reply carries its differing turns as "
+                    "text", path, notes["history"], len(pairs))
+    return pairs
 
 
 def load_ranked(path: str, split: str | None = None) -> list[RankedResponses]:
@@ -95,8 +115,9 @@ def parse_text(value: object, field: str, bad: Bad) -> str | None:
     return None
 
 
-def parse_messages(value: object, field: str, bad: Bad) -> Messages | None:
-    """A non-empty list of {role, content} messages; a system message may only come first."""
+def parse_messages(value: object, field: str, bad: Bad, empty_reply: bool = False) -> Messages | None:
+    """A non-empty list of {role, content} messages; a system message may only come first.
+    With `empty_reply`, a last assistant message may have empty content (a preference reply)."""
     if value is None:
         bad(field, "missing")
         return None
@@ -120,12 +141,19 @@ def parse_messages(value: object, field: str, bad: Bad) -> Messages | None:
             bad(f"{where}.role", f"unknown role {role!r} (expected {', '.join(ROLES)})")
         elif role == "system" and i > 0:
             bad(f"{where}.role", "a system message may only come first")
-        content = parse_text(message.get("content"), f"{where}.content", bad)
+        content = message.get("content")
+        if not (empty_reply and i == len(value) - 1 and role == "assistant" and _blank(content)):
+            content = parse_text(content, f"{where}.content", bad)
         if role in ROLES and (role != "system" or i == 0) and content is not None:
             out.append(Message(role, content))
         else:
             ok = False
     return tuple(out) if ok else None
+
+
+def _blank(value: object) -> bool:
+    """An empty (or all-space) string."""
+    return isinstance(value, str) and not value.strip()
 
 
 def parse_hh(value: object, field: str, bad: Bad) -> Messages | None:
@@ -163,11 +191,11 @@ def _prompt(value: object, field: str, bad: Bad) -> Messages | None:
     return None if text is None else (Message("user", text),)
 
 
-def _reply(value: object, field: str, bad: Bad) -> str | None:
-    """A reply: a text, or a list holding one assistant message."""
+def _reply(value: object, field: str, bad: Bad, empty_ok: bool = False) -> str | None:
+    """A reply: a text, or a list holding one assistant message; empty only with `empty_ok`."""
     if not isinstance(value, list):
-        return parse_text(value, field, bad)
-    messages = parse_messages(value, field, bad)
+        return value if empty_ok and _blank(value) else parse_text(value, field, bad)
+    messages = parse_messages(value, field, bad, empty_reply=empty_ok)
     if messages is None:
         return None
     if len(messages) != 1 or messages[0].role != "assistant":
@@ -249,18 +277,24 @@ def _alpaca(row: dict, bad: Bad) -> Messages | None:
 # ---- preferences ------------------------------------------------------------------------
 
 
-def _pair(row: dict, loc: str, bad: Bad) -> PreferencePair | None:
+def _pair(row: dict, loc: str, bad: Bad, notes: Counter | None = None) -> PreferencePair | None:
+    """One preference row. Empty replies are valid in every shape. A chosen reply identical to
+    the rejected one (ignoring outer spaces) stays an error, as it always was here: TRL accepts
+    such a row, but it states no preference, so a reward model or DPO learns nothing from it.
+    `notes["history"]` counts implicit-prompt rows whose conversations differ early."""
+    notes = Counter() if notes is None else notes
     has = _present(row)
     if not {"prompt", "chosen", "rejected"} & set(has):
         return _unknown(row, "preference", PREFERENCE_FORMATS, bad)
     prompt, chosen, rejected = row.get("prompt"), row.get("chosen"), row.get("rejected")
     if prompt is None and (_is_hh(chosen) or _is_hh(rejected)):
-        prompt, chosen, rejected = _hh_pair(chosen, rejected, bad)
+        prompt, chosen, rejected = _hh_pair(chosen, rejected, bad, notes)
     elif prompt is None and (isinstance(chosen, list) or isinstance(rejected, list)):
-        prompt, chosen, rejected = _implicit_pair(chosen, rejected, bad)
+        prompt, chosen, rejected = _implicit_pair(chosen, rejected, bad, notes)
     else:
         prompt = _prompt(prompt, "prompt", bad)
-        chosen, rejected = _reply(chosen, "chosen", bad), _reply(rejected, "rejected", bad)
+        chosen = _reply(chosen, "chosen", bad, empty_ok=True)
+        rejected = _reply(rejected, "rejected", bad, empty_ok=True)
     prompt = _with_system(row, prompt, bad)
     labels = _labels(row, bad)
     if chosen is not None and rejected is not None and chosen.strip() == rejected.strip():
@@ -275,38 +309,58 @@ def _is_hh(value: object) -> bool:
     return isinstance(value, str) and value.lstrip().startswith("Human:")
 
 
-def _hh_pair(chosen: object, rejected: object, bad: Bad) -> tuple:
-    """Split HH-RLHF texts at their last Assistant turn; the prompts must be equal."""
-    split = {}
+NO_COMMON_PROMPT = "shares no prompt with chosen (the conversations differ before their first assistant turn)"
+
+
+def _hh_pair(chosen: object, rejected: object, bad: Bad, notes: Counter) -> tuple:
+    """Split two HH-RLHF texts into the prompt they share and two replies (TRL's implicit prompt,
+    cut back to a turn boundary).
+
+    The prompt is the text before the last '\\n\\nAssistant:' that lies wholly inside the longest
+    common prefix of the two texts (leading spaces ignored); each reply is the rest of its text,
+    stripped. Usually that marker is both texts' last one and the replies are the final answers.
+    When the conversations differ earlier (an earlier Human or Assistant turn), the prompt ends
+    with the last Human turn before the last Assistant turn both share, and each reply holds its
+    differing turns as HH text, e.g. 'Sure.\\n\\nHuman: Thanks\\n\\nAssistant: Bye'. An empty final
+    reply (text ending in '\\n\\nAssistant:') is ''. Texts that differ before their first
+    Assistant turn share no prompt: an error."""
+    texts = {}
     for field, value in (("chosen", chosen), ("rejected", rejected)):
         text = parse_text(value, field, bad)
         if text is None:
             continue
-        cut = text.rfind(_HH_ASSISTANT)
-        if not _is_hh(text) or cut < 0:
+        if not _is_hh(text) or _HH_ASSISTANT not in text:
             bad(field, HH_HINT)
             continue
-        reply = text[cut + len(_HH_ASSISTANT) :].strip()
-        if not reply:
-            bad(field, "empty reply after the last '\\n\\nAssistant:'")
-        split[field] = (text[:cut], reply or None)
-    if len(split) < 2:
+        texts[field] = text.lstrip()
+    if len(texts) < 2:
         return None, None, None
-    (prompt_text, chosen), (other_prompt, rejected) = split["chosen"], split["rejected"]
-    if prompt_text.strip() != other_prompt.strip():
-        bad("rejected", "prompt (text before the last '\\n\\nAssistant:') differs from chosen's")
+    good, worse = texts["chosen"], texts["rejected"]
+    cut = good.rfind(_HH_ASSISTANT, 0, len(os.path.commonprefix([good, worse])))
+    if cut < 0:
+        bad("rejected", NO_COMMON_PROMPT)
         return None, None, None
-    prompt = parse_hh(prompt_text, "chosen", bad)
+    if cut != good.rfind(_HH_ASSISTANT) or cut != worse.rfind(_HH_ASSISTANT):
+        notes["history"] += 1
+    prompt = parse_hh(good[:cut], "chosen", bad)
     if prompt is None or not _ends_with(prompt, "user", "chosen", bad):
         return None, None, None
-    return prompt, chosen, rejected
+    start = cut + len(_HH_ASSISTANT)
+    return prompt, good[start:].strip(), worse[start:].strip()
 
 
-def _implicit_pair(chosen: object, rejected: object, bad: Bad) -> tuple:
-    """Full conversations that share everything before their last assistant turn."""
+def _implicit_pair(chosen: object, rejected: object, bad: Bad, notes: Counter) -> tuple:
+    """Two full conversations (TRL's implicit prompt) split into the prompt they share and two
+    replies, by the rule of `_hh_pair` on messages.
+
+    The prompt is the messages before the last assistant message that both conversations have
+    at the same place with the same messages before it; usually their final turns. When they
+    differ earlier, each reply is its first assistant message followed by its later turns in HH
+    text form ('\\n\\nHuman: ...\\n\\nAssistant: ...'), so the pair equals the one read from the
+    same rows as HH text. The last assistant message may be empty ('')."""
     conversations = {}
     for field, value in (("chosen", chosen), ("rejected", rejected)):
-        messages = parse_messages(value, field, bad)
+        messages = parse_messages(value, field, bad, empty_reply=True)
         if messages is None:
             continue
         if len(messages) < 2 or messages[-1].role != "assistant":
@@ -316,12 +370,26 @@ def _implicit_pair(chosen: object, rejected: object, bad: Bad) -> tuple:
     if len(conversations) < 2:
         return None, None, None
     good, worse = conversations["chosen"], conversations["rejected"]
-    if good[:-1] != worse[:-1]:
-        bad("rejected", "conversation before the last assistant turn differs from chosen's")
+    same = next((i for i, (a, b) in enumerate(zip(good, worse)) if a != b), min(len(good), len(worse)))
+    last = min(same, len(good) - 1, len(worse) - 1)
+    cut = next((i for i in range(last, 0, -1) if good[i].role == worse[i].role == "assistant"), 0)
+    if not cut:
+        bad("rejected", NO_COMMON_PROMPT)
         return None, None, None
-    if not _ends_with(good[:-1], "user", "chosen", bad):
+    if cut != len(good) - 1 or cut != len(worse) - 1:
+        notes["history"] += 1
+    if not _ends_with(good[:cut], "user", "chosen", bad):
         return None, None, None
-    return good[:-1], good[-1].content, worse[-1].content
+    return good[:cut], _hh_reply(good[cut:]), _hh_reply(worse[cut:])
+
+
+def _hh_reply(messages: Messages) -> str:
+    """An assistant message and the turns after it as one text, later turns in HH form."""
+    text = messages[0].content
+    for m in messages[1:]:
+        speaker = "Human" if m.role == "user" else "Assistant"
+        text += f"\n\n{speaker}:" + (f" {m.content}" if m.content else "")
+    return text
 
 
 def _labels(row: dict, bad: Bad) -> dict:
