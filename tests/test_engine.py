@@ -86,8 +86,48 @@ def test_resume_after_kill_matches_uninterrupted(tok, tmp_path):
 def test_nonfinite_loss_stops_with_clear_error(tok, tmp_path):
     engine = Engine(tiny_model(), TrainConfig(output_dir=str(tmp_path), progress=False), total_steps=1)
     batch = pad_batch(_data(tok, 2), tok.pad_token_id)
-    with pytest.raises(NonFiniteError, match="step 1: loss is nan"):
+    with pytest.raises(NonFiniteError) as err:
         engine.train_step([batch], lambda b: (torch.tensor(math.nan, requires_grad=True), 1.0, {}))
+    assert str(err.value) == ("step 1: loss is nan; stopping (last good checkpoint: no checkpoint yet). Lower train.lr, "
+                              "or set train.on_nonfinite=skip to skip such steps")
+
+
+def _nan_on_step_2(tok, out, on_nonfinite):
+    """fit over 3 steps, a checkpoint after every step; the step function returns NaN on step 2."""
+    cfg = SFTTrainConfig(output_dir=str(out), lr=1e-3, batch_size=2, save_every=1, keep_checkpoints=0, progress=False,
+                         on_nonfinite=on_nonfinite)
+    engine = Engine(tiny_model(seed=3), cfg, total_steps=3)
+    step, calls, weights = nll_step(engine.model), [0], []
+
+    def nan_on_2(batch):
+        calls[0] += 1
+        weights.append(engine.model.lm_head.weight.detach().clone())  # before the step
+        loss, units, sums = step(batch)
+        return (loss * math.nan if calls[0] == 2 else loss), units, sums
+
+    batches = epoch_batches_fn(_data(tok, 6), tok.pad_token_id, cfg.seed, False, cfg.batch_size, 0)
+    return engine, lambda: fit(engine, nan_on_2, batches), weights
+
+
+def test_nonfinite_loss_stops_naming_the_step_and_the_last_good_checkpoint(tok, tmp_path):
+    engine, run, _ = _nan_on_step_2(tok, tmp_path, "stop")
+    with pytest.raises(NonFiniteError) as err:
+        run()
+    assert str(err.value) == (f"step 2: loss is nan; stopping (last good checkpoint: {tmp_path / 'checkpoints' / 'step-0000001'}). "
+                              "Lower train.lr, or set train.on_nonfinite=skip to skip such steps")
+    assert engine.step == 1 and sorted(p.name for p in (tmp_path / "checkpoints").glob("step-*")) == ["step-0000001"]
+
+
+def test_nonfinite_loss_skip_skips_the_step_and_counts_it(tok, tmp_path, caplog):
+    engine, run, weights = _nan_on_step_2(tok, tmp_path, "skip")
+    with caplog.at_level("WARNING", logger="alignkit"):
+        run()
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == ["step 2: loss is nan; step skipped"]
+    rows = [r for r in read_metrics(tmp_path) if "epoch" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert [r.get("skipped") for r in rows] == [None, 1.0, None] and "loss" not in rows[1]
+    assert torch.equal(weights[1], weights[2]) and not torch.equal(weights[0], weights[1])  # step 2 left the weights alone
+    assert engine.step == 3
 
 
 def _stage(tok, out, **kw):

@@ -88,6 +88,7 @@ class Engine:
         self.loop_state: dict = {}
         self._run_config = run_config or {}
         checkpoint = latest_checkpoint(self.run_dir / "checkpoints") if resume else None
+        self.last_checkpoint: Path | None = checkpoint  # the newest this run can continue from (named on a stop)
         if checkpoint is not None:
             self.loop_state = load_checkpoint(checkpoint, self.model, self.optimizer)
             self.step = self.loop_state.pop("step")
@@ -157,7 +158,9 @@ class Engine:
     def _nonfinite(self, what: str) -> dict:
         self.optimizer.zero_grad(set_to_none=True)
         if self.cfg.on_nonfinite == "stop":
-            raise NonFiniteError(f"step {self.step + 1}: {what}; stopping (set train.on_nonfinite=skip to skip such steps, or lower train.lr)")
+            last = self.last_checkpoint or "no checkpoint yet"
+            raise NonFiniteError(f"step {self.step + 1}: {what}; stopping (last good checkpoint: {last}). Lower train.lr, "
+                                 "or set train.on_nonfinite=skip to skip such steps")
         log.warning("step %d: %s; step skipped", self.step + 1, what)
         self.step += 1
         return {"skipped": 1.0}
@@ -174,7 +177,8 @@ class Engine:
         return self._bar
 
     def save(self, loop_state: dict) -> None:
-        save_checkpoint(self.run_dir / "checkpoints", self.step, self.model, self.optimizer, loop_state, self.cfg.keep_checkpoints)
+        self.last_checkpoint = save_checkpoint(self.run_dir / "checkpoints", self.step, self.model, self.optimizer, loop_state,
+                                               self.cfg.keep_checkpoints)
 
     def evaluate(self, eval_fn: Callable | None) -> dict:
         if eval_fn is None:
