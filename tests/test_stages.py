@@ -181,6 +181,29 @@ def test_score_can_fail_replies_cut_off_by_the_budget():
     assert [x.reward for x in score([done, cut], always, truncated=0.0)] == [1.0, 0.0]
 
 
+def test_score_rejects_nan_and_inf_naming_the_first_offender():
+    long = "What is the sum of 1234 and 5678? Show every step of your working, please."  # 74 characters: cut to 57 + "..."
+    samples = [Sample("short", "r0", 0, 0), Sample(long, "r0", 1, 0), Sample(long, "r1", 1, 1), Sample(long, "r2", 1, 2)]
+    scores = {"r0": 1.0, "r1": math.nan, "r2": math.inf}
+    reward = lambda prompts, responses: [scores[r] if p == long else 0.5 for p, r in zip(prompts, responses)]
+    with pytest.raises(ValueError) as err:
+        score(samples, reward, batch_size=2)  # the offenders span two reward calls
+    assert str(err.value) == ("the reward function returned 2 non-finite score(s) of 4; the first: nan for response 1 of "
+                              "prompt 'What is the sum of 1234 and 5678? Show every step of your...'")
+    assert all(x.reward is None for x in samples)  # nothing half-scored
+    scores["r1"] = -math.inf
+    with pytest.raises(ValueError) as err:
+        score(samples, reward, truncated=0.0)
+    assert str(err.value) == ("the reward function returned 2 non-finite score(s) of 4; the first: -inf for response 1 of "
+                              "prompt 'What is the sum of 1234 and 5678? Show every step of your...'")
+    samples[2].finish_reason = samples[3].finish_reason = "length"  # cut off: scored `truncated`, whatever the function says
+    assert [x.reward for x in score(samples, reward, truncated=0.0)] == [0.5, 1.0, 0.0, 0.0]
+    short = [Sample("short", "r1", 0, 3)]
+    with pytest.raises(ValueError) as err:
+        score(short, lambda p, r: [math.inf])
+    assert str(err.value) == "the reward function returned 1 non-finite score(s) of 1; the first: inf for response 3 of prompt 'short'"
+
+
 def test_collect_puts_few_shot_turns_before_each_prompt(tok):
     """Exemplar turns go into the text the generator continues, before the user message; the
     samples keep the bare prompt (what the M-step trains on and the reward sees)."""

@@ -62,14 +62,24 @@ def collect(generator, tokenizer, prompts: list[str], params: SamplingParams, it
 def score(samples: list[Sample], reward_fn, batch_size: int = 256, truncated: float | None = None) -> list[Sample]:
     """Set `reward` on every sample (in place, batched); returns the samples. With `truncated`, a
     sample cut off by max_new_tokens gets that reward instead: for a verifier, a cut-off reply is
-    no answer even when its last number happens to match."""
+    no answer even when its last number happens to match. A NaN or infinite score is an error
+    (naming the first such sample), never something to train on; no sample is changed then."""
+    values = []
     for s in range(0, len(samples), batch_size):
         chunk = samples[s:s + batch_size]
         rewards = reward_fn([x.prompt for x in chunk], [x.response for x in chunk])
         if len(rewards) != len(chunk):
             raise ValueError(f"the reward function returned {len(rewards)} scores for {len(chunk)} samples")
-        for x, r in zip(chunk, rewards):
-            x.reward = float(r) if truncated is None or x.finish_reason != "length" else truncated
+        values += [float(r) if truncated is None or x.finish_reason != "length" else float(truncated)
+                   for x, r in zip(chunk, rewards)]
+    bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
+    if bad:
+        x = samples[bad[0]]
+        prompt = x.prompt if len(x.prompt) <= 60 else x.prompt[:57] + "..."
+        raise ValueError(f"the reward function returned {len(bad)} non-finite score(s) of {len(values)}; the first: "
+                         f"{values[bad[0]]} for response {x.sample_index} of prompt {prompt!r}")
+    for x, v in zip(samples, values):
+        x.reward = v
     return samples
 
 
