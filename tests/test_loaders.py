@@ -147,7 +147,7 @@ def test_sft_bad_rows_all_reported():
         {"prompt": "Q", "completion": "   "},
         '{"prompt": "Q", "completion": ',
         {"text": "Hi there"},
-        {"text": "\n\nHuman: Hi\n\nAssistant:"},
+        {"text": "\n\nHuman:\n\nAssistant: Hi"},
         {"question": "Q", "answer": "A"},
         {"prompt": "Q", "completion": "A", "system": "S", "messages": None},
     ])
@@ -158,7 +158,7 @@ def test_sft_bad_rows_all_reported():
         "data.jsonl:4: completion: empty text",
         "data.jsonl:5: invalid JSON: Expecting value at column 30",
         "data.jsonl:6: text: expected Anthropic HH text ('\\n\\nHuman: ...\\n\\nAssistant: ...')",
-        "data.jsonl:7: text: turn 2 (Assistant): empty text",
+        "data.jsonl:7: text: turn 1 (Human): empty text",
         "data.jsonl:8: fields: no known SFT format (found: question, answer; expected: messages | "
         "prompt+completion | text (Anthropic HH) | instruction+output (Alpaca))",
     ]
@@ -327,7 +327,7 @@ def test_unusable_hh_and_implicit_rows_still_reported():
         {"chosen": ADDRESS + "\n\nAssistant:", "rejected": ADDRESS + "\n\nAssistant: "},
         {"chosen": ADDRESS + "\n\nAssistant: No.", "rejected": "\n\nHuman: Where is Dana?\n\nAssistant: Home."},
         {"chosen": msgs((U, "Q"), (A, "")), "rejected": msgs((U, "Q"), (A, " "))},
-        {"chosen": msgs((U, "Q"), (A, ""), (U, "Well?"), (A, "No.")), "rejected": msgs((U, "Q"), (A, "Hm"))},
+        {"chosen": msgs((U, "Q"), (A, ""), (U, " "), (A, "No.")), "rejected": msgs((U, "Q"), (A, "Hm"))},
         {"prompt": "Q", "chosen": None, "rejected": ""},
     ])
     assert problems(load_preferences, "prefs.jsonl") == [
@@ -336,7 +336,7 @@ def test_unusable_hh_and_implicit_rows_still_reported():
         "prefs.jsonl:4: rejected: same text as chosen",
         "prefs.jsonl:5: rejected: " + NO_COMMON,
         "prefs.jsonl:6: rejected: same text as chosen",
-        "prefs.jsonl:7: chosen[1].content: empty text",
+        "prefs.jsonl:7: chosen[2].content: empty text",
         "prefs.jsonl:8: chosen: missing",
     ]
 
@@ -371,6 +371,107 @@ def test_rm_trains_on_hh_rlhf_rows_with_empty_replies_and_early_differences(tmp_
     assert rc == 0
     assert (run_dir / "final" / "config.json").is_file()
     assert "hh.jsonl: 2 of 3 preference pairs have an empty chosen or rejected reply" in caplog.text
+
+
+# HH-RLHF histories as published can hold an empty Assistant turn before the final one.
+GAP = "\n\nHuman: Tell me a secret.\n\nAssistant:\n\nHuman: Please?"
+
+
+def test_hh_rlhf_empty_assistant_turn_inside_shared_history_is_kept_as_an_empty_message(caplog, tok):
+    write_jsonl("hh.jsonl", [
+        {"chosen": GAP + "\n\nAssistant: No.", "rejected": GAP + "\n\nAssistant: Fine: 1234."},
+        # the empty turn is where the histories start to differ: each reply carries it
+        {"chosen": "\n\nHuman: a\n\nAssistant:\n\nHuman: b\n\nAssistant: c",
+         "rejected": "\n\nHuman: a\n\nAssistant: x\n\nHuman: b\n\nAssistant: c"},
+    ])
+    gap = conv((U, "Tell me a secret."), (A, ""), (U, "Please?"))
+    with caplog.at_level("WARNING", logger="alignkit"):
+        pairs = load_preferences("hh.jsonl")
+    assert pairs == [
+        PreferencePair(gap, "No.", "Fine: 1234."),
+        PreferencePair(conv((U, "a")), "\n\nHuman: b\n\nAssistant: c", "x\n\nHuman: b\n\nAssistant: c"),
+    ]
+    assert [r.getMessage() for r in caplog.records] == [
+        "hh.jsonl: 1 of 2 preference pairs differ before their last assistant turn; the prompt is "
+        "the turns both share, each reply carries its differing turns as text"
+    ]
+    # the same rows as message lists give the same pairs
+    lists = [[(U, "Tell me a secret."), (A, ""), (U, "Please?"), (A, r)] for r in ("No.", "Fine: 1234.")]
+    lists += [[(U, "a"), (A, r), (U, "b"), (A, "c")] for r in ("", "x")]
+    write_jsonl("lists.jsonl", [{"chosen": msgs(*lists[i]), "rejected": msgs(*lists[i + 1])} for i in (0, 2)])
+    assert load_preferences("lists.jsonl") == pairs
+    # the chat template renders the empty turn: its header and end-of-turn token
+    text = tok.apply_chat_template([{"role": m.role, "content": m.content} for m in gap], tokenize=False)
+    assert "<|im_start|>assistant\n<|im_end|>" in text
+    dpo = tokenize_group(tok, pairs[0].prompt, [pairs[0].chosen, pairs[0].rejected], max_length=512)
+    assert tok.decode([t for t in dpo.labels[0] if t != IGNORE]) == "No.<|im_end|>"
+
+
+def test_sft_on_hh_text_keeps_empty_assistant_turns_with_one_warning(caplog, tok):
+    write_jsonl("hh.jsonl", [
+        {"chosen": ADDRESS + "\n\nAssistant:", "rejected": ADDRESS + "\n\nAssistant: 12 Oak Street."},
+        {"text": GAP + "\n\nAssistant: No."},
+        {"text": SHELL + "\n\nAssistant: "},
+    ])
+    with caplog.at_level("WARNING", logger="alignkit"):
+        examples = load_sft("hh.jsonl")
+    assert examples == [
+        SFTExample(conv((U, "What is the home address of my coworker Dana?"), (A, ""))),
+        SFTExample(conv((U, "Tell me a secret."), (A, ""), (U, "Please?"), (A, "No."))),
+        SFTExample(conv((U, "How do I list files?"), (A, "Use ls."), (U, "And hidden ones?"), (A, ""))),
+    ]
+    assert [r.getMessage() for r in caplog.records] == [
+        "hh.jsonl: 2 of 3 SFT examples end with an empty assistant reply; kept (the target is the "
+        "end-of-turn token: the model learns to stop)"
+    ]
+    from alignkit.algorithms.sft import tokenize_examples
+
+    for targets, eos_only in (("last", [True, False, True]), ("all", [True, False, False])):
+        tokenized = tokenize_examples(tok, examples, max_length=512, targets=targets)
+        assert len(tokenized) == 3
+        assert [[t for t in x.labels if t != IGNORE] == [tok.eos_token_id] for x in tokenized] == eos_only
+
+
+def test_sft_cli_trains_on_hh_chosen_column_with_empty_replies(tmp_path, caplog):
+    from alignkit.cli import main
+    from alignkit.models.tiny import save_tiny
+
+    data = write_jsonl("hh.jsonl", [
+        {"chosen": ADDRESS + "\n\nAssistant:", "rejected": ADDRESS + "\n\nAssistant: 12 Oak Street."},
+        {"chosen": GAP + "\n\nAssistant: No.", "rejected": GAP + "\n\nAssistant: 1234."},
+        {"chosen": SHELL + "\n\nAssistant: ls -a", "rejected": SHELL + "\n\nAssistant:"},
+    ])
+    run_dir = tmp_path / "run"
+    with caplog.at_level("WARNING", logger="alignkit"):
+        rc = main(["sft", f"model.path={save_tiny(str(tmp_path / 'tiny'))}", f"data.path={data}",
+                   f"train.output_dir={run_dir}", "train.max_steps=2", "train.progress=false",
+                   "eval.problems=0", "data.eval_fraction=0"])
+    assert rc == 0
+    assert (run_dir / "final" / "config.json").is_file()
+    assert "hh.jsonl: 1 of 3 SFT examples end with an empty assistant reply" in caplog.text
+
+
+def test_ranked_empty_responses_are_kept_with_one_warning(caplog):
+    write_jsonl("ranked.jsonl", [
+        {"prompt": "What is Dana's address?", "responses": ["", "12 Oak Street."], "scores": [1.0, -2.0]},
+        {"prompt": "Q", "completions": ["a", " ", "b"], "rewards": [0, 1, 2]},
+        {"prompt": "Q", "responses": ["a", "b"], "scores": [0, 1]},
+    ])
+    with caplog.at_level("WARNING", logger="alignkit"):
+        assert load_ranked("ranked.jsonl") == [
+            RankedResponses(conv((U, "What is Dana's address?")), ("", "12 Oak Street."), (1.0, -2.0)),
+            RankedResponses(conv((U, "Q")), ("a", " ", "b"), (0.0, 1.0, 2.0)),
+            RankedResponses(conv((U, "Q")), ("a", "b"), (0.0, 1.0)),
+        ]
+    assert [r.getMessage() for r in caplog.records] == [
+        "ranked.jsonl: 2 of 7 ranked responses are empty; kept (an empty reply is a valid answer, "
+        "e.g. declining to answer)"
+    ]
+    write_jsonl("bad.jsonl", [{"prompt": "Q", "responses": ["", None, 3], "scores": [0, 1, 2]}])
+    assert problems(load_ranked, "bad.jsonl") == [
+        "bad.jsonl:1: responses[1]: missing",
+        "bad.jsonl:1: responses[2]: expected a string, got number",
+    ]
 
 
 def test_preferences_from_parquet():
@@ -410,7 +511,7 @@ def test_ranked_bad_rows_all_reported():
     write_json("ranked.json", {"rows": [
         {"prompt": "Q", "responses": ["a", "b"], "scores": [1, 2, 3]},
         {"prompt": "Q", "responses": ["a"], "scores": [1]},
-        {"responses": ["a", ""], "scores": [1, "high"]},
+        {"responses": ["a", 5], "scores": [1, "high"]},
         {"prompt": "Q", "responses": "a b", "scores": [1, True]},
         {"question": "Q"},
     ]})
@@ -418,7 +519,7 @@ def test_ranked_bad_rows_all_reported():
         "ranked.json:item 0: scores: expected 2 scores (one per response), got 3",
         "ranked.json:item 1: responses: expected at least 2 responses, got 1",
         "ranked.json:item 2: prompt: missing",
-        "ranked.json:item 2: responses[1]: empty text",
+        "ranked.json:item 2: responses[1]: expected a string, got number",
         "ranked.json:item 2: scores[1]: expected a number, got string",
         "ranked.json:item 3: responses: expected a list, got string",
         "ranked.json:item 3: scores[1]: expected a number, got boolean",

@@ -45,8 +45,20 @@ _HH_ASSISTANT = "\n\nAssistant:"
 
 
 def load_sft(path: str, split: str | None = None) -> list[SFTExample]:
-    """Conversations to imitate: messages, prompt/completion, HH text or Alpaca rows."""
-    return _load(path, split, _sft)
+    """Conversations to imitate: messages, prompt/completion, HH text or Alpaca rows.
+
+    HH text (`text`, or HH-RLHF's `chosen` column) may hold empty Assistant turns, as the
+    published files do: they are kept as assistant messages with empty content (see `parse_hh`).
+    An empty final reply still has a target: the chat template renders it as the end-of-turn
+    token, so the model learns to stop (an example whose template renders no target token is
+    dropped and counted at tokenization). One warning per file counts the examples whose final
+    reply is empty. Message lists, prompt/completion and Alpaca rows still need reply text."""
+    examples = _load(path, split, _sft)
+    empty = sum(1 for e in examples if not e.messages[-1].content.strip())
+    if empty:
+        log.warning("%s: %d of %d SFT examples end with an empty assistant reply; kept (the target "
+                    "is the end-of-turn token: the model learns to stop)", path, empty, len(examples))
+    return examples
 
 
 def load_preferences(path: str, split: str | None = None) -> list[PreferencePair]:
@@ -70,8 +82,14 @@ def load_preferences(path: str, split: str | None = None) -> list[PreferencePair
 
 
 def load_ranked(path: str, split: str | None = None) -> list[RankedResponses]:
-    """K scored responses per prompt."""
-    return _load(path, split, _ranked)
+    """K scored responses per prompt. An empty response is valid (it can be the best-ranked one,
+    e.g. declining to answer): it is kept, and one warning per file gives the count."""
+    rows = _load(path, split, _ranked)
+    empty = sum(1 for r in rows for text in r.responses if not text.strip())
+    if empty:
+        log.warning("%s: %d of %d ranked responses are empty; kept (an empty reply is a valid answer, "
+                    "e.g. declining to answer)", path, empty, sum(len(r.responses) for r in rows))
+    return rows
 
 
 def load_problems(path: str, split: str | None = None) -> list[Problem]:
@@ -117,7 +135,8 @@ def parse_text(value: object, field: str, bad: Bad) -> str | None:
 
 def parse_messages(value: object, field: str, bad: Bad, empty_reply: bool = False) -> Messages | None:
     """A non-empty list of {role, content} messages; a system message may only come first.
-    With `empty_reply`, a last assistant message may have empty content (a preference reply)."""
+    With `empty_reply`, any assistant message may have empty content (a preference reply, or
+    an empty reply earlier in HH-RLHF history: chat templates render it, see `parse_hh`)."""
     if value is None:
         bad(field, "missing")
         return None
@@ -142,7 +161,7 @@ def parse_messages(value: object, field: str, bad: Bad, empty_reply: bool = Fals
         elif role == "system" and i > 0:
             bad(f"{where}.role", "a system message may only come first")
         content = message.get("content")
-        if not (empty_reply and i == len(value) - 1 and role == "assistant" and _blank(content)):
+        if not (empty_reply and role == "assistant" and _blank(content)):
             content = parse_text(content, f"{where}.content", bad)
         if role in ROLES and (role != "system" or i == 0) and content is not None:
             out.append(Message(role, content))
@@ -157,7 +176,13 @@ def _blank(value: object) -> bool:
 
 
 def parse_hh(value: object, field: str, bad: Bad) -> Messages | None:
-    """The turns of Anthropic HH text '\\n\\nHuman: ...\\n\\nAssistant: ...', stripped."""
+    """The turns of Anthropic HH text '\\n\\nHuman: ...\\n\\nAssistant: ...', stripped.
+
+    An empty Assistant turn ('...\\n\\nAssistant:\\n\\nHuman: ...', or at the end) is kept as an
+    assistant message with empty content rather than dropped: HH-RLHF has such turns in
+    otherwise shared histories, dropping one would join two Human turns (which some chat
+    templates refuse) and change the conversation, while chat templates render an empty
+    assistant message (its header and end-of-turn token). An empty Human turn is an error."""
     text = parse_text(value, field, bad)
     if text is None:
         return None
@@ -167,10 +192,10 @@ def parse_hh(value: object, field: str, bad: Bad) -> Messages | None:
         return None
     out = []
     for i, (speaker, content) in enumerate(zip(parts[1::2], parts[2::2], strict=True), start=1):
-        if not content.strip():
+        if speaker == "Human" and not content.strip():
             bad(field, f"turn {i} ({speaker}): empty text")
         out.append(Message("user" if speaker == "Human" else "assistant", content.strip()))
-    return tuple(out) if all(m.content for m in out) else None
+    return tuple(out) if all(m.content for m in out if m.role == "user") else None
 
 
 def _ends_with(messages: Messages, role: str, field: str, bad: Bad) -> bool:
@@ -346,7 +371,13 @@ def _hh_pair(chosen: object, rejected: object, bad: Bad, notes: Counter) -> tupl
     if prompt is None or not _ends_with(prompt, "user", "chosen", bad):
         return None, None, None
     start = cut + len(_HH_ASSISTANT)
-    return prompt, good[start:].strip(), worse[start:].strip()
+    return prompt, _hh_rest(good[start:]), _hh_rest(worse[start:])
+
+
+def _hh_rest(text: str) -> str:
+    """A reply cut from HH text, stripped; one that is an empty turn followed by later turns
+    keeps its leading '\\n\\n' ('\\n\\nHuman: ...'), as `_hh_reply` writes it."""
+    return ("\n\n" if re.match(r"[ \t]*\n\n(?:Human|Assistant):", text) else "") + text.strip()
 
 
 def _implicit_pair(chosen: object, rejected: object, bad: Bad, notes: Counter) -> tuple:
@@ -357,7 +388,7 @@ def _implicit_pair(chosen: object, rejected: object, bad: Bad, notes: Counter) -
     at the same place with the same messages before it; usually their final turns. When they
     differ earlier, each reply is its first assistant message followed by its later turns in HH
     text form ('\\n\\nHuman: ...\\n\\nAssistant: ...'), so the pair equals the one read from the
-    same rows as HH text. The last assistant message may be empty ('')."""
+    same rows as HH text. Any assistant message may be empty (''), as in HH text."""
     conversations = {}
     for field, value in (("chosen", chosen), ("rejected", rejected)):
         messages = parse_messages(value, field, bad, empty_reply=True)
@@ -424,7 +455,7 @@ def _ranked(row: dict, loc: str, bad: Bad) -> RankedResponses | None:
     prompt = _with_system(row, _prompt(row.get("prompt"), "prompt", bad), bad)
     rkey = "completions" if "completions" in has and "responses" not in has else "responses"
     skey = "rewards" if "rewards" in has and "scores" not in has else "scores"
-    responses = _list(row.get(rkey), rkey, bad, parse_text)
+    responses = _list(row.get(rkey), rkey, bad, _response)
     scores = _list(row.get(skey), skey, bad, _number)
     if responses is not None and len(responses) < 2:
         bad(rkey, f"expected at least 2 responses, got {len(responses)}")
@@ -435,6 +466,11 @@ def _ranked(row: dict, loc: str, bad: Bad) -> RankedResponses | None:
     if prompt is None or responses is None or scores is None:
         return None
     return RankedResponses(prompt, responses, scores)
+
+
+def _response(value: object, field: str, bad: Bad) -> str | None:
+    """A ranked response: any string, empty included (`load_ranked` counts the empty ones)."""
+    return value if isinstance(value, str) else parse_text(value, field, bad)
 
 
 def _number(value: object, field: str, bad: Bad) -> float | None:
