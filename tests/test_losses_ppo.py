@@ -117,6 +117,36 @@ def test_policy_loss_padding_is_inert():
     assert m["ratio_max"].item() == pytest.approx(1.0)
 
 
+def test_policy_loss_dual_clip_caps_negative_advantages_by_hand():
+    # ε = 0.2, c = 3; one reply of 3 tokens, token reduction (B/N = 1/3).
+    # PPO loss per token: max(-ρA, -clip(ρ, 0.8, 1.2)A); dual-clip, for A < 0 only: min(that, -cA).
+    #   t1: ρ = 5, A = -1: max(5, 1.2) = 5 -> min(5, 3) = 3    capped: no gradient
+    #   t2: ρ = 2, A = -2: max(4, 2.4) = 4 -> min(4, 6) = 4    under the cap: gradient -ρA = 4
+    #   t3: ρ = 5, A = +1: max(-5, -1.2) = -1.2 (A > 0: no cap) clipped: no gradient
+    # loss = (3 + 4 - 1.2) / 3 = 5.8 / 3; without the cap (5 + 4 - 1.2) / 3 = 7.8 / 3
+    ratio = torch.tensor([[5.0, 2.0, 5.0]])
+    adv = torch.tensor([[-1.0, -2.0, 1.0]])
+    old = torch.full((1, 3), -2.0)
+    mask = torch.ones(1, 3)
+    logp = (old + torch.log(ratio)).requires_grad_(True)
+    loss, m = policy_loss(logp, old, adv, mask, clip=0.2, ratio_cap=3.0)
+    assert loss.item() == pytest.approx(5.8 / 3)
+    loss.sum().backward()
+    torch.testing.assert_close(logp.grad, torch.tensor([[0.0, 4.0 / 3, 0.0]]))
+    assert m["ratio_max"].item() == pytest.approx(5.0)
+    assert m["ratio_over_cap"].item() == pytest.approx(2 / 3)  # t1 and t3 exceed 3, whatever the sign of A
+    uncapped, m = policy_loss(logp, old, adv, mask, clip=0.2)
+    assert uncapped.item() == pytest.approx(7.8 / 3) and m["ratio_over_cap"].item() == 0.0
+    # a padded 4th token with a huge ratio neither counts nor changes the loss (N stays 3)
+    padded, m = policy_loss(torch.cat([logp, torch.tensor([[40.0]])], 1), torch.cat([old, torch.tensor([[-2.0]])], 1),
+                            torch.cat([adv, torch.tensor([[-1.0]])], 1), torch.tensor([[1.0, 1.0, 1.0, 0.0]]), ratio_cap=3.0)
+    assert padded.item() == pytest.approx(5.8 / 3) and m["ratio_over_cap"].item() == pytest.approx(2 / 3)
+    assert m["ratio_max"].item() == pytest.approx(5.0)
+    with pytest.raises(ValueError) as err:
+        policy_loss(logp, old, adv, mask, ratio_cap=0.5)
+    assert str(err.value) == "policy_loss: ratio_cap must be >= 1 (or None), got 0.5"
+
+
 # --------------------------------------------------------------------------- value loss
 
 

@@ -39,7 +39,7 @@ def _run(tiny_dir, out, *overrides, iterations=2):
 
 
 PPO_KEYS = {"reward", "reward_std", "kl", "beta", "entropy", "clip_frac", "approx_kl", "vf_loss", "explained_variance",
-            "response_length", "tokens_per_s", "gen_tokens_per_s", "pg_loss", "grad_norm", "lr"}
+            "response_length", "tokens_per_s", "gen_tokens_per_s", "pg_loss", "grad_norm", "lr", "ratio_max", "ratio_over_cap"}
 
 
 @pytest.mark.parametrize("memory,trunk", [("lora", "shared"), ("lora", "own"), ("full", "shared"), ("full", "own")])
@@ -124,6 +124,32 @@ def test_shared_trunk_step_is_policy_plus_value_loss_in_one_pass(tiny_dir, memor
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
     names = [n for n, p in ac.named_parameters() if p.requires_grad]
     assert got[names.index("critic.head.weight")].abs().sum() > 0  # the value loss reaches the head
+
+
+def test_ratio_cap_bounds_the_step_loss_and_reports_the_ratios(tiny_dir):
+    """Old log-probs 2 nats below the policy's: ρ = e² ≈ 7.39 on every token, A = -1 everywhere.
+    PPO's per-token loss is -A·max(ρ, clip(ρ)) = e²; with ratio_cap=3 it is min(e², 3·|A|) = 3 and
+    has no gradient. The step returns the loss summed over its units (tokens) and the metric sums."""
+    from alignkit.algorithms.ppo.loop import make_step
+    from alignkit.losses.ppo import FixedKLController
+
+    ac, _, _ = build_actor_critic(ModelConfig(path=tiny_dir, lora=None), "full", None)
+    batch = assemble([[10, 20, 30], [40]], [[50, 60], [70, 80, 90]], pad_id=258)
+    mask = batch["response_mask"]
+    with torch.no_grad():
+        logp = ac.policy_logprobs(batch, 1.0)[0]
+    mb = {**batch, "old_logp": logp - 2.0 * mask, "advantages": -mask.float(), "part": "policy"}
+    e2, units = torch.tensor(2.0).exp().item(), float(mask.sum())
+    for cap, per_token, over in ((3, 3.0, 1.0), (0, e2, 0.0), (8, e2, 0.0)):
+        cfg = load_config(PPOConfig, None, ["algorithm=reinforce", f"ratio_cap={cap}"])
+        loss, got_units, sums = make_step(ac, cfg, FixedKLController(0.05))(mb)
+        assert got_units == units == 5.0 and loss.item() == pytest.approx(per_token * units, rel=1e-4)
+        assert sums["ratio_max"] == pytest.approx(e2 * units, rel=1e-4) and sums["ratio_over_cap"] == over * units
+        grads = torch.autograd.grad(loss, [p for p in ac.parameters() if p.requires_grad], allow_unused=True)
+        assert (sum(g.abs().sum().item() for g in grads if g is not None) == 0) == (cap == 3)  # capped: no gradient
+    with pytest.raises(ConfigError) as err:
+        load_config(PPOConfig, None, ["ratio_cap=0.5"])
+    assert str(err.value) == "ratio_cap must be 0 (off) or >= 1, not 0.5"
 
 
 @pytest.mark.parametrize("algorithm", ["grpo", "rloo", "reinforce"])

@@ -111,15 +111,24 @@ def policy_loss(
     mask: torch.Tensor,
     clip: float = 0.2,
     reduction: str = "token",
+    ratio_cap: Optional[float] = None,
 ) -> Tuple[torch.Tensor, Metrics]:
     """PPO clipped surrogate, per token: −min(ρA, clip(ρ, 1−ε, 1+ε)A), ρ = exp(logp − old_logp).
+
+    ``ratio_cap`` c (> 1, e.g. 3; None = off) adds dual-clip PPO's bound (Ye et al. 2020). For
+    A < 0 the clipped loss above is −A·max(ρ, 1−ε), which grows without bound with ρ; dual-clip
+    maximises max(min(ρA, clip(ρ)A), c·A) there, i.e. the loss becomes min(−min(ρA, clip(ρ)A), −c·A):
+    at most −c·A = c·|A|, with zero gradient once ρ > c. Tokens with A >= 0 are unchanged.
 
     Returns ``(per_example [B], metrics)`` (see the module docstring for ``reduction``).
     Metrics over masked tokens: ``clip_frac`` (share of tokens where the clipped term is the
     one used, i.e. it has zero gradient), ``approx_kl`` (mean k3 estimate of KL(π_old‖π_θ) =
-    ρ − 1 − log ρ), ``ratio_mean``, ``ratio_max``.
+    ρ − 1 − log ρ), ``ratio_mean``, ``ratio_max``, ``ratio_over_cap`` (share of tokens with
+    ρ > c, whatever the sign of A; 0 when ``ratio_cap`` is None).
     """
     _check_shapes("policy_loss", logp, old_logp, advantages, mask)
+    if ratio_cap is not None and ratio_cap < 1:
+        raise ValueError(f"policy_loss: ratio_cap must be >= 1 (or None), got {ratio_cap}")
     valid = mask.bool()
     log_ratio = torch.where(valid, logp.float() - old_logp.float(), torch.zeros_like(logp.float()))
     ratio = torch.exp(log_ratio)
@@ -127,6 +136,8 @@ def policy_loss(
     unclipped = -adv * ratio
     clipped = -adv * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
     per_token = torch.maximum(unclipped, clipped)
+    if ratio_cap is not None:
+        per_token = torch.where(adv < 0, torch.minimum(per_token, -ratio_cap * adv), per_token)
     loss = _reduce(per_token, mask, reduction)
     with torch.no_grad():
         r = ratio.detach()
@@ -137,6 +148,9 @@ def policy_loss(
             "ratio_max": torch.where(valid, r, torch.zeros_like(r)).max()
             if r.numel()
             else torch.zeros(()),
+            "ratio_over_cap": masked_mean((r > ratio_cap).float(), mask)
+            if ratio_cap is not None
+            else torch.zeros((), device=r.device),
         }
     return loss, metrics
 

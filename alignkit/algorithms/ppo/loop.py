@@ -16,7 +16,7 @@ One iteration (docs/architecture.md: online methods are stages):
    of train.batch_size rows accumulate), clipped policy loss + vf_coef·clipped value loss
    (+ γ_ptx·NLL on SFT data, InstructGPT's PPO-ptx); then the KL controller, which owns β,
    updates it.
-Every iteration logs reward mean/std, KL, β, entropy, clip fraction, approx-KL, value loss,
+Every iteration logs reward mean/std, KL, β, entropy, clip fraction, approx-KL, ratio max and share over ratio_cap, value loss,
 explained variance, response length and tokens/s; warns when KL or length runs away; writes
 samples to samples.jsonl; evaluates held-out reward and KL every `eval.every` iterations
 (optional early stopping); and checkpoints the loop state every `train.save_every` iterations
@@ -137,6 +137,8 @@ class PPOConfig:
     ppo_epochs: int = opt(4, "passes over each iteration's rollouts")
     minibatch_size: int = opt(16, "replies per optimizer step")
     clip: float = opt(0.2, "policy ratio clip ε")
+    ratio_cap: float = opt(0.0, "dual-clip cap c on the policy ratio for negative advantages: the per-token loss is at "
+                                "most c·|A| (Ye et al. 2020; e.g. 3; 0 = off). ratio_max and ratio_over_cap are logged")
     vf_clip: float = opt(0.2, "value clip ε_v (0 = off)")
     vf_coef: float = opt(0.1, "value loss coefficient")
     gamma: float = opt(1.0, "GAE discount γ")
@@ -164,6 +166,8 @@ class PPOConfig:
         if self.critic_trunk == "shared" and self.critic_init == "reward_model":
             raise ValueError("critic_trunk=shared puts the value head on the policy's own pass, so the critic cannot start "
                              "from a reward model: use critic_trunk=own with critic_init=reward_model")
+        if self.ratio_cap != 0 and self.ratio_cap < 1:
+            raise ValueError(f"ratio_cap must be 0 (off) or >= 1, not {self.ratio_cap!r}")
         if self.loss_reduction not in ("token", "sequence"):
             raise ValueError(f"loss_reduction must be token or sequence, not {self.loss_reduction!r}")
 
@@ -251,9 +255,10 @@ def make_step(ac, cfg: PPOConfig, kl_ctl):
             logp, _, values = ac.policy_outputs(mb, cfg.sampling.temperature)
         else:
             logp, _ = ac.policy_logprobs(mb, cfg.sampling.temperature)
-        pg, metrics = policy_loss(logp, mb["old_logp"], mb["advantages"], mask, cfg.clip, cfg.loss_reduction)
+        pg, metrics = policy_loss(logp, mb["old_logp"], mb["advantages"], mask, cfg.clip, cfg.loss_reduction,
+                                  cfg.ratio_cap or None)
         loss = pg.mean()
-        metrics = {"pg_loss": loss.detach(), "clip_frac": metrics["clip_frac"], "approx_kl": metrics["approx_kl"]}
+        metrics = {"pg_loss": loss.detach(), **{k: metrics[k] for k in ("clip_frac", "approx_kl", "ratio_max", "ratio_over_cap")}}
         if cfg.method.kl_in_loss and kl_ctl.beta > 0:
             kl_l, _ = kl_loss(logp, mb["ref_logp"], mask, "k3", cfg.loss_reduction)
             loss = loss + kl_ctl.beta * kl_l.mean()
