@@ -13,6 +13,7 @@ import typing
 from alignkit.config import ConfigError, defaults, describe, load_config
 from alignkit.engine.allocator import tune_malloc
 from alignkit.engine.config import Resumable
+from alignkit.engine.trainer import NonFiniteError
 
 # command -> (module, config class, run function, one-line description)
 COMMANDS = {
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(cls, recipe, overrides)
         tune_malloc()
         result = getattr(module, fn_name)(cfg)
-    except (ConfigError, ValueError, FileNotFoundError) as err:
+    except (ConfigError, ValueError, FileNotFoundError, NonFiniteError) as err:
         if os.environ.get("ALIGNKIT_DEBUG"):
             raise
         print(f"alignkit {command}: error: {err}", file=sys.stderr)

@@ -170,3 +170,17 @@ def test_last_epoch_is_validated_and_max_epochs_caps_steps(tok, tmp_path):
     engine, batches = _stage(tok, tmp_path / "b", max_steps=50)
     fit(engine, nll_step(engine.model), batches, max_epochs=3, checkpoints=False)
     assert engine.step == 6 and engine.total_steps == 50 and engine.loop_state == {"epoch": 2, "index": 2}
+
+
+def test_cli_reports_a_nonfinite_stop_as_an_error_line(tmp_path, monkeypatch, capsys):
+    """The engine's stop on a non-finite loss reaches the user as one `alignkit <cmd>: error:` line, exit 1."""
+    import alignkit.algorithms.sft as sft
+    from alignkit.cli import main
+
+    def run(cfg):
+        raise NonFiniteError("step 3: loss is nan; stopping (last good checkpoint: no checkpoint yet)")
+
+    monkeypatch.setattr(sft, "run", run)
+    assert main(["sft", f"train.output_dir={tmp_path}"]) == 1
+    assert capsys.readouterr().err.strip().endswith(
+        "alignkit sft: error: step 3: loss is nan; stopping (last good checkpoint: no checkpoint yet)")
