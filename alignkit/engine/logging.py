@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import json
 import logging
 import math
+import time
 from pathlib import Path
 
 log = logging.getLogger("alignkit")
+
+# each tracker's package (what `pip install` takes)
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 
 
 def _clean(value):
@@ -19,13 +25,23 @@ def _clean(value):
 
 
 class MetricsLogger:
-    """Appends one JSON object per logged step to `metrics.jsonl`.
+    """Appends one JSON object per logged step to `metrics.jsonl`, and sends the numeric values to
+    the extra `trackers` (tensorboard, wandb, mlflow).
 
-    On resume, lines from steps after the checkpoint are dropped first, so the file reads as if
-    the run had never been interrupted.
+    The trackers open first: a tracker whose package is missing is a ValueError naming the package,
+    before the run directory is touched. `close()` flushes and closes them (idempotent); a logger
+    still open when the process exits is closed then. On resume, lines from steps after the
+    checkpoint are dropped first, so the file reads as if the run had never been interrupted.
     """
 
     def __init__(self, run_dir: Path, trackers: list[str] = (), config: dict | None = None, resume_step: int | None = None):
+        self._trackers: list[tuple] = []
+        try:
+            for name in trackers:
+                self._trackers.append(_open_tracker(name, run_dir, config or {}))
+        except BaseException:
+            self._close_trackers()
+            raise
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.exists():
@@ -35,39 +51,114 @@ class MetricsLogger:
             tmp.replace(self.path)
         elif resume_step is None and self.path.exists():
             self.path.unlink()
-        self._trackers = [t for t in (_open_tracker(name, run_dir, config or {}) for name in trackers) if t]
+        if self._trackers:
+            _open_loggers.append(self)
 
     def log(self, step: int, metrics: dict) -> None:
         row = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
-        for tracker in self._trackers:
-            tracker(step, {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"})
+        numbers = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}
+        for _, write, _ in self._trackers:
+            write(step, numbers)
+
+    def close(self) -> None:
+        """Flush and close every tracker (TensorBoard's writer, W&B's run, MLflow's run), after
+        those of loggers opened since inside this run's directory and still open (a sampling
+        method's train stages): last opened, first closed. Later calls do nothing; later rows
+        still go to metrics.jsonl. A tracker that fails to close is a warning: the others close."""
+        if self not in _open_loggers:
+            return
+        here = self.path.parent.resolve()
+        inner = [lg for lg in _open_loggers[_open_loggers.index(self) + 1:] if here in lg.path.resolve().parents]
+        for logger in [*reversed(inner), self]:
+            logger._close_trackers()
+
+    def _close_trackers(self) -> None:
+        trackers, self._trackers = self._trackers, []
+        if self in _open_loggers:
+            _open_loggers.remove(self)
+        for name, _, close in reversed(trackers):
+            try:
+                close()
+            except Exception as err:  # noqa: BLE001 - closing the others matters more
+                log.warning("tracker %s did not close cleanly: %s", name, err)
+
+    @contextlib.contextmanager
+    def closing_on_error(self):
+        """Close the trackers when the block raises (the run is over); leave them open otherwise."""
+        try:
+            yield self
+        except BaseException:
+            self.close()
+            raise
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
-def _open_tracker(name: str, run_dir: Path, config: dict):
-    """A callable(step, metrics) for an installed tracker; a warning and None if it is missing."""
+_open_loggers: list[MetricsLogger] = []  # with trackers not yet closed, in the order they opened
+
+
+@atexit.register
+def _close_open_loggers() -> None:
+    """At interpreter exit: close what is still open, last opened first."""
+    for logger in reversed(list(_open_loggers)):
+        logger._close_trackers()
+
+
+def _open_tracker(name: str, run_dir: Path, config: dict) -> tuple:
+    """(name, write(step, metrics), close()) for one tracker; a ValueError naming the package
+    (and the pip command) when it is not installed."""
+    if name not in TRACKER_PACKAGES:
+        raise ValueError(f"unknown tracker {name!r} (expected tensorboard, wandb or mlflow)")
     try:
         if name == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
-
-            writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
-            return lambda step, m: [writer.add_scalar(k, v, step) for k, v in m.items()] and writer.flush()
-        if name == "wandb":
+        elif name == "wandb":
             import wandb
-
-            wandb.init(dir=str(run_dir), config=config)
-            return lambda step, m: wandb.log(m, step=step)
-        if name == "mlflow":
+        else:
             import mlflow
+    except ImportError as err:
+        package = TRACKER_PACKAGES[name]
+        raise ValueError(f"train.trackers: {name} needs the {package!r} package, which is not installed "
+                         f"(pip install {package}), or drop {name} from train.trackers") from err
+    if name == "tensorboard":
+        writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
 
-            mlflow.start_run()
-            mlflow.log_params({k: str(v)[:250] for k, v in _flatten(config).items()})
-            return lambda step, m: mlflow.log_metrics(m, step=step)
-    except ImportError:
-        log.warning("tracker %s is not installed; logging to metrics.jsonl only", name)
-        return None
-    raise ValueError(f"unknown tracker {name!r} (expected tensorboard, wandb or mlflow)")
+        def write(step, metrics):
+            for k, v in metrics.items():
+                writer.add_scalar(k, v, step)
+            writer.flush()
+
+        return name, write, writer.close
+    if name == "wandb":
+        # a run of its own even when another is active (a sampling method's train stage): wandb>=0.19.10
+        run = wandb.init(dir=str(run_dir), config=config, reinit="create_new")
+        return name, lambda step, m: run.log(m, step=step), lambda: run.finish()
+    # nested under a run already active in this process (a sampling method's train stage); metrics
+    # and the end go to this run by its id, whichever run is active then
+    from mlflow.entities import Metric
+
+    run_id = mlflow.start_run(nested=mlflow.active_run() is not None).info.run_id
+    mlflow.log_params({k: str(v)[:250] for k, v in _flatten(config).items()})
+    client = mlflow.MlflowClient()
+
+    def write(step, metrics):
+        now = int(time.time() * 1000)
+        client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+    def close():
+        active = mlflow.active_run()
+        if active is not None and active.info.run_id == run_id:
+            mlflow.end_run()
+        else:
+            client.set_terminated(run_id)
+
+    return name, write, close
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

@@ -251,7 +251,7 @@ def fit(engine: Engine, step_fn: StepFn, epoch_batches: Callable[[int], list[dic
         stop = early_stopping is not None and early_stopping.epoch_end(engine, epoch)
         return stop or (max_epochs is not None and epoch + 1 >= max_epochs)
 
-    with engine.progress() as bar:
+    with engine.progress() as bar, engine.metrics.closing_on_error():  # a failed run closes its trackers
         stopped = False
         while engine.step < engine.total_steps:
             group = batches[index: index + cfg.grad_accum]

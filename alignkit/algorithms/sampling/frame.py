@@ -104,6 +104,7 @@ class SamplingRun:
     def finish(self, policy, title: str, result: dict) -> dict:
         """Print and write the table, save `policy` to run_dir/final, and write `result` (with the
         minutes and the final model's path) to result.json; returns it."""
+        self.logger.close()  # every row is logged: flush and close the trackers
         table = print_table([{"iteration": r[self.key], **r} for r in self.rows], title)
         (self.run_dir / "table.md").write_text(table + "\n")
         final = save_model(policy, self.tokenizer, self.run_dir / "final")
