@@ -111,16 +111,19 @@ class HFGenerator:
         compute (for A/B runs).
     pack_linears: in fp32 on an x86 CPU, the linears run through oneDNN on reordered weights
         (`packed_linear`); False runs `F.linear` (for A/B runs).
+    progress: None (silent), or a callable that `generate` calls after each decoded batch with
+        the number of prompts it held (a progress bar's `update`); it changes nothing sampled.
     """
 
     def __init__(self, model, tokenizer, batch_size: int = 16, dtype=None, merge_lora: bool = True,
-                 max_rows: int | None = None, *, share_prefixes: bool = True, pack_linears: bool = True):
+                 max_rows: int | None = None, *, share_prefixes: bool = True, pack_linears: bool = True, progress=None):
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         if max_rows is not None and (not isinstance(max_rows, int) or max_rows < 1):
             raise ValueError(f"max_rows must be None or an integer >= 1, got {max_rows!r}")
         self.max_rows = max_rows
         self.share_prefixes, self.pack_linears = share_prefixes, pack_linears
+        self.progress = progress
         self.model = model
         self.twin = MergedTwin.of(model) if merge_lora else None
         self.tokenizer = tokenizer
@@ -188,6 +191,8 @@ class HFGenerator:
                             Completion(i, s, text, ids, reason, lps)
                             for s, (text, ids, reason, lps) in enumerate(outs[j * params.n:(j + 1) * params.n])
                         ]
+                    if self.progress is not None:
+                        self.progress(len(chunk))
         finally:
             model.train(was_training)
         return [c for per_prompt in results for c in per_prompt]

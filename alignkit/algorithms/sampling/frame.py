@@ -4,18 +4,26 @@ A `SamplingRun` sets up the task, the run directory with its `metrics.jsonl`, an
 samples and scores (the collect and score stages), trains on selected samples (the train stage),
 evaluates and logs one row per iteration, and writes the outputs: `table.md`, `final/` (a plain
 Hugging Face directory) and `result.json`. What each method selects, and when, stays in its file.
+
+Each long phase (sample, score, train, evaluate) shows: with train.progress on and stderr a
+terminal, as a progress bar with rate and ETA (training's is the engine's); otherwise as one
+INFO line on the "alignkit" logger when it ends: what, how many, seconds, rate (`Phase`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
-from alignkit.algorithms.sampling.problems import generator_for, iteration_row, print_table
+from alignkit.algorithms.sampling.problems import eval_prompts, generator_for, iteration_row, print_table
 from alignkit.algorithms.sampling.stages import Sample, collect, score, tokenize_samples
 from alignkit.algorithms.sampling.train_stage import train_stage
 from alignkit.engine.logging import MetricsLogger
@@ -23,6 +31,47 @@ from alignkit.engine.trainer import resolve_device
 from alignkit.models.load import ModelConfig, add_lora, load_model, save_model
 from alignkit.rollout.hf import HFGenerator
 from alignkit.tasks import RewardConfig, build_task
+
+log = logging.getLogger("alignkit")
+
+
+class Phase:
+    """One long phase of a run: a progress bar (`bar`: train.progress on and stderr a terminal),
+    or, when it ends, one INFO line: `<what>: <count> <unit> in <s>s (<rate> <unit>/s)`.
+    `update(k)` counts k more done; `shown` is False when something else shows it on a terminal
+    (the engine's training bar)."""
+
+    def __init__(self, what: str, total: int, unit: str, progress: bool, shown: bool = True):
+        self.what, self.total, self.unit, self.count = what, total, unit, 0
+        terminal = progress and sys.stderr.isatty()
+        self.logged = not terminal
+        self.bar = tqdm(total=total, desc=what, unit=unit, dynamic_ncols=True) if terminal and shown else None
+        self.start = time.time()
+
+    def update(self, k: int) -> None:
+        self.count += k
+        if self.bar is not None:
+            self.bar.update(k)
+
+    def end(self, ok: bool = True) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if ok and self.logged:
+            seconds = time.time() - self.start
+            log.info("%s: %d %s in %.1fs (%.1f %s/s)", self.what, self.count, self.unit, seconds,
+                     self.count / max(seconds, 1e-9), self.unit)
+
+
+@contextmanager
+def phase(what: str, total: int, unit: str, progress: bool, shown: bool = True):
+    """A `Phase` that ends with the block (logging nothing when the block raises)."""
+    p = Phase(what, total, unit, progress, shown)
+    try:
+        yield p
+    except BaseException:
+        p.end(ok=False)
+        raise
+    p.end()
 
 
 class SamplingRun:
@@ -63,9 +112,14 @@ class SamplingRun:
         shots = self.cfg.shots
         params = self.cfg.sampling.params(seed, n=n, temperature=temperature)
         shots = self.task.shot_turns(shots.exemplars) if max(iteration, 1) <= shots.iterations else ()
-        samples = collect(self.generator(model), self.tokenizer, prompts, params, iteration=iteration, source=source,
-                          shots=shots)
-        return score(samples, reward_fn, truncated=truncated)
+        gen, what = self.generator(model), f"sample{f' (iteration {iteration})' if iteration else ''}"
+        with phase(what, len(prompts) * params.n, "samples", self.cfg.train.progress) as p:
+            gen.progress = lambda k: p.update(k * params.n)
+            samples = collect(gen, self.tokenizer, prompts, params, iteration=iteration, source=source, shots=shots)
+        with phase("score", len(samples), "samples", self.cfg.train.progress) as p:
+            score(samples, reward_fn, truncated=truncated)
+            p.update(len(samples))
+        return samples
 
     def continue_from(self, policy):
         """The model that trains on from `policy` (with a fresh LoRA adapter when LoRA is on)."""
@@ -78,14 +132,20 @@ class SamplingRun:
         cfg = self.cfg
         train_cfg = replace(cfg.train, output_dir=str(self.run_dir / name))
         data = tokenize_samples(self.tokenizer, samples, cfg.max_length, weighted=weighted)
-        model, metrics = train_stage(model, self.tokenizer, data, train_cfg, cfg.packing, weighted=weighted, **options)
+        with phase(f"train ({name})", len(data), "examples", cfg.train.progress, shown=False) as p:
+            model, metrics = train_stage(model, self.tokenizer, data, train_cfg, cfg.packing, weighted=weighted, **options)
+            epochs = metrics.get("epochs_run", cfg.train.epochs)
+            p.what = f"train ({name}, {epochs} epoch(s) of {len(data)} examples)"
+            p.update(len(data) * epochs)
         self.policy = model.merge_and_unload() if hasattr(model, "peft_config") else model
         return metrics
 
     def evaluate(self, policy, seed: int, base: bool = False, val: float | None = None) -> dict:
         """`problems.iteration_row` of `policy` under the run's sampling and metrics settings."""
-        return iteration_row(policy, self.tokenizer, self.task, self.cfg.sampling, self.cfg.metrics, self.cfg.train.precision,
-                             seed, base=base, val=val)
+        total = eval_prompts(self.task, self.cfg.metrics, base=base, val=val)
+        with phase("evaluate", total, "prompts", self.cfg.train.progress) as p:
+            return iteration_row(policy, self.tokenizer, self.task, self.cfg.sampling, self.cfg.metrics,
+                                 self.cfg.train.precision, seed, base=base, val=val, progress=p.update)
 
     def log_row(self, step: int, row: dict, context: dict | None = None) -> dict:
         """Add the minutes so far to `row`, keep it for the table and the result, and log it

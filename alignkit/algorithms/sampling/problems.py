@@ -68,20 +68,33 @@ def generator_for(model, tokenizer, s: SamplingConfig, precision: str) -> HFGene
     return HFGenerator(model, tokenizer, s.batch_size, precision, max_rows=s.batch_size * s.n)
 
 
+def _samples_heldout(task: Task, m: MetricsConfig, base: bool) -> bool:
+    return bool(task.has_answers and m.eval_samples and (m.baseline_samples or not base))
+
+
+def eval_prompts(task: Task, m: MetricsConfig, base: bool = False, val: float | None = None) -> int:
+    """How many prompts `iteration_row` decodes (greedy train, validation and held-out problems,
+    then the held-out ones again for pass@k): the total of its progress."""
+    greedy = len(task.train[: m.train_problems]) + len(task.heldout) + (len(task.val) if val is None else 0)
+    return greedy + (len(task.heldout) if _samples_heldout(task, m, base) else 0)
+
+
 def iteration_row(model, tokenizer, task: Task, s: SamplingConfig, m: MetricsConfig, precision: str, seed: int,
-                  base: bool = False, val: float | None = None) -> dict:
+                  base: bool = False, val: float | None = None, progress=None) -> dict:
     """Greedy train / validation / held-out accuracy (`*_acc`; the mean reward `*_reward` for a
     task without answers) and held-out pass@k, maj@k of a policy (for the base model only with
     `m.baseline_samples`). `val`: the policy's validation score when already measured (by the
-    train stage's early stopping)."""
+    train stage's early stopping). `progress`: called with the prompts of each decoded batch
+    (`HFGenerator`'s hook; `eval_prompts` in all)."""
     gen = generator_for(model, tokenizer, s, precision)
+    gen.progress = progress
     unit = "acc" if task.has_answers else "reward"
     if val is None:
         val = greedy_score(gen, tokenizer, task, task.val, s.max_new_tokens)
     row = {f"train_{unit}": greedy_score(gen, tokenizer, task, task.train[: m.train_problems], s.max_new_tokens),
            f"val_{unit}": val,
            f"heldout_{unit}": greedy_score(gen, tokenizer, task, task.heldout, s.max_new_tokens)}
-    if task.has_answers and m.eval_samples and (m.baseline_samples or not base):
+    if _samples_heldout(task, m, base):
         row.update(sampled_metrics(gen, tokenizer, task, task.heldout, m.ks, s.params(seed + 777, n=m.eval_samples)))
     return row
 
