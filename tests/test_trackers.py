@@ -12,7 +12,7 @@ import torch
 
 from alignkit.cli import main
 from alignkit.engine.config import TrainConfig
-from alignkit.engine.logging import MetricsLogger, _close_open_loggers, read_metrics
+from alignkit.engine.logging import MetricsLogger, read_metrics
 from alignkit.engine.trainer import Engine, fit
 from alignkit.models.tiny import save_tiny, tiny_model
 
@@ -139,20 +139,20 @@ def test_close_finishes_wandb_and_ends_mlflow_once(fakes, tmp_path):
     assert len(run.logged) == 1 and [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
 
 
-def test_runs_inside_a_run_close_with_it_last_opened_first(fakes, tmp_path):
+def test_a_run_inside_a_run_logs_and_closes_on_its_own(fakes, tmp_path):
+    """A sampling method's train stage opens its trackers inside the run's: each logs to its own
+    run, and closing one leaves the other open."""
     wandb, mlflow = fakes
     outer = MetricsLogger(tmp_path / "outer", ["wandb", "mlflow"])
     stage = MetricsLogger(tmp_path / "outer" / "stage", ["wandb", "mlflow"])
-    elsewhere = MetricsLogger(tmp_path / "other", ["mlflow"])
     stage.log(1, {"loss": 1.0})
     outer.log(1, {"reward": 0.5})  # to its own run, though the stage's is the active one
-    outer.close()
-    assert mlflow.nested == [False, True, True] and mlflow.ended == ["run2", "run1"]
-    assert [run_id for run_id, _ in mlflow.metrics] == ["run2", "run1"]
-    assert [run.finished for run in wandb.runs] == [1, 1] and wandb.runs[0].kwargs["reinit"] == "create_new"
+    assert mlflow.nested == [False, True] and [run_id for run_id, _ in mlflow.metrics] == ["run2", "run1"]
     stage.close()
-    elsewhere.close()
-    assert mlflow.ended == ["run2", "run1", "run3"]
+    assert mlflow.ended == ["run2"] and [run.finished for run in wandb.runs] == [0, 1]
+    outer.close()
+    assert mlflow.ended == ["run2", "run1"] and [run.finished for run in wandb.runs] == [1, 1]
+    assert wandb.runs[0].kwargs["reinit"] == "create_new"
 
 
 def test_a_failing_close_still_closes_the_others(fakes, tmp_path, caplog):
@@ -172,7 +172,7 @@ def test_a_tracker_that_fails_to_open_closes_those_already_open(fakes, tmp_path,
     assert wandb.runs[0].finished == 1
 
 
-def test_a_failed_fit_closes_its_trackers_and_exit_closes_the_rest(fakes, tmp_path):
+def test_a_failed_fit_closes_its_trackers(fakes, tmp_path):
     wandb, _ = fakes
     engine = Engine(tiny_model(), TrainConfig(output_dir=str(tmp_path / "a"), progress=False, trackers=["wandb"]), total_steps=2)
 
@@ -182,11 +182,17 @@ def test_a_failed_fit_closes_its_trackers_and_exit_closes_the_rest(fakes, tmp_pa
     with pytest.raises(RuntimeError, match="boom"):
         fit(engine, failing, lambda epoch: [{"input_ids": torch.zeros(1, 4, dtype=torch.long)}])
     assert wandb.runs[0].finished == 1
-    left_open = MetricsLogger(tmp_path / "b", ["wandb"])
-    _close_open_loggers()  # what runs at interpreter exit
-    assert wandb.runs[1].finished == 1
-    left_open.close()
-    assert wandb.runs[1].finished == 1
+
+
+@pytest.mark.parametrize("command, extra", [
+    ("sft", ["data.builtin=arithmetic", "data.arithmetic_examples=4", "eval.problems=0"]),
+    ("rm", ["data.builtin_pairs=4", "data.builtin_eval_pairs=2"]),
+])
+def test_a_training_command_closes_its_trackers_when_it_ends(fakes, tiny_dir, tmp_path, command, extra, capsys):
+    wandb, mlflow = fakes
+    assert main([command, f"model.path={tiny_dir}", f"train.output_dir={tmp_path / 'run'}", "train.max_steps=1",
+                 "train.trackers=[wandb,mlflow]", "train.threads=1", "train.progress=false", *extra]) == 0
+    assert [run.finished for run in wandb.runs] == [1] and mlflow.ended == ["run1"] and not mlflow.stack
 
 
 def test_sampling_run_closes_its_trackers_at_finish(fakes, tiny_dir, tmp_path, capsys):
@@ -196,7 +202,7 @@ def test_sampling_run_closes_its_trackers_at_finish(fakes, tiny_dir, tmp_path, c
                  "thresholds=[0.0]", "metrics.baseline=false", "train.threads=1", "train.progress=false",
                  "task.min_digits=1", "task.max_digits=1", "task.ops=[+]", "task.train=4", "task.val=2", "task.heldout=2",
                  "sampling.max_new_tokens=4", "sampling.n=2", "metrics.train_problems=2", "train.max_tokens_per_batch=512"]) == 0
-    # the run's own trackers, and its train stage's (opened inside its directory), closed at finish
+    # the train stage's trackers closed when the stage ended, the run's own at finish
     assert [run.kwargs["dir"] for run in wandb.runs] == [str(out), str(out / "grow-1-improve-1")]
     assert [run.finished for run in wandb.runs] == [1, 1]
     assert mlflow.ended == ["run2", "run1"] and not mlflow.stack
@@ -214,6 +220,7 @@ def test_real_wandb_offline_and_mlflow_file_store(tmp_path, monkeypatch):
     stage = MetricsLogger(tmp_path / "run" / "stage", ["wandb", "mlflow"])
     stage.log(1, {"loss": 1.0})
     outer.log(2, {"reward": 0.75})
+    stage.close()
     outer.close()
     outer.close()
     assert wandb.run is None and mlflow.active_run() is None

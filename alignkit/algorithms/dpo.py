@@ -145,6 +145,7 @@ def fit_reference(model, tokenizer, pairs: list[PreferencePair], cfg: DPOConfig)
         model = add_lora(model, cfg.model.lora)
     log.info("fitting the reference by SFT on %d chosen responses", len(train))
     engine, _ = train_sft(model, tokenizer, train, rt, resume=cfg.train.resume)
+    engine.metrics.close()
     return engine.model.merge_and_unload() if cfg.model.lora is not None else engine.model
 
 
@@ -187,5 +188,6 @@ def finish(engine: Engine, tokenizer, eval_cfg: TrainingEvalConfig, run_dir: Pat
         out["eval/arithmetic_accuracy"] = evaluate_arithmetic(engine.model, tokenizer, heldout_problems(eval_cfg), eval_cfg,
                                                               run_dir / "eval_samples.jsonl")["accuracy"]
         engine.log({"arithmetic_accuracy": out["eval/arithmetic_accuracy"]}, prefix="eval/")
+    engine.metrics.close()  # every row is logged
     out["final_model"] = str(save_model(engine.model, tokenizer, run_dir / "final", merge_lora=merge_lora))
     return out

@@ -169,5 +169,6 @@ def run(cfg: RMConfig) -> dict:
     if held_out:
         log.info("held-out reward-model accuracy:\n%s", (report_dir / "report.md").read_text())
         metrics["eval/report"] = str(report_dir / "report.json")
+    engine.metrics.close()  # every row is logged
     final = save_model(engine.model, tokenizer, Path(cfg.train.output_dir) / "final", merge_lora=cfg.train.merge_lora)
     return {**metrics, "final_model": str(final)}

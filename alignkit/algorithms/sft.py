@@ -196,6 +196,7 @@ def run(cfg: SFTConfig) -> dict:
         result = evaluate_arithmetic(engine.model, tokenizer, heldout_problems(cfg.eval), cfg.eval, run_dir / "eval_samples.jsonl")
         engine.log({"arithmetic_accuracy": result["accuracy"]}, prefix="eval/")
         metrics["eval/arithmetic_accuracy"] = result["accuracy"]
+    engine.metrics.close()  # every row is logged
     final = save_model(engine.model, tokenizer, run_dir / "final", merge_lora=cfg.train.merge_lora)
     metrics["final_model"] = str(final)
     return metrics

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import json
 import logging
@@ -29,8 +28,8 @@ class MetricsLogger:
     the extra `trackers` (tensorboard, wandb, mlflow).
 
     The trackers open first: a tracker whose package is missing is a ValueError naming the package,
-    before the run directory is touched. `close()` flushes and closes them (idempotent); a logger
-    still open when the process exits is closed then. On resume, lines from steps after the
+    before the run directory is touched. Whoever opens a logger closes it when its run's logging
+    is done (`close()`, idempotent), or when the run fails (`closing_on_error`). On resume, lines from steps after the
     checkpoint are dropped first, so the file reads as if the run had never been interrupted.
     """
 
@@ -51,8 +50,6 @@ class MetricsLogger:
             tmp.replace(self.path)
         elif resume_step is None and self.path.exists():
             self.path.unlink()
-        if self._trackers:
-            _open_loggers.append(self)
 
     def log(self, step: int, metrics: dict) -> None:
         row = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
@@ -63,21 +60,13 @@ class MetricsLogger:
             write(step, numbers)
 
     def close(self) -> None:
-        """Flush and close every tracker (TensorBoard's writer, W&B's run, MLflow's run), after
-        those of loggers opened since inside this run's directory and still open (a sampling
-        method's train stages): last opened, first closed. Later calls do nothing; later rows
-        still go to metrics.jsonl. A tracker that fails to close is a warning: the others close."""
-        if self not in _open_loggers:
-            return
-        here = self.path.parent.resolve()
-        inner = [lg for lg in _open_loggers[_open_loggers.index(self) + 1:] if here in lg.path.resolve().parents]
-        for logger in [*reversed(inner), self]:
-            logger._close_trackers()
+        """Flush and close every tracker (TensorBoard's writer, W&B's run, MLflow's run). Later
+        calls do nothing; later rows still go to metrics.jsonl. A tracker that fails to close is a
+        warning: the others close."""
+        self._close_trackers()
 
     def _close_trackers(self) -> None:
         trackers, self._trackers = self._trackers, []
-        if self in _open_loggers:
-            _open_loggers.remove(self)
         for name, _, close in reversed(trackers):
             try:
                 close()
@@ -93,21 +82,6 @@ class MetricsLogger:
             self.close()
             raise
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-_open_loggers: list[MetricsLogger] = []  # with trackers not yet closed, in the order they opened
-
-
-@atexit.register
-def _close_open_loggers() -> None:
-    """At interpreter exit: close what is still open, last opened first."""
-    for logger in reversed(list(_open_loggers)):
-        logger._close_trackers()
 
 
 def _open_tracker(name: str, run_dir: Path, config: dict) -> tuple:

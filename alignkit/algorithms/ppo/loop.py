@@ -380,6 +380,7 @@ def run(cfg: PPOConfig, reward_fn=None) -> dict:
             checkpoint()
     final = evaluate(state["iteration"])
     checkpoint()
+    engine.metrics.close()  # every row is logged
     path = save_model(ac.policy_model(), tokenizer, run_dir / "final", merge_lora=cfg.train.merge_lora)
     return {"iterations": state["iteration"], "early_stopped": stop, "beta": kl_ctl.beta, "best_eval_reward": state["best"],
             **{f"eval/{k}": v for k, v in final.items()}, "final_model": str(path)}

@@ -45,4 +45,5 @@ def train_stage(model, tokenizer, train: list[Tokenized], cfg: SamplingTrainConf
     stopping = EarlyStopping(val_fn, patience) if val_fn is not None else None
     metrics = fit(engine, sft_step(engine.model, weighted), batches, early_stopping=stopping,
                   max_epochs=max(1, math.ceil(cfg.epochs)), checkpoints=False)
+    engine.metrics.close()
     return engine.model, {**metrics, "epochs_run": engine.loop_state["epoch"] + 1}
