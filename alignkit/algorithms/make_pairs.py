@@ -10,7 +10,6 @@ conversational preference format, which `load_preferences` reads back.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from alignkit.config import at_least, one_of, opt
 from alignkit.data.records import PreferencePair, Problem, user_prompt
 from alignkit.data.tasks.arithmetic import ArithmeticConfig, generate_problems, prompt_text, target_text
 from alignkit.eval.arithmetic import prompts_for
+from alignkit.files import write_jsonl_atomic
 from alignkit.models.load import ModelConfig, load_model
 from alignkit.precision import resolve_precision
 from alignkit.rewards.verifiers import verify
@@ -95,12 +95,7 @@ def pair_record(pair: PreferencePair) -> dict:
 
 
 def write_pairs(pairs: list[PreferencePair], path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(pair_record(p)) + "\n" for p in pairs))
-    tmp.replace(path)
-    return path
+    return write_jsonl_atomic(path, (pair_record(p) for p in pairs))
 
 
 @dataclass

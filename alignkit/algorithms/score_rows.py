@@ -10,10 +10,7 @@ atomically.
 
 from __future__ import annotations
 
-import json
-import os
 import statistics
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +18,7 @@ import torch
 
 from alignkit.config import at_least, one_of, opt
 from alignkit.data.io import DataError, read_rows
+from alignkit.files import write_jsonl_atomic
 from alignkit.rewards.combine import CombinedReward, SingleReward
 from alignkit.rewards.gold import is_unsafe_prompt
 from alignkit.rewards.model import RewardModel
@@ -74,15 +72,6 @@ def read_scoring_rows(path: str) -> list[dict]:
     return [row for _, row in rows]
 
 
-def write_jsonl_atomic(rows: list[dict], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-
-
 def run(cfg: ScoreConfig) -> dict:
     rows = read_scoring_rows(cfg.input)
     if cfg.threads:
@@ -99,7 +88,7 @@ def run(cfg: ScoreConfig) -> dict:
                                 threshold=cfg.threshold, whiten_output=cfg.whiten)
     scores = reward([r["prompt"] for r in rows], [r["response"] for r in rows])
     out = Path(cfg.output)
-    write_jsonl_atomic([{"prompt": r["prompt"], "response": r["response"], "score": s} for r, s in zip(rows, scores)], out)
+    write_jsonl_atomic(out, [{"prompt": r["prompt"], "response": r["response"], "score": s} for r, s in zip(rows, scores)])
     summary = {"rows": len(rows), "mean": statistics.fmean(scores),
                "std": statistics.pstdev(scores), "output": str(out)}
     return {**summary, **getattr(reward, "last_stats", {})}

@@ -9,6 +9,8 @@ import math
 import time
 from pathlib import Path
 
+from alignkit.files import write_text_atomic
+
 log = logging.getLogger("alignkit")
 
 # each tracker's package (what `pip install` takes)
@@ -44,10 +46,8 @@ class MetricsLogger:
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.exists():
-            kept = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= resume_step]
-            tmp = self.path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(ln + "\n" for ln in kept))
-            tmp.replace(self.path)
+            kept = [row for row in read_metrics(run_dir) if row.get("step", 0) <= resume_step]
+            write_text_atomic(self.path, "".join(json.dumps(row) + "\n" for row in kept))
         elif resume_step is None and self.path.exists():
             self.path.unlink()
 
@@ -146,5 +146,15 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
+    """The rows of `run_dir/metrics.jsonl`; a last line cut short by a kill is left out."""
     path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.exists() else []
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()] if path.exists() else []
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise ValueError(f"{path}:{i + 1}: not a JSON object: {line[:80]!r}") from None
+            log.warning("%s: its last line was cut short (a killed run) and is left out", path)
+    return rows
