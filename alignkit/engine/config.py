@@ -7,7 +7,7 @@ a command is one of these classes:
 |----------------------|----------------------------|-------------------------------------------------------|
 | LoopConfig           | (base)                     | optimizer, schedule, precision, device, seed, metrics |
 | StageConfig          | (base)                     | epochs, max_steps, grad_accum, packed micro-batches   |
-| SamplingTrainConfig  | rs raft rft rest rest-em   | batch_size (packing=pad); no checkpoints, no resume   |
+| SamplingTrainConfig  | rs raft rft rest rest-em   | batch_size (packing=pad), resume (of stored phases)   |
 | CheckpointConfig     | dpo's reference_train      | save_every, keep_checkpoints (resumes with `train`)   |
 | TrainConfig          | dpo rrhf                   | resume, merge_lora                                    |
 | EvalTrainConfig      | rm                         | eval_every (held-out evaluation during training)      |
@@ -90,8 +90,15 @@ class StageConfig(LoopConfig):
 
 
 @dataclass
-class SamplingTrainConfig(StageConfig):
-    """The train stage of the sampling methods: short, re-run from its samples, never checkpointed."""
+class Resumable:
+    """The `resume` key (`--resume`) of a command that continues a killed run."""
+    resume: bool = opt(False, "continue the killed run in output_dir from its newest checkpoint (or stored phase)")
+
+
+@dataclass
+class SamplingTrainConfig(Resumable, StageConfig):
+    """The sampling methods' training: their train stages are short and never checkpointed; a
+    run resumes from its stored phases (algorithms/sampling/run_state.py)."""
     batch_size: int = opt(8, "examples per micro-batch (packing=pad)")
 
     def __post_init__(self):
@@ -108,12 +115,6 @@ class CheckpointConfig(StageConfig):
     def __post_init__(self):
         super().__post_init__()
         at_least(self, 0, "save_every", "keep_checkpoints")
-
-
-@dataclass
-class Resumable:
-    """The `resume` key (`--resume`) of a command that continues a killed run."""
-    resume: bool = opt(False, "continue from the newest checkpoint in output_dir")
 
 
 @dataclass

@@ -5,6 +5,10 @@ samples and scores (the collect and score stages), trains on selected samples (t
 evaluates and logs one row per iteration, and writes the outputs: `table.md`, `final/` (a plain
 Hugging Face directory) and `result.json`. What each method selects, and when, stays in its file.
 
+Every phase stores its result as it ends (`run_state.RunState`), so `--resume` replays a killed
+run up to where it stopped and goes on from there; rows logged before the kill stay in
+`metrics.jsonl` and are not logged twice.
+
 Each long phase (sample, score, train, evaluate) shows: with train.progress on and stderr a
 terminal, as a progress bar with rate and ETA (training's is the engine's); otherwise as one
 INFO line on the "alignkit" logger when it ends: what, how many, seconds, rate (`Phase`).
@@ -24,9 +28,12 @@ import torch
 from tqdm.auto import tqdm
 
 from alignkit.algorithms.sampling.problems import eval_prompts, generator_for, iteration_row, print_table
+from alignkit.algorithms.sampling.run_state import SHARD_PROMPTS, RunState, load_samples, save_samples, shard_seed
 from alignkit.algorithms.sampling.stages import Sample, collect, score, tokenize_samples
 from alignkit.algorithms.sampling.train_stage import train_stage
-from alignkit.engine.logging import MetricsLogger
+from alignkit.engine.checkpoint import rng_state, set_rng_state
+from alignkit.engine.logging import MetricsLogger, read_metrics
+from alignkit.files import write_text_atomic
 from alignkit.engine.trainer import resolve_device
 from alignkit.models.load import ModelConfig, add_lora, load_model, save_model
 from alignkit.rollout.hf import HFGenerator
@@ -38,15 +45,23 @@ log = logging.getLogger("alignkit")
 class Phase:
     """One long phase of a run: a progress bar (`bar`: train.progress on and stderr a terminal),
     or, when it ends, one INFO line: `<what>: <count> <unit> in <s>s (<rate> <unit>/s)`.
-    `update(k)` counts k more done; `shown` is False when something else shows it on a terminal
-    (the engine's training bar)."""
+    `update(k)` counts k more done; the seconds are those spent inside `timing()` blocks (a phase
+    may run in pieces, as sampling and scoring alternate shard by shard); `shown` is False when
+    something else shows it on a terminal (the engine's training bar)."""
 
     def __init__(self, what: str, total: int, unit: str, progress: bool, shown: bool = True):
-        self.what, self.total, self.unit, self.count = what, total, unit, 0
+        self.what, self.total, self.unit, self.count, self.seconds = what, total, unit, 0, 0.0
         terminal = progress and sys.stderr.isatty()
         self.logged = not terminal
         self.bar = tqdm(total=total, desc=what, unit=unit, dynamic_ncols=True) if terminal and shown else None
-        self.start = time.time()
+
+    @contextmanager
+    def timing(self):
+        start = time.time()
+        try:
+            yield self
+        finally:
+            self.seconds += time.time() - start
 
     def update(self, k: int) -> None:
         self.count += k
@@ -57,17 +72,17 @@ class Phase:
         if self.bar is not None:
             self.bar.close()
         if ok and self.logged:
-            seconds = time.time() - self.start
-            log.info("%s: %d %s in %.1fs (%.1f %s/s)", self.what, self.count, self.unit, seconds,
-                     self.count / max(seconds, 1e-9), self.unit)
+            log.info("%s: %d %s in %.1fs (%.1f %s/s)", self.what, self.count, self.unit, self.seconds,
+                     self.count / max(self.seconds, 1e-9), self.unit)
 
 
 @contextmanager
 def phase(what: str, total: int, unit: str, progress: bool, shown: bool = True):
-    """A `Phase` that ends with the block (logging nothing when the block raises)."""
+    """A `Phase` timed and ended with the block (logging nothing when the block raises)."""
     p = Phase(what, total, unit, progress, shown)
     try:
-        yield p
+        with p.timing():
+            yield p
     except BaseException:
         p.end(ok=False)
         raise
@@ -88,7 +103,10 @@ class SamplingRun:
         torch.manual_seed(cfg.train.seed)  # fresh LoRA adapters draw from the global generator
         self.task = build_task(cfg.task, getattr(cfg, "reward", None) or RewardConfig(kind="verifier"), cfg.train.precision)
         self.run_dir = Path(cfg.train.output_dir)
-        self.logger = MetricsLogger(self.run_dir, cfg.train.trackers, config=asdict(cfg))
+        self.state = RunState(self.run_dir, asdict(cfg), cfg.train.resume)
+        self.logged = read_metrics(self.run_dir) if self.state.resumed else []  # rows of the run before its kill
+        self.logger = MetricsLogger(self.run_dir, cfg.train.trackers, config=asdict(cfg),
+                                    resume_step=self.logged[-1]["step"] if self.logged else None)
         self.device = resolve_device(cfg.train.device)  # sampling runs where training runs
         self.policy, self.tokenizer, _ = load_model(cfg.model, train=False)
         self.policy.to(self.device)
@@ -108,17 +126,45 @@ class SamplingRun:
                truncated: float | None = None, iteration: int = 0, source: str = "", n: int | None = None) -> list[Sample]:
         """Collect `n` (default sampling.n) responses per prompt from `model` (at `temperature`
         instead of sampling.temperature when given) and score them (`stages.score`). Iterations up
-        to shots.iterations prompt with the few-shot exemplars."""
-        shots = self.cfg.shots
-        params = self.cfg.sampling.params(seed, n=n, temperature=temperature)
-        shots = self.task.shot_turns(shots.exemplars) if max(iteration, 1) <= shots.iterations else ()
+        to shots.iterations prompt with the few-shot exemplars. The prompts go in shards, each
+        sampled with its own seed and stored as soon as it is scored; a resumed run reads the
+        shards it has instead of sampling them again."""
+        cfg = self.cfg
+        params = cfg.sampling.params(seed, n=n, temperature=temperature)
+        shots = self.task.shot_turns(cfg.shots.exemplars) if max(iteration, 1) <= cfg.shots.iterations else ()
+        size = max(SHARD_PROMPTS, cfg.sampling.batch_size)
+        folder = self.state.next("sample")
+        shards = [(start, prompts[start:start + size], folder / f"shard-{i:05d}.jsonl")
+                  for i, start in enumerate(range(0, len(prompts), size))]
+        todo = sum(len(shard) for _, shard, path in shards if not path.is_file()) * params.n
         gen, what = self.generator(model), f"sample{f' (iteration {iteration})' if iteration else ''}"
-        with phase(what, len(prompts) * params.n, "samples", self.cfg.train.progress) as p:
-            gen.progress = lambda k: p.update(k * params.n)
-            samples = collect(gen, self.tokenizer, prompts, params, iteration=iteration, source=source, shots=shots)
-        with phase("score", len(samples), "samples", self.cfg.train.progress) as p:
-            score(samples, reward_fn, truncated=truncated)
-            p.update(len(samples))
+        sampling, scoring = Phase(what, todo, "samples", cfg.train.progress), Phase("score", todo, "samples", cfg.train.progress)
+        gen.progress = lambda k: sampling.update(k * params.n)
+        samples, stored = [], 0
+        try:
+            for i, (start, shard, path) in enumerate(shards):
+                if path.is_file():
+                    got = load_samples(path)
+                    stored += len(got)
+                else:
+                    with sampling.timing():
+                        got = collect(gen, self.tokenizer, shard, replace(params, seed=shard_seed(seed, i)),
+                                      iteration=iteration, source=source, shots=shots)
+                    with scoring.timing():
+                        score(got, reward_fn, truncated=truncated)
+                        scoring.update(len(got))
+                    for x in got:
+                        x.prompt_index += start
+                    save_samples(path, got)
+                samples += got
+        except BaseException:
+            sampling.end(ok=False)
+            scoring.end(ok=False)
+            raise
+        if stored:
+            log.info("%s: %d scored samples read from %s", what, stored, folder)
+        sampling.end(ok=todo > 0)
+        scoring.end(ok=todo > 0)
         return samples
 
     def continue_from(self, policy):
@@ -128,8 +174,17 @@ class SamplingRun:
     def train(self, model, samples: list[Sample], name: str, weighted: bool = False, **options) -> dict:
         """The train stage on `samples` (reward-weighted NLL when `weighted`), logged under
         run_dir/name; `policy` becomes the trained model (LoRA merged). Returns its metrics;
-        `options` go to `train_stage` (val_fn, patience)."""
+        `options` go to `train_stage` (val_fn, patience). The trained model, the metrics and the
+        global RNG state after training are stored; a resumed run loads them instead."""
         cfg = self.cfg
+        folder = self.state.next(f"train-{name}")
+        if (folder / "stage.json").is_file():
+            del model
+            stored = json.loads((folder / "stage.json").read_text())
+            self.policy = load_model(replace(cfg.model, path=str(folder / "model"), lora=None), train=False)[0].to(self.device)
+            set_rng_state(torch.load(folder / "rng.pt", weights_only=False))
+            log.info("train (%s): the trained model is read from %s", name, folder)
+            return stored["metrics"]
         train_cfg = replace(cfg.train, output_dir=str(self.run_dir / name))
         data = tokenize_samples(self.tokenizer, samples, cfg.max_length, weighted=weighted)
         with phase(f"train ({name})", len(data), "examples", cfg.train.progress, shown=False) as p:
@@ -138,18 +193,33 @@ class SamplingRun:
             p.what = f"train ({name}, {epochs} epoch(s) of {len(data)} examples)"
             p.update(len(data) * epochs)
         self.policy = model.merge_and_unload() if hasattr(model, "peft_config") else model
+        save_model(self.policy, self.tokenizer, folder / "model")
+        torch.save(rng_state(), folder / "rng.pt")
+        write_text_atomic(folder / "stage.json", json.dumps({"metrics": metrics}))  # written last: the stage is stored
         return metrics
 
     def evaluate(self, policy, seed: int, base: bool = False, val: float | None = None) -> dict:
-        """`problems.iteration_row` of `policy` under the run's sampling and metrics settings."""
+        """`problems.iteration_row` of `policy` under the run's sampling and metrics settings
+        (stored; a resumed run reads it)."""
+        path = self.state.next("evaluate").with_suffix(".json")
+        if path.is_file():
+            return json.loads(path.read_text())
         total = eval_prompts(self.task, self.cfg.metrics, base=base, val=val)
         with phase("evaluate", total, "prompts", self.cfg.train.progress) as p:
-            return iteration_row(policy, self.tokenizer, self.task, self.cfg.sampling, self.cfg.metrics,
-                                 self.cfg.train.precision, seed, base=base, val=val, progress=p.update)
+            row = iteration_row(policy, self.tokenizer, self.task, self.cfg.sampling, self.cfg.metrics,
+                                self.cfg.train.precision, seed, base=base, val=val, progress=p.update)
+        write_text_atomic(path, json.dumps(row))
+        return row
 
     def log_row(self, step: int, row: dict, context: dict | None = None) -> dict:
         """Add the minutes so far to `row`, keep it for the table and the result, and log it
-        (after `context`, which only the log gets) at `step`."""
+        (after `context`, which only the log gets) at `step`. A row that a resumed run logged
+        before its kill keeps its minutes and is not logged again; the clock goes on from it."""
+        if len(self.rows) < len(self.logged):
+            row["minutes"] = self.logged[len(self.rows)]["minutes"]
+            self.start = time.time() - 60 * row["minutes"]
+            self.rows.append(row)
+            return row
         row["minutes"] = self.minutes()
         self.rows.append(row)
         self.logger.log(step, {**(context or {}), **row})
@@ -169,5 +239,6 @@ class SamplingRun:
         (self.run_dir / "table.md").write_text(table + "\n")
         final = save_model(policy, self.tokenizer, self.run_dir / "final")
         result = {**result, "minutes": self.minutes(), "final_model": str(final)}
-        (self.run_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+        write_text_atomic(self.run_dir / "result.json", json.dumps(result, indent=2) + "\n")
+        self.state.close()
         return result
