@@ -118,7 +118,7 @@ def _open_tracker(name: str, run_dir: Path, config: dict) -> tuple:
     from mlflow.entities import Metric
 
     run_id = mlflow.start_run(nested=mlflow.active_run() is not None).info.run_id
-    mlflow.log_params({k: str(v)[:250] for k, v in _flatten(config).items()})
+    mlflow.log_params({k: str(v)[:250] for k, v in flatten(config).items()})
     client = mlflow.MlflowClient()
 
     def write(step, metrics):
@@ -135,11 +135,12 @@ def _open_tracker(name: str, run_dir: Path, config: dict) -> tuple:
     return name, write, close
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
+def flatten(d: dict, prefix: str = "") -> dict:
+    """Nested dicts as one level of dotted keys ({'train': {'lr': 1}} -> {'train.lr': 1})."""
     out = {}
     for k, v in d.items():
         if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
+            out.update(flatten(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out

@@ -26,6 +26,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from alignkit.algorithms.sampling.stages import Sample
+from alignkit.engine.logging import flatten
 from alignkit.files import write_jsonl_atomic, write_text_atomic
 
 log = logging.getLogger("alignkit")
@@ -42,19 +43,9 @@ def shard_seed(seed: int, shard: int) -> int:
     return seed if shard == 0 else (seed * 1_000_003 + shard) % 2**63
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def config_differences(saved: dict, config: dict) -> list[str]:
     """`key: saved -> now` for every key (but NOT_COMPARED) whose value differs."""
-    old, new = _flat(saved), _flat(json.loads(json.dumps(config)))
+    old, new = flatten(saved), flatten(json.loads(json.dumps(config)))
     keys = sorted((set(old) | set(new)) - set(NOT_COMPARED))
     return [f"{k}: {old.get(k, '(absent)')!r} -> {new.get(k, '(absent)')!r}" for k in keys if old.get(k) != new.get(k)]
 
