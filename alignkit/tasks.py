@@ -19,7 +19,7 @@ import importlib
 import logging
 from dataclasses import dataclass, field
 
-from alignkit.config import opt
+from alignkit.config import one_of, opt
 from alignkit.data.records import Message, Problem
 from alignkit.data.tasks.arithmetic import prompt_text as arithmetic_prompt
 from alignkit.data.tasks.arithmetic import target_text
@@ -52,6 +52,8 @@ class PromptSetConfig:
     max_digits: int = opt(2, "arithmetic: most digits of an operand")
     ops: list[str] = opt(factory=lambda: ["+", "-"], help="arithmetic: operators")
     allow_negative: bool = opt(True, "arithmetic: allow negative results (false: 'a - b' only with a >= b)")
+    on_invalid: str = opt("error", "source=problems or prompts: a row that cannot be used is an error (listing every "
+                                   "one), or skip: drop it with a warning and list it in <output_dir>/skipped.jsonl")
 
     def __post_init__(self):
         if self.source not in SOURCES:
@@ -60,6 +62,7 @@ class PromptSetConfig:
             raise ValueError(f"task.source={self.source} needs task.path")
         if self.style not in ("answer", "cot"):
             raise ValueError(f"task.style must be answer or cot, not {self.style!r}")
+        one_of(self, "on_invalid", "error", "skip")
 
 
 @dataclass
@@ -100,6 +103,7 @@ class Task:
     reward: RewardFn | None = None
     style: str = "answer"
     problems: dict[str, Problem] = field(default_factory=dict)
+    skipped: list[dict] = field(default_factory=list)  # rows of the task's files dropped by on_invalid=skip
     _verifier: VerifierReward | None = field(default=None, repr=False)
 
     @property
@@ -132,14 +136,15 @@ class Task:
         return tuple(m for q, a in shots for m in (Message("user", ask(q)), Message("assistant", a)))
 
 
-def _problem_splits(cfg: PromptSetConfig) -> tuple[list[Problem], list[Problem], list[Problem]]:
-    """Training, validation and held-out problems (built-in splits never share an equation)."""
+def _problem_splits(cfg: PromptSetConfig, skipped: list[dict] | None = None) -> tuple[list[Problem], list[Problem], list[Problem]]:
+    """Training, validation and held-out problems (built-in splits never share an equation); rows
+    of a problems file dropped by on_invalid=skip go to `skipped`."""
     n_val = cfg.val if isinstance(cfg, TaskConfig) else 0
     if cfg.source == "problems":
         from alignkit.data.formats import load_problems
 
-        problems = load_problems(cfg.path)
-        heldout = load_problems(cfg.heldout_path)[: cfg.heldout] if cfg.heldout_path else []
+        problems = load_problems(cfg.path, on_invalid=cfg.on_invalid, skipped=skipped)
+        heldout = load_problems(cfg.heldout_path, on_invalid=cfg.on_invalid, skipped=skipped)[: cfg.heldout] if cfg.heldout_path else []
         if not cfg.heldout_path:
             problems, heldout = problems[: len(problems) - cfg.heldout], problems[len(problems) - cfg.heldout:]
         if len(problems) < 1 + n_val:
@@ -155,17 +160,12 @@ def _problem_splits(cfg: PromptSetConfig) -> tuple[list[Problem], list[Problem],
     return pool[: cfg.train], pool[cfg.train:], heldout
 
 
-def read_prompts(path: str) -> list[str]:
-    """The 'prompt' texts of a file's rows (JSONL/JSON/Parquet/datasets dir), every one checked."""
-    from alignkit.data.io import DataError, read_rows
+def read_prompts(path: str, on_invalid: str = "error", skipped: list[dict] | None = None) -> list[str]:
+    """The 'prompt' texts of a file's rows (JSONL/JSON/Parquet/datasets dir), every one checked
+    (`data.formats.load_prompts`)."""
+    from alignkit.data.formats import load_prompts
 
-    rows = read_rows(path)
-    prompts = [row.get("prompt") for _, row in rows]
-    bad = [f"{loc}: prompt: missing or not a non-empty string" for (loc, _), p in zip(rows, prompts)
-           if not isinstance(p, str) or not p.strip()]
-    if bad:
-        raise DataError(bad, path)
-    return prompts
+    return load_prompts(path, on_invalid=on_invalid, skipped=skipped)
 
 
 def _load_function(spec: str) -> RewardFn:
@@ -218,9 +218,12 @@ def build_reward(cfg: RewardConfig, task: Task, precision: str = "fp32") -> Rewa
 
 def build_task(task: PromptSetConfig, reward: RewardConfig, precision: str = "fp32") -> Task:
     """The task of `task` scored by `reward` (a reward model runs at `precision`): `.train`,
-    `.heldout` (prompt texts) and `.reward` (a RewardFn over user prompt texts and replies)."""
+    `.heldout` (prompt texts) and `.reward` (a RewardFn over user prompt texts and replies).
+    Rows of the task's files dropped by task.on_invalid=skip are in `.skipped` (the command writes
+    them with `data.io.write_skipped`)."""
+    skipped: list[dict] = []
     if task.source in ("arithmetic", "problems"):
-        train, val, heldout = _problem_splits(task)
+        train, val, heldout = _problem_splits(task, skipped)
         out = Task(task.source, [], [], [], style=task.style)
         prompts = lambda ps: [out.prompt(p) for p in ps]
         out.train, out.val, out.heldout = prompts(train), prompts(val), prompts(heldout)
@@ -232,7 +235,8 @@ def build_task(task: PromptSetConfig, reward: RewardConfig, precision: str = "fp
         out = Task(task.source, build_prompts(task.train, task.seed, "train"), [],
                    build_prompts(task.heldout, heldout_seed, "heldout"))
     else:
-        out = Task(task.source, read_prompts(task.path), [],
-                   read_prompts(task.heldout_path) if task.heldout_path else [], style=task.style)
+        read = lambda path: read_prompts(path, task.on_invalid, skipped)
+        out = Task(task.source, read(task.path), [], read(task.heldout_path) if task.heldout_path else [], style=task.style)
+    out.skipped = skipped
     out.reward = build_reward(reward, out, precision)
     return out

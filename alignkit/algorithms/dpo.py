@@ -26,8 +26,9 @@ import torch
 
 from alignkit.algorithms.make_pairs import PairsConfig, make_pairs, write_pairs
 from alignkit.algorithms.sft import tokenize_examples, train_sft
-from alignkit.config import at_least, in_range, opt, positive
+from alignkit.config import at_least, in_range, one_of, opt, positive
 from alignkit.data.formats import load_preferences
+from alignkit.data.io import write_skipped
 from alignkit.data.packing import Group, pack_rows, shuffled, tokenize_group
 from alignkit.data.records import Message, PreferencePair, SFTExample
 from alignkit.engine.config import CheckpointConfig, LoopConfig, TrainConfig
@@ -44,6 +45,8 @@ log = logging.getLogger("alignkit")
 class DPODataConfig:
     path: str = opt("", "preference pairs (JSONL, JSON, Parquet or a datasets dir; TRL formats or HH-RLHF text); empty = built-in arithmetic pairs")
     split: str | None = opt(None, "split of a DatasetDict directory")
+    on_invalid: str = opt("error", "a row that cannot be used is an error (listing every one), or skip: drop it with a "
+                                   "warning and list it in <output_dir>/skipped.jsonl (no usable row at all is still an error)")
     max_length: int = opt(512, "tokens of prompt + longer response; longer pairs lose prompt tokens from the left, then response tokens")
     pairs: PairsConfig = opt(factory=PairsConfig, help="the built-in correct/incorrect pairs (used when path is empty)")
 
@@ -73,12 +76,17 @@ class DPOConfig:
         in_range(self, "label_smoothing", 0.0, 0.5, high_open=True)
         at_least(self, 0, "nll_weight")
         at_least(self, 1, "data.max_length")
+        one_of(self, "data.on_invalid", "error", "skip")
 
 
 def tokenize_pairs(tokenizer, pairs: list[PreferencePair], max_length: int) -> list[Group]:
     """One group [prompt, chosen, rejected] per pair; pairs with no response token left are dropped (and counted)."""
     groups = [tokenize_group(tokenizer, p.prompt, [p.chosen, p.rejected], max_length) for p in pairs]
     kept = [g for g in groups if g is not None]
+    cut = sum(g.truncated for g in kept)
+    if cut:
+        log.warning("%d of %d pair(s) longer than data.max_length=%d were truncated (prompt tokens from the left, then "
+                    "response tokens at the right)", cut, len(groups), max_length)
     if len(kept) < len(groups):
         log.warning("%d pair(s) dropped: no response token fits in data.max_length=%d", len(groups) - len(kept), max_length)
     if not kept:
@@ -155,7 +163,9 @@ def run(cfg: DPOConfig) -> dict:
     run_dir = Path(cfg.train.output_dir)
     saved = run_dir / "pairs.jsonl"  # built-in pairs of this run; a resumed run reads them back
     path = cfg.data.path or (str(saved) if cfg.train.resume and saved.is_file() else "")
-    pairs = load_preferences(path, cfg.data.split if cfg.data.path else None) if path else None
+    skipped: list[dict] = []
+    pairs = load_preferences(path, cfg.data.split if cfg.data.path else None, cfg.data.on_invalid, skipped) if path else None
+    write_skipped(run_dir, skipped)
     torch.manual_seed(cfg.train.seed)
     model, tokenizer, _ = load_model(cfg.model, train=False)
     result = starting_accuracy(model, tokenizer, cfg.eval, run_dir)

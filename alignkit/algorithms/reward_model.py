@@ -23,9 +23,10 @@ from pathlib import Path
 import torch
 
 from alignkit.algorithms.sft import split_eval
-from alignkit.config import ConfigError, at_least, in_range, opt
+from alignkit.config import ConfigError, at_least, in_range, one_of, opt
 from alignkit.data.collate import pack_groups
 from alignkit.data.formats import load_feedback
+from alignkit.data.io import write_skipped
 from alignkit.data.packing import Group, group_row, scoring_group, shuffled
 from alignkit.data.tasks.preferences import build_preferences
 from alignkit.engine.config import EvalTrainConfig
@@ -46,6 +47,8 @@ class RMDataConfig:
     split: str | None = opt(None, "split of a DatasetDict directory")
     eval_path: str = opt("", "held-out data in the same formats (empty = hold out eval_fraction)")
     eval_fraction: float = opt(0.05, "fraction held out when eval_path is empty")
+    on_invalid: str = opt("error", "a row that cannot be used is an error (listing every one), or skip: drop it with a "
+                                   "warning and list it in <output_dir>/skipped.jsonl (no usable row at all is still an error)")
     builtin_pairs: int = opt(2000, "training pairs of the built-in synthetic preferences")
     builtin_eval_pairs: int = opt(400, "held-out pairs of the built-in preferences (prompts never seen in training)")
     max_length: int = opt(512, "tokens per prompt + response (longer ones lose prompt tokens from the left)")
@@ -67,18 +70,20 @@ class RMConfig:
         if self.data.format not in ("auto", "pairs", "ranked"):
             raise ValueError(f"data.format must be auto, pairs or ranked, not {self.data.format!r}")
         in_range(self, "data.eval_fraction", 0.0, 1.0, high_open=True)
+        one_of(self, "data.on_invalid", "error", "skip")
         at_least(self, 1, "data.builtin_pairs", "data.max_length", "eval_pairs")
         at_least(self, 0, "data.builtin_eval_pairs", "center_coef")
 
 
-def load_items(data: RMDataConfig, seed: int) -> tuple[str, list, list]:
-    """(kind, train records, held-out records), all validated before any model is loaded."""
+def load_items(data: RMDataConfig, seed: int, skipped: list[dict] | None = None) -> tuple[str, list, list]:
+    """(kind, train records, held-out records), all validated before any model is loaded; rows
+    of the files dropped by data.on_invalid=skip go to `skipped`."""
     if not data.path:
         return ("pairs", build_preferences(data.builtin_pairs, seed, "train", judge=gold_pair),
                 build_preferences(data.builtin_eval_pairs, seed, "heldout", judge=gold_pair))
-    kind, items = load_feedback(data.path, data.split, data.format)
+    kind, items = load_feedback(data.path, data.split, data.format, data.on_invalid, skipped)
     if data.eval_path:
-        return kind, items, load_feedback(data.eval_path, data.split, data.format)[1]
+        return kind, items, load_feedback(data.eval_path, data.split, data.format, data.on_invalid, skipped)[1]
     return kind, *split_eval(items, data.eval_fraction, seed)
 
 
@@ -151,9 +156,11 @@ def eval_fn(engine: Engine, rm: RewardModel, pairs: list, n_during: int, report_
 
 
 def run(cfg: RMConfig) -> dict:
-    kind, train_items, eval_items = load_items(cfg.data, cfg.train.seed)
+    skipped: list[dict] = []
+    kind, train_items, eval_items = load_items(cfg.data, cfg.train.seed, skipped)
     if kind == "ranked" and cfg.center_coef:
         raise ConfigError("center_coef applies to pairwise data only (this data is ranked)")
+    write_skipped(cfg.train.output_dir, skipped)
     model, tokenizer, _ = load_reward_model(cfg.model, train=True, seed=cfg.train.seed)
     encoded = encode_items(tokenizer, kind, train_items, cfg.data.max_length, cfg.margin)
     held_out = as_pairs(eval_items)

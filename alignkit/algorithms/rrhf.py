@@ -24,8 +24,9 @@ import torch
 
 from alignkit.algorithms.dpo import finish
 from alignkit.algorithms.sampling.stages import Sample, collect
-from alignkit.config import at_least, opt
+from alignkit.config import at_least, one_of, opt
 from alignkit.data.formats import load_ranked
+from alignkit.data.io import write_skipped
 from alignkit.data.packing import pack_rows, shuffled, tokenize_group
 from alignkit.data.records import RankedResponses, user_prompt
 from alignkit.engine.config import TrainConfig
@@ -57,6 +58,8 @@ class CandidatesConfig:
 class RRHFDataConfig:
     path: str = opt("", "prompts with scored responses (prompt + responses + scores); empty = sample built-in candidates")
     split: str | None = opt(None, "split of a DatasetDict directory")
+    on_invalid: str = opt("error", "a row of path that cannot be used is an error (listing every one), or skip: drop it with a "
+                                   "warning and list it in <output_dir>/skipped.jsonl (no usable row at all is still an error)")
     max_length: int = opt(512, "tokens of prompt + longest response (prompt cut from the left, then responses)")
     candidates: CandidatesConfig = opt(factory=CandidatesConfig, help="built-in candidates (used when path is empty)")
 
@@ -73,13 +76,18 @@ class RRHFConfig:
     def __post_init__(self):
         at_least(self, 0, "alpha", "rank_weight")
         at_least(self, 1, "data.max_length")
+        one_of(self, "data.on_invalid", "error", "skip")
 
 
-def sample_candidates(model, tokenizer, cfg: CandidatesConfig, seed: int, precision: str) -> list[RankedResponses]:
+def sample_candidates(model, tokenizer, cfg: CandidatesConfig, seed: int, precision: str,
+                      skipped: list[dict] | None = None) -> list[RankedResponses]:
     """k distinct sampled responses per prompt (plus the reference one), scored; prompts with fewer
     than two candidates (or, with drop_ties, all scored the same) are left out. On a task with
-    answers a reply cut off by max_new_tokens scores 0, even when its last number happens to match."""
+    answers a reply cut off by max_new_tokens scores 0, even when its last number happens to match.
+    Rows of the task's files dropped by task.on_invalid=skip go to `skipped`."""
     task = build_task(cfg.task, cfg.reward, precision)
+    if skipped is not None:
+        skipped.extend(task.skipped)
     texts = task.train
     gold = [task.reference(t) for t in texts] if task.has_answers and cfg.include_gold else None
     generator = HFGenerator(model, tokenizer, cfg.sampling.batch_size, precision)
@@ -145,17 +153,22 @@ def run(cfg: RRHFConfig) -> dict:
         torch.set_num_threads(cfg.train.threads)
     saved = Path(cfg.train.output_dir) / "candidates.jsonl"  # built-in candidates; a resumed run reads them back
     path = cfg.data.path or (str(saved) if cfg.train.resume and saved.is_file() else "")
-    ranked = load_ranked(path, cfg.data.split if cfg.data.path else None) if path else None
+    skipped: list[dict] = []
+    ranked = load_ranked(path, cfg.data.split if cfg.data.path else None, cfg.data.on_invalid, skipped) if path else None
     torch.manual_seed(cfg.train.seed)
     model, tokenizer, _ = load_model(cfg.model, train=False)
     start = starting_accuracy(model, tokenizer, cfg.eval, Path(cfg.train.output_dir))
     if ranked is None:
-        ranked = sample_candidates(model, tokenizer, cfg.data.candidates, cfg.train.seed, cfg.train.precision)
+        ranked = sample_candidates(model, tokenizer, cfg.data.candidates, cfg.train.seed, cfg.train.precision, skipped)
         write_ranked(ranked, saved)
+    write_skipped(cfg.train.output_dir, skipped)
     groups = [tokenize_group(tokenizer, r.prompt, list(r.responses), cfg.data.max_length, list(r.scores)) for r in ranked]
     if None in groups:
         log.warning("%d prompt(s) dropped: a response has no token left within data.max_length", groups.count(None))
     groups = [g for g in groups if g is not None]
+    if any(g.truncated for g in groups):
+        log.warning("%d prompt(s) with a response longer than data.max_length=%d were truncated (prompt tokens from the "
+                    "left, then response tokens at the right)", sum(g.truncated for g in groups), cfg.data.max_length)
     if not groups:
         raise ValueError("no usable prompts with scored responses")
     rows = pack_rows(groups, cfg.train.max_tokens_per_batch)

@@ -17,6 +17,7 @@ from alignkit.config import at_least, in_range, one_of, opt
 from alignkit.data.chat import Tokenized, tokenize_conversation, truncate
 from alignkit.data.collate import epoch_batches_fn, pad_batch
 from alignkit.data.formats import load_sft
+from alignkit.data.io import write_skipped
 from alignkit.data.mixture import MixtureConfig, build_mixture
 from alignkit.data.records import Message, SFTExample, user_prompt
 from alignkit.data.tasks.arithmetic import ArithmeticConfig, generate_problems
@@ -40,6 +41,8 @@ class SFTExamplesConfig:
     split: str | None = opt(None, "split of a DatasetDict directory")
     eval_path: str = opt("", "held-out data in the same formats (empty = hold out eval_fraction)")
     eval_fraction: float = opt(0.05, "fraction held out for eval loss when eval_path is empty")
+    on_invalid: str = opt("error", "a row that cannot be used is an error (listing every one), or skip: drop it with a "
+                                   "warning and list it in <output_dir>/skipped.jsonl (no usable row at all is still an error)")
     builtin: str = opt("mixture", "built-in data when path is empty: mixture or arithmetic")
     mixture: MixtureConfig = opt(factory=MixtureConfig, help="the built-in Flan-style mixture")
     arithmetic_examples: int = opt(512, "examples for builtin=arithmetic")
@@ -55,6 +58,7 @@ class SFTExamplesConfig:
         one_of(self, "arithmetic_style", "answer", "cot")
         one_of(self, "targets", "all", "last")
         one_of(self, "on_overlong", "truncate", "drop", "error")
+        one_of(self, "on_invalid", "error", "skip")
 
 
 @dataclass
@@ -171,19 +175,23 @@ def split_eval(examples: list, fraction: float, seed: int) -> tuple[list, list]:
     return [examples[i] for i in order[n_eval:]], [examples[i] for i in order[:n_eval]]
 
 
-def load_examples(data: SFTExamplesConfig, seed: int) -> tuple[list[SFTExample], list[SFTExample]]:
-    """Training and held-out examples, all validated before any model is loaded."""
-    examples = load_sft(data.path, data.split) if data.path else builtin_examples(data, seed)
+def load_examples(data: SFTExamplesConfig, seed: int,
+                  skipped: list[dict] | None = None) -> tuple[list[SFTExample], list[SFTExample]]:
+    """Training and held-out examples, all validated before any model is loaded; rows of the
+    files dropped by data.on_invalid=skip go to `skipped`."""
+    examples = load_sft(data.path, data.split, data.on_invalid, skipped) if data.path else builtin_examples(data, seed)
     if data.eval_path:
-        return examples, load_sft(data.eval_path, data.split)
+        return examples, load_sft(data.eval_path, data.split, data.on_invalid, skipped)
     return split_eval(examples, data.eval_fraction, seed)
 
 
 def run(cfg: SFTConfig) -> dict:
-    train_examples, eval_examples = load_examples(cfg.data, cfg.train.seed)
+    skipped: list[dict] = []
+    train_examples, eval_examples = load_examples(cfg.data, cfg.train.seed, skipped)
     torch.manual_seed(cfg.train.seed)
     model, tokenizer, _ = load_model(cfg.model)
     run_dir = Path(cfg.train.output_dir)
+    write_skipped(run_dir, skipped)
     start = starting_accuracy(model, tokenizer, cfg.eval, run_dir)
     tok = lambda exs: tokenize_examples(tokenizer, exs, cfg.data.max_length, cfg.data.targets, cfg.data.on_overlong)
     train, held_out = tok(train_examples), (tok(eval_examples) if eval_examples else [])

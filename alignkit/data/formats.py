@@ -3,10 +3,17 @@
 Every loader checks all rows and raises one DataError that lists each problem as
 `location: field: problem`. Parsers take `bad(field, problem)` to report problems and
 return None for a value they could not read.
+
+With `on_invalid="skip"` a loader drops the rows it cannot use instead (those that are not
+readable JSON objects, and those with a problem), warns once with the count, and appends one
+{"file", "line", "reason"} dict per dropped row to the caller's `skipped` list (`io.write_skipped`
+writes it to a run directory). A source that cannot be read at all, or in which no row is
+usable, is still a DataError.
 """
 
 from __future__ import annotations
 
+import difflib
 import logging
 import math
 import os
@@ -14,7 +21,7 @@ import re
 from collections import Counter
 from collections.abc import Callable
 
-from .io import DataError, iter_rows, json_type
+from .io import DataError, RowProblem, iter_rows, json_type
 from .records import (
     RATINGS,
     ROLES,
@@ -42,9 +49,16 @@ PROBLEM_FORMATS = "question+answer (GSM8K '####') | problem+answer"
 HH_HINT = "expected Anthropic HH text ('\\n\\nHuman: ...\\n\\nAssistant: ...')"
 _HH_TURN = re.compile(r"(?:\A\s*|\n\n)(Human|Assistant):")
 _HH_ASSISTANT = "\n\nAssistant:"
+ON_INVALID = ("error", "skip")
+# Every top-level field some format reads; other fields are ignored (metadata columns such as id
+# or source are common), but one that is close to a missing field is named in its problem.
+KNOWN_FIELDS = frozenset(("messages", "prompt", "completion", "text", "chosen", "rejected", "instruction", "input",
+                          "output", "system", "rating", "safety", "prompt_unsafe", "is_unsafe", "responses",
+                          "completions", "scores", "rewards", "question", "problem", "answer", "solution", "id"))
 
 
-def load_sft(path: str, split: str | None = None) -> list[SFTExample]:
+def load_sft(path: str, split: str | None = None, on_invalid: str = "error",
+             skipped: list[dict] | None = None) -> list[SFTExample]:
     """Conversations to imitate: messages, prompt/completion, HH text or Alpaca rows.
 
     HH text (`text`, or HH-RLHF's `chosen` column) may hold empty Assistant turns, as the
@@ -53,7 +67,7 @@ def load_sft(path: str, split: str | None = None) -> list[SFTExample]:
     token, so the model learns to stop (an example whose template renders no target token is
     dropped and counted at tokenization). One warning per file counts the examples whose final
     reply is empty. Message lists, prompt/completion and Alpaca rows still need reply text."""
-    examples = _load(path, split, _sft)
+    examples = _load(path, split, _sft, on_invalid, skipped)
     empty = sum(1 for e in examples if not e.messages[-1].content.strip())
     if empty:
         log.warning("%s: %d of %d SFT examples end with an empty assistant reply; kept (the target "
@@ -61,7 +75,8 @@ def load_sft(path: str, split: str | None = None) -> list[SFTExample]:
     return examples
 
 
-def load_preferences(path: str, split: str | None = None) -> list[PreferencePair]:
+def load_preferences(path: str, split: str | None = None, on_invalid: str = "error",
+                     skipped: list[dict] | None = None) -> list[PreferencePair]:
     """Preference pairs: TRL standard, conversational or implicit-prompt rows, or HH-RLHF text.
 
     An empty chosen or rejected reply is valid (in HH-RLHF's harmless set saying nothing is
@@ -69,7 +84,7 @@ def load_preferences(path: str, split: str | None = None) -> list[PreferencePair
     implicit-prompt rows (HH text or message lists) whose conversations differ before the last
     assistant turn: see `_hh_pair` and `_implicit_pair`; one warning per file counts them too."""
     notes: Counter = Counter()
-    pairs = _load(path, split, lambda row, loc, bad: _pair(row, loc, bad, notes))
+    pairs = _load(path, split, lambda row, loc, bad: _pair(row, loc, bad, notes), on_invalid, skipped)
     empty = sum(1 for p in pairs if not p.chosen.strip() or not p.rejected.strip())
     if empty:
         log.warning("%s: %d of %d preference pairs have an empty chosen or rejected reply; kept "
@@ -81,10 +96,11 @@ def load_preferences(path: str, split: str | None = None) -> list[PreferencePair
     return pairs
 
 
-def load_ranked(path: str, split: str | None = None) -> list[RankedResponses]:
+def load_ranked(path: str, split: str | None = None, on_invalid: str = "error",
+                skipped: list[dict] | None = None) -> list[RankedResponses]:
     """K scored responses per prompt. An empty response is valid (it can be the best-ranked one,
     e.g. declining to answer): it is kept, and one warning per file gives the count."""
-    rows = _load(path, split, _ranked)
+    rows = _load(path, split, _ranked, on_invalid, skipped)
     empty = sum(1 for r in rows for text in r.responses if not text.strip())
     if empty:
         log.warning("%s: %d of %d ranked responses are empty; kept (an empty reply is a valid answer, "
@@ -92,29 +108,67 @@ def load_ranked(path: str, split: str | None = None) -> list[RankedResponses]:
     return rows
 
 
-def load_problems(path: str, split: str | None = None) -> list[Problem]:
+def load_problems(path: str, split: str | None = None, on_invalid: str = "error",
+                  skipped: list[dict] | None = None) -> list[Problem]:
     """Questions with reference answers (GSM8K's 'rationale #### answer' is split)."""
-    return _load(path, split, _problem)
+    return _load(path, split, _problem, on_invalid, skipped)
 
 
-def _load(path: str, split: str | None, convert: Callable[[dict, str, Bad], object]) -> list:
-    """Convert every row; raise one DataError listing every problem, in file order."""
+def load_prompts(path: str, split: str | None = None, on_invalid: str = "error",
+                 skipped: list[dict] | None = None) -> list[str]:
+    """The `prompt` texts of a file's rows (other fields are ignored)."""
+    return _load(path, split, lambda row, loc, bad: parse_text(row.get("prompt"), "prompt", bad), on_invalid, skipped)
+
+
+def _load(path: str, split: str | None, convert: Callable[[dict, str, Bad], object],
+          on_invalid: str = "error", skipped: list[dict] | None = None) -> list:
+    """Convert every row. `on_invalid="error"`: raise one DataError listing every problem, in
+    file order. `"skip"`: drop the rows with a problem (warn with the count; their
+    {file, line, reason} go to `skipped`), unless no row is usable."""
+    if on_invalid not in ON_INVALID:
+        raise ValueError(f"on_invalid must be one of {', '.join(ON_INVALID)}, not {on_invalid!r}")
     problems: list[str] = []
     records = []
     for loc, row in iter_rows(path, problems, split):
         before = len(problems)
 
-        def bad(field: str, problem: str, loc: str = loc) -> None:
-            problems.append(f"{loc}: {field}: {problem}")
+        def bad(field: str, problem: str, loc: str = loc, row: dict = row) -> None:
+            problems.append(RowProblem(loc, f"{field}: {problem}{_near_miss(field, problem, row)}"))
 
         record = convert(row, loc, bad)
         if len(problems) == before:
             records.append(record)
     if not records and not problems:
         problems.append(f"{path}: no rows")
+    if problems and (on_invalid == "error" or not records):
+        source = str(path) if records or on_invalid == "error" else f"{path} (no usable row, so on_invalid=skip keeps nothing)"
+        raise DataError(problems, source)
     if problems:
-        raise DataError(problems, str(path))
+        dropped = _skipped_rows(problems)
+        log.warning("%s: skipped %d of %d rows that cannot be used (on_invalid=skip); the first: %s", path,
+                    len(dropped), len(dropped) + len(records), problems[0])
+        if skipped is not None:
+            skipped.extend(dropped)
     return records
+
+
+def _skipped_rows(problems: list[RowProblem]) -> list[dict]:
+    """One {file, line, reason} per row, in file order; a row's problems joined by '; '."""
+    rows: dict[str, dict] = {}
+    for p in problems:
+        entry = rows.setdefault(p.loc, {"file": p.loc.file, "line": p.loc.line, "reason": []})
+        entry["reason"].append(p.text)
+    return [{**e, "reason": "; ".join(e["reason"])} for e in rows.values()]
+
+
+def _near_miss(field: str, problem: str, row: dict) -> str:
+    """For a missing top-level field: ' (found 'chosn': did you mean 'chosen'?)' when the row has
+    an unknown field close to it, else ''."""
+    if problem != "missing" or field not in KNOWN_FIELDS:
+        return ""
+    unknown = [k for k in row if isinstance(k, str) and k not in KNOWN_FIELDS]
+    near = difflib.get_close_matches(field, unknown, n=1, cutoff=0.75)
+    return f" (found '{near[0]}': did you mean '{field}'?)" if near else ""
 
 
 # ---- shared parsers ---------------------------------------------------------------------
@@ -535,10 +589,12 @@ def _answer(value: object, bad: Bad) -> tuple[str | None, str]:
     return final, rationale.strip()
 
 
-def load_feedback(path: str, split: str | None = None, fmt: str = "auto") -> tuple[str, list]:
+def load_feedback(path: str, split: str | None = None, fmt: str = "auto", on_invalid: str = "error",
+                  skipped: list[dict] | None = None) -> tuple[str, list]:
     """("pairs", PreferencePairs) or ("ranked", RankedResponses) from a file; `fmt` auto picks
-    ranked when the first row has responses/completions. Bad rows raise one DataError."""
+    ranked when the first readable row has responses/completions. Bad rows raise one DataError
+    (or are skipped: `on_invalid`)."""
     if fmt == "auto":
         first = next(iter_rows(path, [], split), ("", {}))[1]
         fmt = "ranked" if {"responses", "completions"} & {k for k, v in first.items() if v is not None} else "pairs"
-    return fmt, (load_preferences if fmt == "pairs" else load_ranked)(path, split)
+    return fmt, (load_preferences if fmt == "pairs" else load_ranked)(path, split, on_invalid, skipped)

@@ -7,8 +7,13 @@ Locations read `file:LINE` (JSONL, 1-based), `file:item N` (JSON list, 0-based),
 from __future__ import annotations
 
 import json
+import logging
 import os
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
+
+log = logging.getLogger("alignkit")
 
 SUPPORTED = ".jsonl, .json, .parquet, or a directory written by datasets' save_to_disk"
 MAX_SHOWN = 50
@@ -25,6 +30,56 @@ class DataError(ValueError):
         if n > MAX_SHOWN:
             lines.append(f"... and {n - MAX_SHOWN} more")
         super().__init__("\n".join(lines))
+
+
+class Location(str):
+    """Where a row came from, as the messages print it (`file:3`, `file:item 3`, `file:row 3`),
+    keeping its parts: `file` and `line` (an int for JSONL, 'item N' or 'row N' otherwise)."""
+
+    file: str
+    line: int | str
+
+    def __new__(cls, file: str, line: int | str) -> Location:
+        obj = super().__new__(cls, f"{file}:{line}")
+        obj.file, obj.line = file, line
+        return obj
+
+
+class RowProblem(str):
+    """One problem of one row, `location: text`, keeping its `loc` (a Location) and `text`."""
+
+    loc: Location
+    text: str
+
+    def __new__(cls, loc: Location, text: str) -> RowProblem:
+        obj = super().__new__(cls, f"{loc}: {text}")
+        obj.loc, obj.text = loc, text
+        return obj
+
+
+SKIPPED_FILE = "skipped.jsonl"
+
+
+def write_skipped(run_dir: str | os.PathLike, skipped: list[dict]) -> Path | None:
+    """Write the rows a loader skipped (`on_invalid: skip`) to `<run_dir>/skipped.jsonl`, one JSON
+    object a row: {"file", "line", "reason"}; `reason` holds the texts the DataError would give
+    (`field: problem`, several joined by '; '). Written whole or not at all; nothing is written
+    when no row was skipped. Returns the file's path, or None."""
+    if not skipped:
+        return None
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    target = run_dir / SKIPPED_FILE
+    fd, tmp = tempfile.mkstemp(prefix=".skipped-", dir=run_dir)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in skipped)
+        os.replace(tmp, target)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    log.warning("%d skipped row(s) listed in %s", len(skipped), target)
+    return target
 
 
 def json_type(value: object) -> str:
@@ -76,23 +131,33 @@ def iter_rows(path: str, problems: list[str], split: str | None = None) -> Itera
 def _jsonl_rows(path: str, problems: list[str]) -> Iterator[tuple[str, dict]]:
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
-            loc = f"{path}:{lineno}"
+            loc = Location(path, lineno)
             try:
                 line = raw.decode("utf-8-sig")
             except UnicodeDecodeError as e:
-                problems.append(f"{loc}: invalid UTF-8: {e.reason} at byte {e.start + 1}")
+                problems.append(RowProblem(loc, f"invalid UTF-8: {e.reason} at byte {e.start + 1}"))
                 continue
             if not line.strip():
                 continue
             try:
                 row = json.loads(line.rstrip())
             except json.JSONDecodeError as e:
-                problems.append(f"{loc}: invalid JSON: {e.msg} at column {e.colno}")
+                problems.append(RowProblem(loc, f"invalid JSON: {e.msg} at column {e.colno}"))
+                continue
+            except (ValueError, RecursionError) as e:  # an integer of thousands of digits; nesting too deep
+                problems.append(RowProblem(loc, f"invalid JSON: {_json_limit(e)}"))
                 continue
             if not isinstance(row, dict):
-                problems.append(f"{loc}: not a JSON object (got {json_type(row)})")
+                problems.append(RowProblem(loc, f"not a JSON object (got {json_type(row)})"))
                 continue
             yield loc, row
+
+
+def _json_limit(err: Exception) -> str:
+    """What a JSON value beyond Python's limits is, in a few words."""
+    if isinstance(err, RecursionError):
+        return "nested too deeply"
+    return "a number too long to read" if "digits" in str(err) else " ".join(str(err).split())
 
 
 def _json_rows(path: str, problems: list[str]) -> Iterator[tuple[str, dict]]:
@@ -103,6 +168,8 @@ def _json_rows(path: str, problems: list[str]) -> Iterator[tuple[str, dict]]:
         raise DataError([f"{path}:{e.lineno}: invalid JSON: {e.msg} at column {e.colno}"], path) from None
     except UnicodeDecodeError as e:
         raise DataError([f"{path}: invalid UTF-8: {e.reason} at byte {e.start + 1}"], path) from None
+    except (ValueError, RecursionError) as e:
+        raise DataError([f"{path}: invalid JSON: {_json_limit(e)}"], path) from None
     if isinstance(data, dict):
         lists = [k for k, v in data.items() if isinstance(v, list)]
         if len(lists) != 1:
@@ -113,10 +180,11 @@ def _json_rows(path: str, problems: list[str]) -> Iterator[tuple[str, dict]]:
     if not isinstance(data, list):
         raise DataError([f"{path}: expected a list of objects, got {json_type(data)}"], path)
     for i, row in enumerate(data):
+        loc = Location(path, f"item {i}")
         if isinstance(row, dict):
-            yield f"{path}:item {i}", row
+            yield loc, row
         else:
-            problems.append(f"{path}:item {i}: not a JSON object (got {json_type(row)})")
+            problems.append(RowProblem(loc, f"not a JSON object (got {json_type(row)})"))
 
 
 def _parquet_rows(path: str, problems: list[str]) -> Iterator[tuple[str, dict]]:
@@ -128,7 +196,7 @@ def _parquet_rows(path: str, problems: list[str]) -> Iterator[tuple[str, dict]]:
     except (pa.ArrowException, OSError) as e:
         raise DataError([f"{path}: cannot read Parquet: {e}"], path) from None
     for i, row in enumerate(table.to_pylist()):
-        yield f"{path}:row {i}", row
+        yield Location(path, f"row {i}"), row
 
 
 def _dataset_rows(path: str, split: str | None) -> Iterator[tuple[str, dict]]:
@@ -150,7 +218,7 @@ def _dataset_rows(path: str, split: str | None) -> Iterator[tuple[str, dict]]:
     elif split is not None:
         raise DataError([f"{path}: split {split!r} given, but this dataset has no splits"], path)
     for i, row in enumerate(ds):
-        yield f"{prefix}:row {i}", row
+        yield Location(prefix, f"row {i}"), row
 
 
 _READERS = {".jsonl": _jsonl_rows, ".json": _json_rows, ".parquet": _parquet_rows}
