@@ -68,6 +68,15 @@ def resumable(cls: type) -> bool:
     return isinstance(train, type) and issubclass(train, Resumable)
 
 
+def _message(err: BaseException) -> str:
+    """An error as the one line (or list of problems) a user reads: an OSError from the system
+    (a full disk, a permission) as 'path: reason', without Python's errno prefix."""
+    if isinstance(err, OSError) and err.strerror:
+        where = " -> ".join(str(f) for f in (err.filename, err.filename2) if f is not None)
+        return f"{where}: {err.strerror}" if where else err.strerror
+    return str(err)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
@@ -109,10 +118,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(cls, recipe, overrides)
         tune_malloc()
         result = getattr(module, fn_name)(cfg)
-    except (ConfigError, ValueError, FileNotFoundError, NonFiniteError) as err:
+    except (ConfigError, ValueError, OSError, NonFiniteError) as err:
         if os.environ.get("ALIGNKIT_DEBUG"):
             raise
-        print(f"alignkit {command}: error: {err}", file=sys.stderr)
+        print(f"alignkit {command}: error: {_message(err)}", file=sys.stderr)
         return 1
     print(json.dumps(result, indent=2, default=str))
     return 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from pathlib import Path
@@ -70,9 +71,18 @@ def non_empty(cfg: Any, *keys: str) -> None:
             raise ValueError(f"{key} must not be empty")
 
 
+# Names other tools (transformers, TRL) give some keys: an unknown key close to one suggests ours.
+ALIASES = {"learning_rate": "lr", "num_train_epochs": "epochs", "num_epochs": "epochs", "max_seq_length": "max_length",
+           "gradient_accumulation_steps": "grad_accum", "per_device_train_batch_size": "batch_size",
+           "model_name_or_path": "path", "bf16": "precision", "fp16": "precision"}
+
+
 def _nearest(key: str, valid: list[str]) -> str:
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    return f"; did you mean '{close[0]}'?" if close else f" (valid keys: {', '.join(sorted(valid))})"
+    aliases = {a: k for a, k in ALIASES.items() if k in valid}
+    close = difflib.get_close_matches(key, [*valid, *aliases], n=1, cutoff=0.6)
+    if close:
+        return f"; did you mean '{aliases.get(close[0], close[0])}'?"
+    return f" (valid keys: {', '.join(sorted(valid))})"
 
 
 def _coerce(value: Any, tp: Any, where: str, base: Any = None) -> Any:
@@ -120,14 +130,17 @@ def _coerce(value: Any, tp: Any, where: str, base: Any = None) -> Any:
             return value
         raise ConfigError(f"{where}: expected true or false, got {value!r}")
     if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+        number = None
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
             try:
-                return float(value)
-            except ValueError:
+                number = float(value)
+            except (ValueError, OverflowError):
                 pass
-        raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if number is None:
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if not math.isfinite(number):
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+        return number
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -157,7 +170,7 @@ def build(cls: type, data: dict, where: str = "", base: Any = None) -> Any:
     for key, value in data.items():
         path = f"{where}.{key}" if where else str(key)
         if key not in fields:
-            raise ConfigError(f"unknown key '{path}'{_nearest(str(key), list(fields))}")
+            raise ConfigError(f"unknown key {path!r}{_nearest(str(key), list(fields))}")
         default = kwargs[key] if base is not None else _default(fields[key])
         kwargs[key] = _coerce(value, hints[key], path, default)
     missing = [
@@ -208,9 +221,13 @@ def load_config(cls: type, recipe: str | None = None, overrides: list[str] | Non
         if not path.is_file():
             raise ConfigError(f"recipe '{recipe}' does not exist")
         try:
-            loaded = yaml.safe_load(path.read_text())
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
         except yaml.YAMLError as err:
             raise ConfigError(f"{recipe}: invalid YAML: {err}") from err
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{recipe}: not UTF-8 text ({err.reason} at byte {err.start + 1})") from err
+        except OSError as err:
+            raise ConfigError(f"{recipe}: cannot read: {err.strerror or err}") from err
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{recipe}: the recipe must be a mapping of keys to values")
         data = loaded or {}

