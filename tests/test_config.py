@@ -3,7 +3,7 @@ import importlib
 
 import pytest
 
-from alignkit.algorithms.sampling.rest_em import RestEMConfig
+from alignkit.algorithms.sampling.best_of_n import BestOfNConfig
 from alignkit.algorithms.sft import SFTConfig
 from alignkit.cli import COMMANDS, main, resumable
 from alignkit.config import ConfigError, load_config
@@ -99,11 +99,11 @@ def test_score_values_are_checked_before_any_work(tmp_path, capsys):
 
 def test_resume_only_where_a_command_can(tmp_path, capsys):
     can = {c for c, (module, cls, _, _) in COMMANDS.items() if resumable(getattr(importlib.import_module(module), cls))}
-    assert can == {"sft", "rm", "dpo", "rrhf", "ppo"}
+    assert can == {"sft", "rm", "dpo", "rrhf", "ppo", "rs", "raft", "rft", "rest", "rest-em"}
     for command in sorted(set(COMMANDS) - can):
         assert main([command, "--resume", f"model.path={tmp_path / 'missing'}"]) == 2
         assert f"--resume: {command} cannot resume a run" in capsys.readouterr().err
     cfg = load_config(SFTConfig, None, ["train.resume=true"])
     assert cfg.train.resume is True
-    with pytest.raises(ConfigError, match=r"unknown key 'train.resume'"):
-        load_config(RestEMConfig, None, ["train.resume=true"])
+    with pytest.raises(ConfigError, match=r"unknown key 'train'"):
+        load_config(BestOfNConfig, None, ["train.resume=true"])
