@@ -19,7 +19,7 @@ FLOORS = {
     "rewards": 3, "rollout": 3,
     "tasks": 4, "engine": 4,
     "eval": 5,
-    "algorithms": 6,
+    "algorithms": 6, "report": 6,
     "cli": 7, "__main__": 7, "__init__": 7,
 }
 
