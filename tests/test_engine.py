@@ -1,4 +1,7 @@
+import errno
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -184,3 +187,117 @@ def test_cli_reports_a_nonfinite_stop_as_an_error_line(tmp_path, monkeypatch, ca
     assert main(["sft", f"train.output_dir={tmp_path}"]) == 1
     assert capsys.readouterr().err.strip().endswith(
         "alignkit sft: error: step 3: loss is nan; stopping (last good checkpoint: no checkpoint yet)")
+
+
+def _full_disk_at(monkeypatch, where: str, call: int):
+    """Make the `call`-th checkpoint write fail with ENOSPC in `where`: the weights file or the
+    optimizer file (each after writing part of it), or the `latest` pointer."""
+    import alignkit.engine.checkpoint as ckpt
+
+    name = {"weights": "save_file", "optimizer": "save", "latest": "_write_atomic"}[where]
+    owner = ckpt.torch if where == "optimizer" else ckpt
+    real, calls = getattr(owner, name), [0]
+
+    def write(obj, path, *args, **kwargs):
+        calls[0] += 1
+        if calls[0] != call:
+            return real(obj, path, *args, **kwargs)
+        if where != "latest":
+            Path(path).write_bytes(b"\0" * 100)  # what a write cut short by a full disk leaves
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(owner, name, write)
+
+
+@pytest.mark.parametrize("where", ["weights", "optimizer", "latest"])
+def test_full_disk_during_a_checkpoint_stops_and_keeps_the_last_good_one(tok, tmp_path, monkeypatch, where):
+    """ENOSPC while writing the step-4 checkpoint (the 2nd, save_every=2): the run stops with an
+    error naming that checkpoint and the last good one (step 2), which stays as it was, with
+    `latest` naming it; once there is room, --resume ends where an uninterrupted run ends."""
+    from alignkit.engine.checkpoint import CheckpointWriteError, latest_checkpoint
+
+    whole = _train(tok, tmp_path / "whole")
+    _full_disk_at(monkeypatch, where, 2)
+    root = tmp_path / "cut" / "checkpoints"
+    with pytest.raises(CheckpointWriteError) as err:
+        _train(tok, tmp_path / "cut")
+    good = root / "step-0000002"
+    assert str(err.value) == (f"could not write checkpoint {root / 'step-0000004'}: the disk is full; the run stops here. "
+                              f"The last good checkpoint is {good} (free space, then run the same command with --resume "
+                              "to continue from it)")
+    assert err.value.errno == errno.ENOSPC
+    assert (root / "latest").read_text() == "step-0000002" and latest_checkpoint(root) == good
+    assert not list(root.glob(".tmp-*"))  # nothing half-written is left behind
+    monkeypatch.undo()
+    resumed = _train(tok, tmp_path / "cut", resume=True)  # from step 2: intact, since this ends bit for bit where `whole` did
+    for (name, a), b in zip(whole.named_parameters(), resumed.parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_cli_reports_a_full_disk_as_an_error_line(tmp_path, monkeypatch, capsys):
+    from alignkit.cli import main
+    from alignkit.models.tiny import save_tiny
+
+    _full_disk_at(monkeypatch, "weights", 1)
+    out = tmp_path / "run"
+    code = main(["sft", f"model.path={save_tiny(str(tmp_path / 'tiny'))}", f"train.output_dir={out}", "train.max_steps=2",
+                 "train.save_every=1", "train.progress=false", "train.threads=1", "eval.problems=0", "data.builtin=arithmetic",
+                 "data.arithmetic_examples=8"])
+    assert code == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"alignkit sft: error: could not write checkpoint {out / 'checkpoints' / 'step-0000001'}: the disk is full; the run "
+        "stops here. The last good checkpoint is none (the run has to start again)")
+
+
+def test_resume_finds_the_newest_complete_checkpoint_whatever_a_kill_left(tok, tmp_path):
+    """`latest` naming a directory that is gone (killed while the same step was rewritten), a
+    temporary directory of a killed write, a step directory renamed in before `latest` moved:
+    the newest complete checkpoint is used, and the next save cleans up."""
+    from alignkit.engine.checkpoint import latest_checkpoint, save_checkpoint
+
+    model = tiny_model(seed=1)
+    engine = Engine(model, TrainConfig(output_dir=str(tmp_path), progress=False), total_steps=1)
+    root = tmp_path / "checkpoints"
+    for step in (1, 2):
+        save_checkpoint(root, step, model, engine.optimizer, {"epoch": 0}, keep=0)
+    assert latest_checkpoint(root) == root / "step-0000002"
+    (root / "step-0000002").rename(root / ".old-step-0000002")  # killed between moving step 2 aside and renaming its rewrite in
+    (root / ".tmp-killed").mkdir()
+    (root / ".tmp-killed" / "trainable.safetensors").write_bytes(b"\0" * 10)
+    assert latest_checkpoint(root) == root / ".old-step-0000002"
+    (root / ".old-step-0000002").rename(root / "step-0000002")
+    (root / "latest").write_text("step-0000001")  # killed after step 2 was renamed in, before `latest` moved
+    assert latest_checkpoint(root) == root / "step-0000001"  # what `latest` names, when it is complete
+    (root / "step-0000001" / "state.pt").unlink()
+    assert latest_checkpoint(root) == root / "step-0000002"
+    save_checkpoint(root, 2, model, engine.optimizer, {"epoch": 1}, keep=0)  # the same step again (a resumed run's end)
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-0000001", "step-0000002"]
+    assert json.loads((root / "step-0000002" / "loop.json").read_text()) == {"step": 2, "epoch": 1}
+
+
+def test_resume_drops_rows_logged_after_the_checkpoint(tok, tmp_path):
+    """Rows logged after the last checkpoint (at its step, like a final evaluation) and half a line
+    cut by a kill are gone when the run resumes."""
+    _train(tok, tmp_path)
+    rows = (tmp_path / "metrics.jsonl").read_text()
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 6, "eval/loss": 1.0}\n{"step": 6, "eval/acc')
+    engine = Engine(tiny_model(seed=1), SFTTrainConfig(output_dir=str(tmp_path), progress=False, seed=3), total_steps=6,
+                    resume=True)
+    assert engine.step == 6 and (tmp_path / "metrics.jsonl").read_text() == rows
+
+
+def test_a_fresh_engine_seeds_python_and_numpy(tmp_path):
+    """Their generators start from OS entropy in each process; a checkpoint's RNG states are only
+    the uninterrupted run's when every process starts them from the seed."""
+    import random
+
+    import numpy as np
+
+    values = []
+    for _ in range(2):
+        random.seed()
+        np.random.seed()
+        Engine(tiny_model(), TrainConfig(output_dir=str(tmp_path), progress=False, seed=7), total_steps=1)
+        values.append((random.random(), np.random.rand()))
+    assert values[0] == values[1] == (random.Random(7).random(), np.random.RandomState(7).rand())
