@@ -256,3 +256,37 @@ def test_early_stopping_and_runaway_warnings(caplog):
         warn_runaway({"iteration": 2, "kl": 25.0, "response_length": 21.0, "truncated_frac": 0.9}, state, warn_kl=20)
     messages = " ".join(r.getMessage() for r in caplog.records)
     assert "KL to the reference is 25.0" in messages and "replies are getting long" in messages
+
+
+def test_a_run_that_fails_mid_loop_closes_its_trackers(tiny_dir, tmp_path, monkeypatch):
+    """A reward that raises in iteration 2: the error reaches the caller and the run's tracker
+    (a stand-in for wandb: init() -> run with log() and finish()) is finished, as fit does."""
+    import sys
+    import types
+
+    runs = []
+
+    def init(**kwargs):
+        run_ = types.SimpleNamespace(logged=[], finished=0)
+        run_.log = lambda metrics, step: run_.logged.append(step)
+        run_.finish = lambda: setattr(run_, "finished", run_.finished + 1)
+        runs.append(run_)
+        return run_
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
+    calls = []
+
+    def reward(prompts, responses):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("reward server went away")
+        return lowercase_letters(prompts, responses)
+
+    cfg = load_config(PPOConfig, None, [
+        f"model.path={tiny_dir}", f"train.output_dir={tmp_path}", "iterations=3", "prompts_per_iteration=2", "sampling.n=2",
+        "sampling.max_new_tokens=4", "minibatch_size=4", "train.batch_size=4", "ppo_epochs=1", "prompts.train=8",
+        "prompts.heldout=0", "eval.every=0", "train.threads=1", "train.trackers=[wandb]"])
+    with pytest.raises(RuntimeError, match="reward server went away"):
+        run(cfg, reward_fn=reward)
+    (tracker,) = runs
+    assert tracker.finished == 1 and tracker.logged  # iteration 1 was logged, then the tracker was closed

@@ -347,39 +347,40 @@ def run(cfg: PPOConfig, reward_fn=None) -> dict:
     def checkpoint():
         engine.save({**state, "kl": kl_ctl.state_dict()})
 
-    if state["iteration"] == 0:
-        early_stop(evaluate(0), state, 0)
-    else:
-        trim_samples(run_dir / "samples.jsonl", state["iteration"])
-    stop = False
-    while state["iteration"] < cfg.iterations and not stop:
-        it, start = state["iteration"], time.perf_counter()
-        seed = cfg.train.seed * 1_000_003 + it
-        prompts = prompts_for(train_prompts, it, cfg.prompts_per_iteration, cfg.train.seed)
-        batch, completions = collect_batch(generator, tokenizer, prompts, cfg.sampling.params(seed), it + 1)
-        gen_s = time.perf_counter() - start
-        scores, raw = shaped_scores(reward_fn, completions, cfg.reward)
-        mask = batch["response_mask"]
-        old = recompute(ac, engine, cfg, batch)
-        rewards, kl_seq = kl_penalized_rewards(scores, old["old_logp"], old["ref_logp"], mask,
-                                               0.0 if cfg.method.kl_in_loss else kl_ctl.beta, cfg.kl.estimator)
-        advantages, returns = compute_advantages(cfg, rewards, old["old_values"], mask)
-        batch.update(old_logp=old["old_logp"], ref_logp=old["ref_logp"], advantages=advantages)
-        if returns is not None:
-            batch.update(old_values=old["old_values"], returns=returns)
-        stats = train_on(engine, ac, step_fn, batch, cfg, seed, ptx, state)
-        row = iteration_row(it + 1, batch, completions, scores, raw, old, kl_ctl.beta, stats, gen_s, time.perf_counter() - start)
-        kl_ctl.update(kl_seq.mean().item(), rows)
-        state["iteration"] = it + 1
-        log_iteration(engine, row, state, cfg)
-        if cfg.samples_every and (it % cfg.samples_every == 0 or it + 1 == cfg.iterations):
-            write_samples(run_dir / "samples.jsonl", completions[:4], mode="a", kl=old["kl"][:4])
-        if cfg.eval.every and (it + 1) % cfg.eval.every == 0 and it + 1 < cfg.iterations:
-            stop = early_stop(evaluate(it + 1), state, cfg.eval.patience)
-        if stop or (cfg.train.save_every and (it + 1) % cfg.train.save_every == 0):
-            checkpoint()
-    final = evaluate(state["iteration"])
-    checkpoint()
+    with engine.metrics.closing_on_error():  # a run that fails closes its trackers, as fit does
+        if state["iteration"] == 0:
+            early_stop(evaluate(0), state, 0)
+        else:
+            trim_samples(run_dir / "samples.jsonl", state["iteration"])
+        stop = False
+        while state["iteration"] < cfg.iterations and not stop:
+            it, start = state["iteration"], time.perf_counter()
+            seed = cfg.train.seed * 1_000_003 + it
+            prompts = prompts_for(train_prompts, it, cfg.prompts_per_iteration, cfg.train.seed)
+            batch, completions = collect_batch(generator, tokenizer, prompts, cfg.sampling.params(seed), it + 1)
+            gen_s = time.perf_counter() - start
+            scores, raw = shaped_scores(reward_fn, completions, cfg.reward)
+            mask = batch["response_mask"]
+            old = recompute(ac, engine, cfg, batch)
+            rewards, kl_seq = kl_penalized_rewards(scores, old["old_logp"], old["ref_logp"], mask,
+                                                   0.0 if cfg.method.kl_in_loss else kl_ctl.beta, cfg.kl.estimator)
+            advantages, returns = compute_advantages(cfg, rewards, old["old_values"], mask)
+            batch.update(old_logp=old["old_logp"], ref_logp=old["ref_logp"], advantages=advantages)
+            if returns is not None:
+                batch.update(old_values=old["old_values"], returns=returns)
+            stats = train_on(engine, ac, step_fn, batch, cfg, seed, ptx, state)
+            row = iteration_row(it + 1, batch, completions, scores, raw, old, kl_ctl.beta, stats, gen_s, time.perf_counter() - start)
+            kl_ctl.update(kl_seq.mean().item(), rows)
+            state["iteration"] = it + 1
+            log_iteration(engine, row, state, cfg)
+            if cfg.samples_every and (it % cfg.samples_every == 0 or it + 1 == cfg.iterations):
+                write_samples(run_dir / "samples.jsonl", completions[:4], mode="a", kl=old["kl"][:4])
+            if cfg.eval.every and (it + 1) % cfg.eval.every == 0 and it + 1 < cfg.iterations:
+                stop = early_stop(evaluate(it + 1), state, cfg.eval.patience)
+            if stop or (cfg.train.save_every and (it + 1) % cfg.train.save_every == 0):
+                checkpoint()
+        final = evaluate(state["iteration"])
+        checkpoint()
     engine.metrics.close()  # every row is logged
     path = save_model(ac.policy_model(), tokenizer, run_dir / "final", merge_lora=cfg.train.merge_lora)
     return {"iterations": state["iteration"], "early_stopped": stop, "beta": kl_ctl.beta, "best_eval_reward": state["best"],
