@@ -10,6 +10,7 @@ import base64
 import json
 import re
 import shutil
+from html import escape
 from pathlib import Path
 
 import pytest
@@ -91,7 +92,7 @@ def test_the_runs_read_as_their_commands(runs):
 
 
 def test_html_is_self_contained_with_every_section(page):
-    html_path, _, text = page
+    _, _, text = page
     for section in SECTIONS:
         assert f'<section id="{section}">' in text, section
     sources = _images(text)
@@ -128,6 +129,17 @@ def test_sections_follow_the_data(runs, tmp_path):
     assert len(_images(text)) == 1
 
 
+def test_without_matplotlib_the_report_has_tables_only(runs, tmp_path, monkeypatch):
+    from alignkit.report import plots
+
+    monkeypatch.setattr(plots, "pyplot", lambda: None)
+    out, md = tmp_path / "r.html", tmp_path / "r.md"
+    assert report([str(runs["rest-em"]), str(runs["bon"]), "-o", str(out), "--markdown", str(md)]) == 0
+    text = out.read_text()
+    assert "<img" not in text and escape(plots.NO_MATPLOTLIB) in text and not (tmp_path / "r_files").exists()
+    assert "<th>pass@4</th>" in text and "<th>max reward</th>" in text  # the tables stay
+
+
 def test_frontier_takes_each_runs_last_evaluation_and_its_beta(tmp_path):
     """DPO-style runs that logged eval/reward and eval/kl, their β in the config they wrote: one
     point each, from the last evaluation; a model's config.json (model_type) is no run config."""
@@ -161,6 +173,9 @@ def test_a_directory_without_metrics_is_an_error_naming_it(tmp_path, capsys):
     assert f"{empty}: no metrics.jsonl" in err and not (tmp_path / "r.html").exists()
     assert report([str(tmp_path / "missing"), "-o", str(tmp_path / "r.html")]) == 1
     assert f"{tmp_path / 'missing'}: no such run directory" in capsys.readouterr().err
+    assert report(["-o", str(tmp_path / "r.html")]) == 2  # no run directory: argparse's usage error
+    assert "RUN_DIR" in capsys.readouterr().err
+    assert report(["--help"]) == 0 and "--markdown" in capsys.readouterr().out
 
 
 def test_a_broken_metrics_line_names_the_file(tmp_path, capsys):

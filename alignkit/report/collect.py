@@ -22,6 +22,7 @@ own files. Any other directory without `metrics.jsonl` is an error that names it
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,7 +83,7 @@ def number(value) -> float | None:
     """A finite number, or None (metrics write non-finite floats as strings: 'nan', 'inf')."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
-    return float(value) if value == value and abs(value) != float("inf") else None
+    return float(value) if math.isfinite(value) else None
 
 
 

@@ -11,7 +11,14 @@ import time
 
 from alignkit.report import plots
 from alignkit.report.collect import Run, number
-from alignkit.report.document import Document, Figure, Section, Table, Text, parse_markdown_table
+from alignkit.report.document import (
+    Document,
+    Figure,
+    Section,
+    Table,
+    Text,
+    parse_markdown_table,
+)
 from alignkit.report.samples import sample_tables
 
 # the last value of these keys, when logged, is a run's headline in the summary
