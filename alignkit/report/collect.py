@@ -128,14 +128,14 @@ def _config(path: Path) -> dict | None:
     return None
 
 
-def _kind(run: Run) -> str:
+def _kind(run: Run, has_metrics: bool) -> str:
     keys = {k for r in run.metrics for k in r}
     if run.sweep:
         return "best-of-n"
-    if run.rm_report is not None and not run.metrics:
-        return "rm-eval"
+    if not has_metrics:
+        return "rm-eval" if run.rm_report is not None else "eval"
     if not run.metrics:
-        return "eval"
+        return "unknown (metrics.jsonl is empty)"
     if "m_epochs" in keys or (run.iteration_samples and any(k.startswith("pass@") for k in keys)):
         return "rest-em"
     if run.iteration_rows():
@@ -193,7 +193,7 @@ def read_run(path: str | Path, name: str | None = None) -> Run:
         for row in _jsonl(path / "samples.jsonl"):
             run.iteration_samples.setdefault(int(row.get("iteration", 0)), []).append(row)
     run.iteration_samples = dict(sorted(run.iteration_samples.items()))
-    run.kind = _kind(run)
+    run.kind = _kind(run, has_metrics)
     return run
 
 

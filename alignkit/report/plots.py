@@ -144,7 +144,7 @@ def frontier_point(run: Run) -> tuple[float, float] | None:
 
 def reward_vs_kl(runs: list[Run]) -> bytes | None:
     """The reward–KL frontier: one point per run that measured both (PPO, and DPO where it logs
-    them), labelled with its β; best-of-n runs as curves of max reward against the KL bound
+    them), labelled with its β, with its earlier evaluations as a faint path; best-of-n runs as curves of max reward against the KL bound
     log N − (N−1)/N, one per temperature."""
     plt = pyplot()
     points = [(i, r, frontier_point(r)) for i, r in enumerate(runs)]
@@ -154,6 +154,9 @@ def reward_vs_kl(runs: list[Run]) -> bytes | None:
         return None
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, run, (kl, reward) in points:
+        xs, ys = series([r for r in run.metrics if "eval/reward" in r], "eval/reward", "eval/kl")
+        if len(xs) > 1:  # the run's evaluations on the way to its point
+            ax.plot(xs, ys, color=_color(i), lw=0.8, alpha=0.4, marker=".", ms=3)
         beta = run.beta()
         label = run.name + (f" (β={beta:g})" if beta is not None else "")
         ax.scatter([kl], [reward], color=_color(i), s=40, zorder=3, label=label)
