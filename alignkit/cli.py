@@ -35,6 +35,11 @@ COMMANDS = {
     "rest": ("alignkit.algorithms.sampling.rest", "RestConfig", "run", "ReST: Grow (sample) then Improve steps at rising reward thresholds"),
 }
 
+# tools that take their own arguments (argparse) instead of a recipe: name -> (module with main(argv), description)
+TOOLS = {
+    "chat": ("alignkit.chat", "talk to a model in the terminal (alignkit chat MODEL_DIR [--prompt TEXT] [--reward RM_DIR])"),
+}
+
 USAGE = """usage: alignkit <command> [recipe.yaml] [key=value ...] [--resume]
        alignkit <command> --help        list the command's keys with defaults
        alignkit models prepare          convert the default model (SmolLM2-135M-Instruct) once
@@ -49,7 +54,9 @@ keys, e.g. train.lr=1e-5 model.path=/models/my-sft. Unknown keys are errors."""
 
 def _usage() -> str:
     width = max(len(c) for c in COMMANDS)
-    return USAGE.format(commands="\n".join(f"  {c.ljust(width)}   {d}" for c, (_, _, _, d) in COMMANDS.items()))
+    lines = [f"  {c.ljust(width)}   {d}" for c, (_, _, _, d) in COMMANDS.items()]
+    lines += [f"  {c.ljust(width)}   {d}" for c, (_, d) in TOOLS.items()]
+    return USAGE.format(commands="\n".join(lines))
 
 
 def _models(args: list[str]) -> int:
@@ -88,10 +95,12 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     if command == "models":
         return _models(rest)
+    if command in TOOLS:
+        return importlib.import_module(TOOLS[command][0]).main(rest)
     if command not in COMMANDS:
         import difflib
 
-        near = difflib.get_close_matches(command, list(COMMANDS) + ["models"], n=1)
+        near = difflib.get_close_matches(command, [*COMMANDS, *TOOLS, "models"], n=1)
         print(f"alignkit: unknown command '{command}'" + (f"; did you mean '{near[0]}'?" if near else ""), file=sys.stderr)
         print(_usage(), file=sys.stderr)
         return 2

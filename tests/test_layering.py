@@ -13,7 +13,7 @@ ROOT = Path(alignkit.__file__).parent
 
 # floor of each top-level part of the package (a module name without its .py, or a subpackage)
 FLOORS = {
-    "ops": 0, "precision": 0, "config": 0, "files": 0,
+    "ops": 0, "precision": 0, "config": 0, "files": 0, "chat": 6,
     "losses": 1, "data": 1,
     "models": 2,
     "rewards": 3, "rollout": 3,
