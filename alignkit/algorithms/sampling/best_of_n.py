@@ -24,6 +24,7 @@ import torch
 
 from alignkit.algorithms.sampling.stages import Sample, best_per_prompt, by_prompt, collect, score
 from alignkit.config import at_least, non_empty, one_of, opt
+from alignkit.data.io import write_skipped
 from alignkit.models.load import ModelConfig, load_model
 from alignkit.precision import resolve_precision
 from alignkit.rollout.base import SamplingConfig, SamplingParams
@@ -123,6 +124,7 @@ def run(cfg: BestOfNConfig) -> dict:
     temperatures = sorted({*cfg.temperatures, cfg.sampling.temperature})
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    write_skipped(out, task.skipped)
     rows, best_rows = [], {}
     for t in temperatures:
         samples = score(collect(generator, tokenizer, prompts, cfg.sampling.params(cfg.seed, n=big, temperature=t)), reward_fn)

@@ -31,6 +31,7 @@ from alignkit.algorithms.sampling.problems import eval_prompts, generator_for, i
 from alignkit.algorithms.sampling.run_state import SHARD_PROMPTS, RunState, load_samples, save_samples, shard_seed
 from alignkit.algorithms.sampling.stages import Sample, collect, score, tokenize_samples
 from alignkit.algorithms.sampling.train_stage import train_stage
+from alignkit.data.io import write_skipped
 from alignkit.engine.checkpoint import rng_state, set_rng_state
 from alignkit.engine.logging import MetricsLogger, read_metrics
 from alignkit.files import write_text_atomic
@@ -103,6 +104,7 @@ class SamplingRun:
         torch.manual_seed(cfg.train.seed)  # fresh LoRA adapters draw from the global generator
         self.task = build_task(cfg.task, getattr(cfg, "reward", None) or RewardConfig(kind="verifier"), cfg.train.precision)
         self.run_dir = Path(cfg.train.output_dir)
+        write_skipped(self.run_dir, self.task.skipped)  # rows of a prompts/problems file dropped by task.on_invalid=skip
         self.state = RunState(self.run_dir, asdict(cfg), cfg.train.resume)
         self.logged = read_metrics(self.run_dir) if self.state.resumed else []  # rows of the run before its kill
         self.logger = MetricsLogger(self.run_dir, cfg.train.trackers, config=asdict(cfg),
