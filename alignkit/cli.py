@@ -38,6 +38,8 @@ COMMANDS = {
 # tools that take their own arguments (argparse) instead of a recipe: name -> (module with main(argv), description)
 TOOLS = {
     "chat": ("alignkit.chat", "talk to a model in the terminal (alignkit chat MODEL_DIR [--prompt TEXT] [--reward RM_DIR])"),
+    "report": ("alignkit.report.command", "one HTML page (and Markdown) of one run or a comparison of runs "
+                                          "(alignkit report RUN_DIR ... -o report.html [--markdown report.md])"),
 }
 
 USAGE = """usage: alignkit <command> [recipe.yaml] [key=value ...] [--resume]
