@@ -290,3 +290,18 @@ def test_rest_em_few_shot_exemplars_only_in_the_first_e_step(answering_model, tm
                  'shots.exemplars=[["What is 2 + 2?"]]'] + COMMON) != 0
     assert "shots.exemplars[0]: expected a [question, reply] pair" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_problems_file_with_bad_rows_under_skip_writes_skipped_jsonl(answering_model, tmp_path, capsys):
+    rows = [json.dumps({"question": f"What is {a} + {b}?", "answer": str(a + b)}) for a in range(4) for b in range(5)]
+    rows[3] = '{"question": "What is 1 + 1?"'  # cut short
+    rows[7] = json.dumps({"question": "What is 2 + 2?"})  # no answer
+    path = tmp_path / "problems.jsonl"
+    path.write_text("\n".join(rows) + "\n")
+    out = tmp_path / "run"
+    cli(["rest-em", f"model.path={answering_model}", f"train.output_dir={out}", "iterations=1", "train.epochs=1",
+         "metrics.eval_samples=0", "metrics.ks=[1]"] + COMMON + ["task.source=problems", f"task.path={path}",
+         "task.on_invalid=skip", "task.train=10", "task.val=2", "task.heldout=4"], capsys)
+    skipped = [json.loads(line) for line in (out / "skipped.jsonl").read_text().splitlines()]
+    assert [(s["file"], s["line"]) for s in skipped] == [(str(path), 4), (str(path), 8)]
+    assert all(s["reason"] for s in skipped)
