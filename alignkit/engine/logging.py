@@ -27,7 +27,8 @@ def _clean(value):
 
 class MetricsLogger:
     """Appends one JSON object per logged step to `metrics.jsonl`, and sends the numeric values to
-    the extra `trackers` (tensorboard, wandb, mlflow).
+    the extra `trackers` (tensorboard, wandb, mlflow); the run's `config`, when given, is written
+    to `config.json` beside it.
 
     The trackers open first: a tracker whose package is missing is a ValueError naming the package,
     before the run directory is touched. Whoever opens a logger closes it when its run's logging
@@ -45,6 +46,8 @@ class MetricsLogger:
             raise
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if config:  # what the run was asked to do, beside what it measured (alignkit report reads it)
+            write_text_atomic(self.path.parent / "config.json", json.dumps(config, indent=1, default=str) + "\n")
         if resume_step is not None and self.path.exists():
             kept = [row for row in read_metrics(run_dir) if row.get("step", 0) <= resume_step]
             write_text_atomic(self.path, "".join(json.dumps(row) + "\n" for row in kept))
