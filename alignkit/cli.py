@@ -33,6 +33,7 @@ COMMANDS = {
     "rft": ("alignkit.algorithms.sampling.rft", "RFTConfig", "run", "RFT: fine-tune on distinct correct reasoning paths (union of sampler models)"),
     "rest-em": ("alignkit.algorithms.sampling.rest_em", "RestEMConfig", "run", "ReST-EM: sample, keep correct, fine-tune the base model; pass@k, maj@k"),
     "rest": ("alignkit.algorithms.sampling.rest", "RestConfig", "run", "ReST: Grow (sample) then Improve steps at rising reward thresholds"),
+    "flan-study": ("alignkit.algorithms.flan_study", "FlanStudyConfig", "run", "Flan-style study: held-out task families vs number of training tasks, with/without CoT data"),
 }
 
 # tools that take their own arguments (argparse) instead of a recipe: name -> (module with main(argv), description)
