@@ -9,7 +9,9 @@ output once surrounding spaces, quotes and a final period are removed. Greedy de
 
 from __future__ import annotations
 
+import logging
 import re
+import time
 from dataclasses import dataclass
 
 from alignkit.config import at_least, opt
@@ -19,6 +21,8 @@ from alignkit.data.records import user_prompt
 from alignkit.data.tasks import TaskItem, get_task
 from alignkit.rollout.base import SamplingParams
 from alignkit.rollout.hf import HFGenerator
+
+log = logging.getLogger("alignkit")
 
 FORMS = ("direct", "cot")
 _MARK = re.compile(r"the answer is", re.IGNORECASE)
@@ -63,11 +67,13 @@ def heldout_accuracy(model, tokenizer, tasks: list[str], cfg: HeldoutEvalConfig,
         budget = cfg.cot_tokens if form == "cot" else cfg.direct_tokens
         params = SamplingParams(n=1, temperature=0.0, max_new_tokens=budget)
         for task in tasks:
-            items = get_task(task).generate(cfg.items, cfg.seed)
+            start, items = time.time(), get_task(task).generate(cfg.items, cfg.seed)
             prompts = [prompt_text(tokenizer, user_prompt(question(it, form))) for it in items]
             replies = [c.text for c in generator.generate(prompts, params)]
             marks = [is_correct(r, it.output) for r, it in zip(replies, items)]
             out[f"{task}/{form}"] = sum(marks) / len(marks)
+            log.info("held-out %s (%s): %d prompts in %.1fs, accuracy %.3f", task, form, len(items), time.time() - start,
+                     out[f"{task}/{form}"])
             rows += [{"task": task, "form": form, "input": it.input, "output": it.output, "reply": r, "correct": m}
                      for it, r, m in zip(items, replies, marks)]
         out[f"heldout/{form}"] = sum(out[f"{t}/{form}"] for t in tasks) / len(tasks)
