@@ -226,7 +226,8 @@ def decoder_linears(s: dict) -> list[tuple[int, int]]:
 
 FLOPS_DOC = """model FLOPs of a step (counted on the logical sequences, each as if run alone, no padding):
   6·P·T + 6·L·A·Σ n(n+1) + 6·H·N  (full fine-tuning)
-  4·P·T + 6·R·T + 6·L·A·Σ n(n+1) + 4·H·N  (LoRA: no weight gradients for the frozen base)
+  4·P·T + 6·R·T + 6·L·A·Σ n(n+1) + 4·H·N  (LoRA: no weight gradients for the frozen base; 6·H·N for a
+  reward head, which trains in full)
 where P = weights of the decoder linears (q, k, v, o, gate, up, down: L·(2·d·A + 2·d·K + 3·d·F)), T = tokens,
 n = each sequence's length (causal attention: QKᵀ and AV over n(n+1)/2 visible pairs, 2 FLOPs a multiply-add,
 times 3 for forward + backward), L layers, A = attention width (heads x head dim), K = key/value width,
@@ -235,8 +236,10 @@ what both sides compute; d·1 for a reward head, applied at each sequence's last
 per token (r·(in+out) per adapted linear). Embedding lookups and norms count 0."""
 
 
-def step_flops(shapes: dict, lengths: list[int], head_tokens: int, head_width: int, lora_rank: int = 0) -> float:
-    """Model FLOPs of one optimizer step over sequences of `lengths` (see FLOPS_DOC)."""
+def step_flops(shapes: dict, lengths: list[int], head_tokens: int, head_width: int, lora_rank: int = 0,
+               head_trained: bool = False) -> float:
+    """Model FLOPs of one optimizer step over sequences of `lengths` (see FLOPS_DOC); with LoRA the
+    head counts 4 FLOPs a weight and token unless `head_trained` (a reward head trains in full)."""
     s = shapes
     linears = decoder_linears(s)
     p = s["layers"] * sum(i * o for i, o in linears)
@@ -245,7 +248,7 @@ def step_flops(shapes: dict, lengths: list[int], head_tokens: int, head_width: i
     head = s["d"] * head_width * head_tokens
     if lora_rank:
         r = s["layers"] * sum(lora_rank * (i + o) for i, o in linears)
-        return 4 * p * tokens + 6 * r * tokens + attention + 4 * head
+        return 4 * p * tokens + 6 * r * tokens + attention + (6 if head_trained else 4) * head
     return 6 * p * tokens + attention + 6 * head
 
 
