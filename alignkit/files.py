@@ -29,6 +29,14 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     return path
 
 
+def temp_dir(parent: str | Path, prefix: str = ".tmp-") -> Path:
+    """A new empty directory in `parent` (to be renamed into place when complete), with the mode
+    of any new directory (mkdtemp's is private: 0700)."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    os.chmod(path, 0o777 & ~_umask())
+    return path
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -30,3 +30,13 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary_one(tmp_path, monke
         write_text_atomic(path, "new")
     assert path.read_text() == "old"
     assert sorted(os.listdir(tmp_path)) == ["a.json"]
+
+
+def test_a_saved_model_directory_has_the_mode_of_any_new_directory(tmp_path, tok, model):
+    from alignkit.models.load import save_model
+
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    final = save_model(model, tok, tmp_path / "run" / "final")
+    assert stat.S_IMODE(final.stat().st_mode) == stat.S_IMODE(plain.stat().st_mode)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["final"]

@@ -9,9 +9,10 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+from alignkit.files import write_jsonl_atomic
 
 log = logging.getLogger("alignkit")
 
@@ -67,17 +68,7 @@ def write_skipped(run_dir: str | os.PathLike, skipped: list[dict]) -> Path | Non
     when no row was skipped. Returns the file's path, or None."""
     if not skipped:
         return None
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    target = run_dir / SKIPPED_FILE
-    fd, tmp = tempfile.mkstemp(prefix=".skipped-", dir=run_dir)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in skipped)
-        os.replace(tmp, target)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    target = write_jsonl_atomic(Path(run_dir) / SKIPPED_FILE, skipped)
     log.warning("%d skipped row(s) listed in %s", len(skipped), target)
     return target
 

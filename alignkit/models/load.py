@@ -11,13 +11,13 @@ import importlib.util
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from alignkit.config import opt
+from alignkit.files import temp_dir
 from alignkit.precision import native_bf16
 
 DEFAULT_MODEL = "default"
@@ -101,7 +101,7 @@ def prepare_default_model(force: bool = False) -> Path:
         del model.config.quantization_config
     model.config.name_or_path = DEFAULT_NAME
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    tmp = temp_dir(target.parent)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     config = json.loads((tmp / "config.json").read_text())
@@ -208,7 +208,7 @@ def save_model(model, tokenizer, out_dir: str | Path, merge_lora: bool = True) -
     tmp = None
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+        tmp = temp_dir(out_dir.parent, f".{out_dir.name}.tmp-")
         if hasattr(model, "peft_config") and merge_lora:
             model = model.merge_and_unload()
         model.save_pretrained(tmp, safe_serialization=True)
@@ -230,7 +230,7 @@ def _replace_dir(new: Path, target: Path) -> None:
     if not target.exists():
         os.replace(new, target)
         return
-    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    old = temp_dir(target.parent, f".{target.name}.old-")
     os.replace(target, old)  # an empty directory is replaced
     try:
         os.replace(new, target)
