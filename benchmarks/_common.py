@@ -236,6 +236,30 @@ what both sides compute; d·1 for a reward head, applied at each sequence's last
 per token (r·(in+out) per adapted linear). Embedding lookups and norms count 0."""
 
 
+FLOPS_SHORT = ("MFU = model FLOPs per step (6·P·T + 6·L·A·Σn(n+1) + 6·H·N; LoRA 4·P·T + 6·R·T + the same attention "
+               "and head terms, the frozen LM head at 4·H·N: benchmarks/_common.py FLOPS_DOC) ÷ median s/step ÷ the "
+               "measured matmul peak")
+
+
+def cpu_description() -> str:
+    """Family/model/stepping of the CPU and the flags that decide the matmul kernels (AVX2, AVX-512, bf16, AMX)."""
+    info: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if not line.strip():
+                    break
+                key, _, value = line.partition(":")
+                info[key.strip()] = value.strip()
+    except OSError:
+        return "cpuinfo unreadable"
+    flags = set(info.get("flags", "").split())
+    wanted = ["avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile"]
+    have = [f for f in wanted if f in flags]
+    return (f"{info.get('model name', '?')} (family {info.get('cpu family', '?')}, model {info.get('model', '?')}, "
+            f"stepping {info.get('stepping', '?')}); flags: {' '.join(have) or 'none of ' + ' '.join(wanted)}")
+
+
 def step_flops(shapes: dict, lengths: list[int], head_tokens: int, head_width: int, lora_rank: int = 0,
                head_trained: bool = False) -> float:
     """Model FLOPs of one optimizer step over sequences of `lengths` (see FLOPS_DOC); with LoRA the
@@ -396,7 +420,7 @@ def offline_record(title: str, command: str, notes: str, text: str, matmul: dict
     trl = next((r["versions"].get("trl") for r in rows if "trl" in r["versions"]), "?")
     ours = rows[0]["versions"]
     append_results(f"\n### {title} ({datetime.date.today()}, commit {git_commit()})\n\n`{command}`\n\n"
-                   f"Machine: {machine(threads)}. alignkit side: torch {ours.get('torch')}, transformers "
+                   f"Machine: {machine(threads)}; {cpu_description()}. alignkit side: torch {ours.get('torch')}, transformers "
                    f"{ours.get('transformers')}; TRL {trl}. Matmul peak {matmul['peak_tflops']:.3f} TFLOP/s "
                    f"({matmul['dtype']}, best of {', '.join(f'{k} {v:.3f}' for k, v in matmul['rates_tflops'].items())}). "
                    f"{notes}\n\n{text}\n")

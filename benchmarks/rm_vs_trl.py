@@ -14,7 +14,8 @@ Same model, data, batches, optimizer and precision on both sides, each side in i
   parent (alignkit's `scoring_group`; no sequence is truncated) and written to --work: TRL gets the
   same ids as a processed dataset (`chosen_ids` = prompt + chosen, `rejected_ids` = prompt +
   rejected), alignkit the same ids as groups (the shared prompt once, then both replies).
-- batches: --pairs-per-step pairs per optimizer step, the same pairs in the same step on both
+- batches: --pairs-per-step pairs per optimizer step (16 built-in pairs, ~2,300 tokens; 2 HH pairs,
+  ~3,300 tokens, by default), the same pairs in the same step on both
   sides (spread longest-first so that every step holds about the same tokens). TRL pads the 2k
   sequences of a step to the longest (its collator; right padding) and reads each reward at the
   last non-pad token; alignkit packs the step's groups, prompt computed once for both replies,
@@ -53,10 +54,12 @@ import time
 from pathlib import Path
 
 from _common import (
-    FLOPS_DOC,
+    FLOPS_SHORT,
     ROOT,
     alignkit_train_config,
     balanced_steps,
+    cpu_description,
+    machine,
     make_reward_model,
     matmul_rate,
     model_path,
@@ -284,12 +287,14 @@ def run_trl(args) -> dict:
 def main() -> None:
     ap = offline_parser(__doc__, "/tmp/alignkit-rm-bench")
     ap.add_argument("--data", default="builtin", choices=["builtin", "hh"], help="built-in pairs or long HH-style conversations")
-    ap.add_argument("--pairs-per-step", type=int, default=None, help="default: 16 (builtin), 4 (hh)")
+    ap.add_argument("--pairs-per-step", type=int, default=None,
+                    help="default: 16 (builtin, ~2,300 tokens), 2 (hh, ~3,300 tokens; TRL's padded batch of 4 "
+                         "sequences then peaks near 11 GiB, so 4 pairs may not fit a 24 GiB machine)")
     ap.add_argument("--row-tokens", type=int, default=2048, help="alignkit's packed row length (train.max_tokens_per_batch)")
     ap.add_argument("--max-length", type=int, default=2048, help="longest sequence allowed (none may be truncated)")
     ap.add_argument("--rm", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    args.pairs_per_step = args.pairs_per_step or (4 if args.data == "hh" else 16)
+    args.pairs_per_step = args.pairs_per_step or (2 if args.data == "hh" else 16)
     if args.side:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         if args.side == "matmul":
@@ -314,7 +319,8 @@ def main() -> None:
             run_side(__file__, "trl", argv + (["--trl-malloc"] if args.trl_malloc else []), args.trl_python)]
     mode = f"LoRA r={LORA_RANK}" if args.lora else "full"
     what = "built-in pairs" if args.data == "builtin" else "HH-style multi-turn, 600-1000 tokens"
-    text = offline_table(f"RM ({what}, {args.pairs_per_step} pairs/step)", mode, args.precision, rows, matmul["peak_tflops"])
+    text = offline_table(f"RM ({what}, {args.pairs_per_step} pair{'s' if args.pairs_per_step != 1 else ''}/step)", mode, args.precision, rows, matmul["peak_tflops"])
+    print(f"{machine(args.threads)}; {cpu_description()}")
     print(f"matmul peak {matmul['peak_tflops']:.3f} TFLOP/s ({matmul['dtype']}): "
           + ", ".join(f"{k} {v:.3f}" for k, v in matmul["rates_tflops"].items()))
     for r in rows:
@@ -329,7 +335,7 @@ def main() -> None:
         command = "python benchmarks/rm_vs_trl.py " + " ".join(sys.argv[1:])
         offline_record(f"RM vs TRL RewardTrainer, {what}, {mode}, {args.precision}", command,
                        f"{args.steps} steps, median of steps 2..{args.steps}; step-1 losses agree within {tol:.0e} "
-                       f"(|diff| {diff:.1e}); alignkit rows of at most {args.row_tokens} tokens. {FLOPS_DOC}",
+                       f"(|diff| {diff:.1e}); alignkit rows of at most {args.row_tokens} tokens. {FLOPS_SHORT}.",
                        text, matmul, rows, args.threads)
 
 

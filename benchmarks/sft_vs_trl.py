@@ -53,10 +53,12 @@ import time
 from pathlib import Path
 
 from _common import (
-    FLOPS_DOC,
+    FLOPS_SHORT,
     ROOT,
     alignkit_train_config,
     balanced_steps,
+    cpu_description,
+    machine,
     matmul_rate,
     model_path,
     model_shapes,
@@ -213,8 +215,9 @@ def main() -> None:
     rows = [run_side(__file__, "alignkit", argv, sys.executable),
             run_side(__file__, "trl", argv + (["--trl-malloc"] if args.trl_malloc else []), args.trl_python)]
     mode = f"LoRA r={LORA_RANK}" if args.lora else "full"
-    text = offline_table(f"SFT ({args.data}, {args.examples_per_step} examples/step)", mode, args.precision, rows,
+    text = offline_table(f"SFT ({args.data}, {args.examples_per_step} example{'s' if args.examples_per_step != 1 else ''}/step)", mode, args.precision, rows,
                          matmul["peak_tflops"])
+    print(f"{machine(args.threads)}; {cpu_description()}")
     print(f"matmul peak {matmul['peak_tflops']:.3f} TFLOP/s ({matmul['dtype']}): "
           + ", ".join(f"{k} {v:.3f}" for k, v in matmul["rates_tflops"].items()))
     for r in rows:
@@ -229,7 +232,7 @@ def main() -> None:
         command = "python benchmarks/sft_vs_trl.py " + " ".join(sys.argv[1:])
         offline_record(f"SFT vs TRL SFTTrainer, {mode}, {args.precision}", command,
                        f"{args.steps} steps, median of steps 2..{args.steps}; step-1 losses agree within {tol:.0e} "
-                       f"(|diff| {diff:.1e}). {FLOPS_DOC}", text, matmul, rows, args.threads)
+                       f"(|diff| {diff:.1e}). {FLOPS_SHORT}.", text, matmul, rows, args.threads)
 
 
 if __name__ == "__main__":
