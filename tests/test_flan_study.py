@@ -81,6 +81,10 @@ def test_flan_study_runs_every_arm_and_resumes_from_stored_arms(tiny_dir, tmp_pa
     again = json.loads((out / "result.json").read_text())
     assert again["arms"] == result["arms"]
     assert sum("read from" in r.getMessage() for r in caplog.records) == 4
+    caplog.clear()
+    assert main([*args, "eval.items=3", "--resume"]) == 0  # another evaluation: arms are evaluated again, not retrained
+    assert sum("evaluated with other settings" in r.getMessage() for r in caplog.records) == 4
+    assert "resumed from" in " ".join(r.getMessage() for r in caplog.records)
 
 
 def test_flan_study_refuses_training_on_what_it_evaluates(tiny_dir, capsys):

@@ -11,8 +11,8 @@ data, CoT prompting gets worse.
 
 Each arm's run is `<output_dir>/<arm>/` (its own metrics.jsonl and final/); the study writes one
 row per arm to `metrics.jsonl`, `table.md`, `result.json` and `flan_study.png`. With
-`train.resume`, arms already evaluated are read from their `heldout.json`, and a killed arm
-resumes from its checkpoint.
+`train.resume`, arms already evaluated with the same evaluation settings are read from their
+`heldout.json`, and a killed arm resumes from its checkpoint.
 """
 
 from __future__ import annotations
@@ -87,11 +87,17 @@ def arms(cfg: FlanStudyConfig) -> list[dict]:
     return out
 
 
+def _evaluation(cfg: FlanStudyConfig) -> dict:
+    """What an arm's stored result depends on besides its training."""
+    return {"heldout_tasks": list(cfg.heldout_tasks), **asdict(cfg.eval)}
+
+
 def _evaluate(model, tokenizer, cfg: FlanStudyConfig, arm_dir: Path) -> dict:
-    """Held-out accuracy of `model`, stored in arm_dir/heldout.json (and the replies beside it)."""
+    """Held-out accuracy of `model`, stored in arm_dir/heldout.json with the evaluation settings
+    (and the replies beside it)."""
     result = heldout_accuracy(model, tokenizer, cfg.heldout_tasks, cfg.eval, cfg.train.precision)
     write_jsonl_atomic(arm_dir / "heldout_replies.jsonl", result.pop("rows"))
-    write_text_atomic(arm_dir / "heldout.json", json.dumps(result, indent=1) + "\n")
+    write_text_atomic(arm_dir / "heldout.json", json.dumps({"evaluation": _evaluation(cfg), "result": result}, indent=1) + "\n")
     return result
 
 
@@ -100,8 +106,11 @@ def _arm(cfg: FlanStudyConfig, arm: dict | None, run_dir: Path) -> dict:
     arm_dir = run_dir / (arm["arm"] if arm else "base")
     stored = arm_dir / "heldout.json"
     if cfg.train.resume and stored.is_file():
-        log.info("%s: read from %s", arm_dir.name, stored)
-        return json.loads(stored.read_text())
+        saved = json.loads(stored.read_text())
+        if saved.get("evaluation") == _evaluation(cfg):
+            log.info("%s: read from %s", arm_dir.name, stored)
+            return saved["result"]
+        log.info("%s: %s was evaluated with other settings; evaluating again", arm_dir.name, stored)
     if arm is None:
         model, tokenizer, _ = load_model(cfg.model, train=False)
         return _evaluate(model, tokenizer, cfg, arm_dir)
