@@ -194,7 +194,7 @@ def _full_disk_at(monkeypatch, where: str, call: int):
     optimizer file (each after writing part of it), or the `latest` pointer."""
     import alignkit.engine.checkpoint as ckpt
 
-    name = {"weights": "save_file", "optimizer": "save", "latest": "_write_atomic"}[where]
+    name = {"weights": "save_file", "optimizer": "save", "latest": "write_text_atomic"}[where]
     owner = ckpt.torch if where == "optimizer" else ckpt
     real, calls = getattr(owner, name), [0]
 

@@ -52,7 +52,7 @@ if plan:
 
     kind, at, phase, seen = plan["kind"], plan["at"], plan["phase"], {"n": 0}
     if kind == "save":  # the at-th checkpoint write of this process (reference and main stage alike)
-        save_file, torch_save, write_atomic = checkpoint.save_file, torch.save, checkpoint._write_atomic
+        save_file, torch_save, write_atomic = checkpoint.save_file, torch.save, checkpoint.write_text_atomic
 
         def save_file_then(tensors, filename, *a, **k):
             seen["n"] += 1
@@ -70,7 +70,7 @@ if plan:
                 die()  # the new directory is in place, `latest` still names the previous one
             write_atomic(path, text)
 
-        checkpoint.save_file, checkpoint._write_atomic, torch.save = save_file_then, write_atomic_then, torch_save_then
+        checkpoint.save_file, checkpoint.write_text_atomic, torch.save = save_file_then, write_atomic_then, torch_save_then
     else:  # the at-th optimizer step of this process
         accumulate, train_step = trainer.Engine.accumulate, trainer.Engine.train_step
 

@@ -17,12 +17,13 @@ import os
 import random
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+from alignkit.files import temp_dir, write_text_atomic
 
 FILES = ("trainable.safetensors", "state.pt", "loop.json")  # a checkpoint directory holds all three
 _NAME = re.compile(r"^(?:\.old-)?step-(\d+)$")  # a checkpoint, or one moved aside while its step is rewritten
@@ -59,19 +60,6 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _remove_leftovers(root: Path) -> None:
     """Temporary files and directories of writes that were killed (one writer per run directory)."""
     for p in root.glob(".tmp-*"):
@@ -87,7 +75,7 @@ def save_checkpoint(root: Path, step: int, model, optimizer, loop_state: dict, k
     final = root / f"step-{step:07d}"
     tmp = None
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
+        tmp = temp_dir(root)
         save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
         torch.save({"optimizer": optimizer.state_dict(), "rng": rng_state()}, tmp / "state.pt")
         (tmp / "loop.json").write_text(json.dumps({"step": step, **loop_state}))
@@ -104,7 +92,7 @@ def save_checkpoint(root: Path, step: int, model, optimizer, loop_state: dict, k
     os.replace(tmp, final)
     try:
         _fsync(root)
-        _write_atomic(root / "latest", final.name)
+        write_text_atomic(root / "latest", final.name)
     except OSError as err:
         raise _write_error(final, root, err) from err
     for left in root.glob(".old-step-*"):  # `latest` names a newer complete checkpoint now
