@@ -32,11 +32,13 @@ class MetricsLogger:
 
     The trackers open first: a tracker whose package is missing is a ValueError naming the package,
     before the run directory is touched. Whoever opens a logger closes it when its run's logging
-    is done (`close()`, idempotent), or when the run fails (`closing_on_error`). On resume, lines from steps after the
-    checkpoint are dropped first, so the file reads as if the run had never been interrupted.
+    is done (`close()`, idempotent), or when the run fails (`closing_on_error`). A new run starts
+    the file afresh; a resumed one keeps its first `keep_lines` complete lines (what was logged up
+    to the checkpoint it resumes from) and appends, so the file reads as if the run had never
+    been interrupted.
     """
 
-    def __init__(self, run_dir: Path, trackers: list[str] = (), config: dict | None = None, resume_step: int | None = None):
+    def __init__(self, run_dir: Path, trackers: list[str] = (), config: dict | None = None, keep_lines: int | None = None):
         self._trackers: list[tuple] = []
         try:
             for name in trackers:
@@ -48,11 +50,19 @@ class MetricsLogger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if config:  # what the run was asked to do, beside what it measured (alignkit report reads it)
             write_text_atomic(self.path.parent / "config.json", json.dumps(config, indent=1, default=str) + "\n")
-        if resume_step is not None and self.path.exists():
-            kept = [row for row in read_metrics(run_dir) if row.get("step", 0) <= resume_step]
-            write_text_atomic(self.path, "".join(json.dumps(row) + "\n" for row in kept))
-        elif resume_step is None and self.path.exists():
+        if keep_lines is not None and self.path.exists():
+            with self.path.open("rb") as f:
+                kept = [line for _, line in zip(range(keep_lines), f) if line.endswith(b"\n")]
+            write_text_atomic(self.path, b"".join(kept).decode("utf-8"))
+        elif keep_lines is None and self.path.exists():
             self.path.unlink()
+
+    def lines(self) -> int:
+        """Complete lines of metrics.jsonl so far (what a checkpoint records, `keep_lines` on resume)."""
+        if not self.path.is_file():
+            return 0
+        with self.path.open("rb") as f:
+            return sum(1 for line in f if line.endswith(b"\n"))
 
     def log(self, step: int, metrics: dict) -> None:
         row = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from alignkit.engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from alignkit.engine.config import LoopConfig, StageConfig
-from alignkit.engine.logging import MetricsLogger, log
+from alignkit.engine.logging import MetricsLogger, log, read_metrics
 
 StepFn = Callable[[dict], "tuple[torch.Tensor, float, dict[str, float]]"]
 
@@ -94,7 +94,6 @@ class Engine:
         if checkpoint is not None:
             self.loop_state = load_checkpoint(checkpoint, self.model, self.optimizer)
             self.step = self.loop_state.pop("step")
-            _truncate_lines(self.run_dir / "metrics.jsonl", self.loop_state.pop("metrics_lines", None))
             log.info("resumed from %s at step %d", checkpoint, self.step)
         else:
             # Python's and numpy's generators start from the OS's entropy in every process: seed them
@@ -104,8 +103,10 @@ class Engine:
             np.random.seed(cfg.seed)
             if resume:
                 log.warning("resume requested but %s has no checkpoint; starting fresh", self.run_dir / "checkpoints")
-        self.metrics = MetricsLogger(self.run_dir, cfg.trackers, self._run_config,
-                                     resume_step=self.step if checkpoint is not None else None)
+        keep = self.loop_state.pop("metrics_lines", None) if checkpoint is not None else None
+        if checkpoint is not None and keep is None:  # a checkpoint of an older alignkit: keep the rows up to its step
+            keep = sum(1 for row in read_metrics(self.run_dir) if row.get("step", 0) <= self.step)
+        self.metrics = MetricsLogger(self.run_dir, cfg.trackers, self._run_config, keep_lines=keep)
         self._bar = None
 
     def autocast(self):
@@ -189,9 +190,8 @@ class Engine:
         """Checkpoint the model, optimizer, RNG states and `loop_state`, with the number of lines
         metrics.jsonl holds now: a run that resumes from it drops every row logged after it (the
         final evaluation logged after the last checkpoint, half a line cut by a kill)."""
-        lines = _count_lines(self.metrics.path)
         self.last_checkpoint = save_checkpoint(self.run_dir / "checkpoints", self.step, self.model, self.optimizer,
-                                               {**loop_state, "metrics_lines": lines}, self.cfg.keep_checkpoints)
+                                               {**loop_state, "metrics_lines": self.metrics.lines()}, self.cfg.keep_checkpoints)
 
     def evaluate(self, eval_fn: Callable | None) -> dict:
         if eval_fn is None:
@@ -202,25 +202,6 @@ class Engine:
         self.model.train()
         self.log(result, prefix="eval/")
         return result
-
-
-def _count_lines(path: Path) -> int:
-    if not path.is_file():
-        return 0
-    with path.open("rb") as f:
-        return sum(1 for line in f if line.endswith(b"\n"))
-
-
-def _truncate_lines(path: Path, lines: int | None) -> None:
-    """Keep the first `lines` complete lines of `path` (None: leave it), replacing it atomically."""
-    if lines is None or not path.is_file():
-        return
-    with path.open("rb") as f:
-        kept = [line for _, line in zip(range(lines), f)]
-    kept = [line for line in kept if line.endswith(b"\n")]
-    tmp = path.with_name(path.name + ".resume-tmp")
-    tmp.write_bytes(b"".join(kept))
-    tmp.replace(path)
 
 
 def steps_for(n_micro_batches: int, cfg: StageConfig) -> int:

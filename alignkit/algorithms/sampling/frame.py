@@ -108,7 +108,7 @@ class SamplingRun:
         self.state = RunState(self.run_dir, asdict(cfg), cfg.train.resume)
         self.logged = read_metrics(self.run_dir) if self.state.resumed else []  # rows of the run before its kill
         self.logger = MetricsLogger(self.run_dir, cfg.train.trackers, config=asdict(cfg),
-                                    resume_step=self.logged[-1]["step"] if self.logged else None)
+                                    keep_lines=len(self.logged) if self.state.resumed else None)
         self.device = resolve_device(cfg.train.device)  # sampling runs where training runs
         self.policy, self.tokenizer, _ = load_model(cfg.model, train=False)
         self.policy.to(self.device)
