@@ -99,7 +99,7 @@ def test_score_values_are_checked_before_any_work(tmp_path, capsys):
 
 def test_resume_only_where_a_command_can(tmp_path, capsys):
     can = {c for c, (module, cls, _, _) in COMMANDS.items() if resumable(getattr(importlib.import_module(module), cls))}
-    assert can == {"sft", "rm", "dpo", "rrhf", "ppo", "rs", "raft", "rft", "rest", "rest-em"}
+    assert can == {"sft", "rm", "dpo", "rrhf", "ppo", "rs", "raft", "rft", "rest", "rest-em", "flan-study"}
     for command in sorted(set(COMMANDS) - can):
         assert main([command, "--resume", f"model.path={tmp_path / 'missing'}"]) == 2
         assert f"--resume: {command} cannot resume a run" in capsys.readouterr().err

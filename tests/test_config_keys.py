@@ -230,7 +230,7 @@ def rewards(at: str = "reward") -> list[list[str]]:
 ONE_DIGIT, PROBLEMS, REWARDS = one_digit(), problems(), rewards()
 SAMPLING = [*FAST, *ONE_DIGIT, "task.train=8", "task.val=2", "task.heldout=2", "model.path={answering}", "sampling.max_new_tokens=3", "sampling.n=2", "metrics.train_problems=2",
             "train.max_steps=1"]
-PACKED = ["train.max_steps=0", "train.epochs=1", "packing=pad", "train.batch_size=4", "metrics.eval_samples=2", "metrics.ks=[1,2]",
+PACKED = ["train.max_steps=0", "train.epochs=1", "train.save_every=1", "packing=pad", "train.batch_size=4", "metrics.eval_samples=2", "metrics.ks=[1,2]",
           "metrics.baseline_samples=true"]
 COMMANDS: dict[str, tuple[list[str], list[list[str]]]] = {
     "sft": ([*FAST, *TINY_EVAL, "model.path={tiny}", "data.max_length=64"],

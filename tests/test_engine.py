@@ -158,8 +158,41 @@ def test_early_stopping_keeps_the_best_epoch_and_stops_after_patience(tok, tmp_p
     assert not torch.equal(snapshots[3]["lm_head.weight"], snapshots[5]["lm_head.weight"])  # training moved on
     assert [r["eval/reward"] for r in read_metrics(tmp_path) if "eval/reward" in r] == [0.2, 0.5, 0.4, 0.5, 0.3, 0.1]
     assert not (tmp_path / "checkpoints").exists()
-    with pytest.raises(ValueError, match="checkpoints=False"):
-        fit(engine, nll_step(engine.model), batches, early_stopping=EarlyStopping(val_fn))
+
+
+def _stopping_run(tok, out, crash_after=None, resume=False):
+    """Early stopping (patience 2) with a checkpoint every step; the validation score is a fixed
+    function of the weights that goes up and down, so the best epoch is not the last."""
+    cfg = SamplingTrainConfig(output_dir=str(out), lr=1e-3, batch_size=4, progress=False, seed=1, epochs=8, save_every=1)
+    engine = Engine(tiny_model(seed=2), cfg, total_steps=steps_for(2, cfg), resume=resume)
+    step, calls = nll_step(engine.model), [0]
+
+    def crashing(batch):
+        calls[0] += 1
+        if crash_after is not None and calls[0] > crash_after:
+            raise KeyboardInterrupt("killed")
+        return step(batch)
+
+    score = lambda m: {"reward": float(int(abs(m.lm_head.weight.double().sum().item()) * 1e5) % 5)}
+    batches = epoch_batches_fn(_data(tok, 8), tok.pad_token_id, cfg.seed, False, cfg.batch_size, 0)
+    metrics = fit(engine, crashing, batches, early_stopping=EarlyStopping(score, patience=2))
+    return engine, metrics
+
+
+def test_early_stopping_resumes_from_a_checkpoint_as_if_never_stopped(tok, tmp_path):
+    whole, expected = _stopping_run(tok, tmp_path / "whole")
+    assert expected["val/best_epoch"] < whole.loop_state["epoch"] + 1  # the best epoch's weights were restored
+    assert whole.step == 8  # 4 epochs of 2 steps: epochs 3 and 4 were worse than epoch 2
+    for i, crash_after in enumerate((3, 2)):  # dies in step 4 (epoch 2), resumes at 3, then dies in step 6 (epoch 3)
+        with pytest.raises(KeyboardInterrupt):
+            _stopping_run(tok, tmp_path / "cut", crash_after=crash_after, resume=i > 0)
+    resumed, got = _stopping_run(tok, tmp_path / "cut", resume=True)
+    assert {k: got[k] for k in ("val/reward", "val/best_epoch")} == {k: expected[k] for k in ("val/reward", "val/best_epoch")}
+    assert resumed.step == whole.step
+    for (name, a), b in zip(whole.model.named_parameters(), resumed.model.parameters()):
+        assert torch.equal(a, b), name
+    rows = lambda d: [{k: v for k, v in r.items() if k not in ("step_s", "tokens_per_s")} for r in read_metrics(d)]
+    assert rows(tmp_path / "cut") == rows(tmp_path / "whole")
 
 
 def test_last_epoch_is_validated_and_max_epochs_caps_steps(tok, tmp_path):

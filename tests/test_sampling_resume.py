@@ -97,17 +97,21 @@ def _args(model, out):
     return ["rest-em", f"model.path={model}", f"train.output_dir={out}", *COMMON, *REST_EM]
 
 
-@pytest.mark.parametrize("kill", [("collect", 2), ("train_step", 3), ("replace", 9)],
-                         ids=["inside-an-E-step", "inside-an-M-step", "during-a-stored-write"])
-def test_rest_em_killed_then_resumed_ends_as_if_never_killed(answering_model, straight, tmp_path, kill):  # noqa: F811
+@pytest.mark.parametrize("kill, extra", [(("collect", 2), []), (("train_step", 3), []), (("train_step", 3), ["train.save_every=1"]),
+                                         (("replace", 9), [])],
+                         ids=["inside-an-E-step", "inside-an-M-step", "inside-a-checkpointed-M-step", "during-a-stored-write"])
+def test_rest_em_killed_then_resumed_ends_as_if_never_killed(answering_model, straight, tmp_path, kill, extra):  # noqa: F811
     out = tmp_path / "run"
-    killed = _run(_args(answering_model, out), kill=kill)
+    killed = _run([*_args(answering_model, out), *extra], kill=kill)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert not (out / "result.json").exists()
-    resumed = _run([*_args(answering_model, out), "--resume"])
+    resumed = _run([*_args(answering_model, out), *extra, "--resume"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     if kill[0] == "collect":  # killed sampling the second shard of iteration 1's E-step: the first is stored
         assert "scored samples read from" in resumed.stderr
+    if extra:  # the M-step goes on from its step-2 checkpoint, with early stopping's state
+        assert "resumed from" in resumed.stderr and "step-0000002" in resumed.stderr
+        assert not (out / "iter-1" / "checkpoints").exists()  # removed once the stage's model is stored
     _assert_same_run(straight, out)
 
 

@@ -66,10 +66,12 @@ def _remove_leftovers(root: Path) -> None:
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
-def save_checkpoint(root: Path, step: int, model, optimizer, loop_state: dict, keep: int = 2) -> Path:
+def save_checkpoint(root: Path, step: int, model, optimizer, loop_state: dict, keep: int = 2,
+                    tensors: dict[str, torch.Tensor] | None = None) -> Path:
     """Write checkpoint `step-NNNNNNN` under `root` atomically and prune old ones (`keep` newest;
-    0 = all). A write that fails raises CheckpointWriteError and leaves the previous checkpoint
-    and `latest` intact."""
+    0 = all). `tensors`: the loop's own tensors (early stopping's best weights), returned by
+    `load_checkpoint` under "tensors". A write that fails raises CheckpointWriteError and leaves
+    the previous checkpoint and `latest` intact."""
     root.mkdir(parents=True, exist_ok=True)
     _remove_leftovers(root)
     final = root / f"step-{step:07d}"
@@ -77,7 +79,7 @@ def save_checkpoint(root: Path, step: int, model, optimizer, loop_state: dict, k
     try:
         tmp = temp_dir(root)
         save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-        torch.save({"optimizer": optimizer.state_dict(), "rng": rng_state()}, tmp / "state.pt")
+        torch.save({"optimizer": optimizer.state_dict(), "rng": rng_state(), "tensors": tensors or {}}, tmp / "state.pt")
         (tmp / "loop.json").write_text(json.dumps({"step": step, **loop_state}))
         for name in FILES:  # on disk before the rename makes them a checkpoint (a machine crash too)
             _fsync(tmp / name)
@@ -132,7 +134,8 @@ def latest_checkpoint(root: Path) -> Path | None:
 
 
 def load_checkpoint(path: Path, model, optimizer) -> dict:
-    """Restore weights, optimizer and RNG states; return the loop state (with 'step')."""
+    """Restore weights, optimizer and RNG states; return the loop state (with 'step', and the
+    loop's own `tensors` saved with it under "tensors")."""
     weights = load_file(str(path / "trainable.safetensors"))
     params = dict(model.named_parameters())
     missing = [n for n in weights if n not in params]
@@ -147,4 +150,4 @@ def load_checkpoint(path: Path, model, optimizer) -> dict:
     state = torch.load(path / "state.pt", weights_only=False)
     optimizer.load_state_dict(state["optimizer"])
     set_rng_state(state["rng"])
-    return json.loads((path / "loop.json").read_text())
+    return {**json.loads((path / "loop.json").read_text()), "tensors": state.get("tensors", {})}

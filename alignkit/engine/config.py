@@ -7,8 +7,8 @@ a command is one of these classes:
 |----------------------|----------------------------|-------------------------------------------------------|
 | LoopConfig           | (base)                     | optimizer, schedule, precision, device, seed, metrics |
 | StageConfig          | (base)                     | epochs, max_steps, grad_accum, packed micro-batches   |
-| SamplingTrainConfig  | rs raft rft rest rest-em   | batch_size (packing=pad), resume (of stored phases)   |
 | CheckpointConfig     | dpo's reference_train      | save_every, keep_checkpoints (resumes with `train`)   |
+| SamplingTrainConfig  | rs raft rft rest rest-em   | CheckpointConfig + resume, batch_size (packing=pad)   |
 | TrainConfig          | dpo rrhf                   | resume, merge_lora                                    |
 | EvalTrainConfig      | rm                         | eval_every (held-out evaluation during training)      |
 | SFTTrainConfig       | sft                        | batch_size (data.packing=false)                       |
@@ -95,15 +95,6 @@ class Resumable:
     resume: bool = opt(False, "continue the killed run in output_dir from its newest checkpoint (or stored phase)")
 
 
-@dataclass
-class SamplingTrainConfig(Resumable, StageConfig):
-    """The sampling methods' training: their train stages are short and never checkpointed; a
-    run resumes from its stored phases (algorithms/sampling/run_state.py)."""
-    batch_size: int = opt(8, "examples per micro-batch (packing=pad)")
-
-    def __post_init__(self):
-        super().__post_init__()
-        at_least(self, 1, "batch_size")
 
 
 @dataclass
@@ -115,6 +106,19 @@ class CheckpointConfig(StageConfig):
     def __post_init__(self):
         super().__post_init__()
         at_least(self, 0, "save_every", "keep_checkpoints")
+
+
+@dataclass
+class SamplingTrainConfig(Resumable, CheckpointConfig):
+    """The sampling methods' training: a run resumes from its stored phases
+    (algorithms/sampling/run_state.py); a train stage killed half-way resumes from its newest
+    checkpoint when save_every > 0, else it runs again from its stored samples."""
+    save_every: int = opt(0, "checkpoint a train stage every N steps (0 = none: a killed stage runs again)")
+    batch_size: int = opt(8, "examples per micro-batch (packing=pad)")
+
+    def __post_init__(self):
+        super().__post_init__()
+        at_least(self, 1, "batch_size")
 
 
 @dataclass

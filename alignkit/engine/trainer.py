@@ -88,12 +88,14 @@ class Engine:
         self.optimizer = make_optimizer(model, cfg)
         self.step = 0
         self.loop_state: dict = {}
+        self.tensors: dict[str, torch.Tensor] = {}  # the loop's own tensors of the checkpoint resumed from
         self._run_config = run_config or {}
         checkpoint = latest_checkpoint(self.run_dir / "checkpoints") if resume else None
         self.last_checkpoint: Path | None = checkpoint  # the newest this run can continue from (named on a stop)
         if checkpoint is not None:
             self.loop_state = load_checkpoint(checkpoint, self.model, self.optimizer)
             self.step = self.loop_state.pop("step")
+            self.tensors = self.loop_state.pop("tensors")
             log.info("resumed from %s at step %d", checkpoint, self.step)
         else:
             # Python's and numpy's generators start from the OS's entropy in every process: seed them
@@ -186,12 +188,13 @@ class Engine:
         self._bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.cfg.progress, desc="train", dynamic_ncols=True)
         return self._bar
 
-    def save(self, loop_state: dict) -> None:
+    def save(self, loop_state: dict, tensors: dict[str, torch.Tensor] | None = None) -> None:
         """Checkpoint the model, optimizer, RNG states and `loop_state`, with the number of lines
         metrics.jsonl holds now: a run that resumes from it drops every row logged after it (the
         final evaluation logged after the last checkpoint, half a line cut by a kill)."""
         self.last_checkpoint = save_checkpoint(self.run_dir / "checkpoints", self.step, self.model, self.optimizer,
-                                               {**loop_state, "metrics_lines": self.metrics.lines()}, self.cfg.keep_checkpoints)
+                                               {**loop_state, "metrics_lines": self.metrics.lines()}, self.cfg.keep_checkpoints,
+                                               tensors)
 
     def evaluate(self, eval_fn: Callable | None) -> dict:
         if eval_fn is None:
@@ -217,28 +220,39 @@ class EarlyStopping:
 
     `val_fn(model) -> {"reward": ...}` (higher is better) runs through `Engine.evaluate`. A tie
     counts as no worse and goes to the later epoch (more training on the same data): on a small
-    validation set, ties between epochs that differ a lot are common. The best weights are held
-    in memory, so `fit` writes no checkpoint with early stopping (a run that resumed could not
-    restore them)."""
+    validation set, ties between epochs that differ a lot are common. Its counters and the best
+    weights go into `fit`'s checkpoints (`state`), so a resumed run stops where the whole one would."""
 
     def __init__(self, val_fn: Callable, patience: int = 1):
         self.val_fn, self.patience = val_fn, patience
-        self.best, self.best_epoch, self.worse, self.state = -math.inf, 0, 0, None
+        self.best, self.best_epoch, self.worse, self.state_dict = -math.inf, 0, 0, None
 
     def epoch_end(self, engine: Engine, epoch: int) -> bool:
         """Validate after `epoch` (0-based); True when training should stop."""
         value = engine.evaluate(self.val_fn)["reward"]
         if value >= self.best:
             self.best, self.best_epoch, self.worse = value, epoch + 1, 0
-            self.state = {k: v.detach().clone() for k, v in engine.model.state_dict().items()}
+            self.state_dict = {k: v.detach().clone() for k, v in engine.model.state_dict().items()}
         else:
             self.worse += 1
         return self.worse >= self.patience
 
+    def state(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        """(counters for the loop state, the best weights) to checkpoint."""
+        counters = {"best": self.best if math.isfinite(self.best) else None, "best_epoch": self.best_epoch, "worse": self.worse}
+        return counters, {f"best/{k}": v for k, v in (self.state_dict or {}).items()}
+
+    def load(self, counters: dict, tensors: dict[str, torch.Tensor]) -> None:
+        """Take back what `state` saved."""
+        self.best = -math.inf if counters["best"] is None else counters["best"]
+        self.best_epoch, self.worse = counters["best_epoch"], counters["worse"]
+        best = {k.removeprefix("best/"): v for k, v in tensors.items() if k.startswith("best/")}
+        self.state_dict = best or None
+
     def restore(self, engine: Engine, epochs_run: int) -> dict:
         """Load the best epoch's weights (unless it was the last one); its metrics."""
-        if self.state is not None and self.best_epoch != epochs_run:
-            engine.model.load_state_dict(self.state)
+        if self.state_dict is not None and self.best_epoch != epochs_run:
+            engine.model.load_state_dict(self.state_dict)
         return {"val/reward": self.best, "val/best_epoch": self.best_epoch}
 
 
@@ -249,16 +263,21 @@ def fit(engine: Engine, step_fn: StepFn, epoch_batches: Callable[[int], list[dic
     The data position (epoch, micro-batch index) is `engine.loop_state` and part of every
     checkpoint, so `--resume` continues exactly where the run stopped. An epoch ends when its
     micro-batches run out or the last step is taken; then `early_stopping` (if any) validates and
-    may stop training, as may `max_epochs` (epochs run at most, even when steps remain). With
-    `checkpoints=False` nothing is saved (a caller that re-runs the whole fit from its inputs).
+    may stop training, as may `max_epochs` (epochs run at most, even when steps remain); its
+    counters and best weights are part of every checkpoint too. With `checkpoints=False` nothing
+    is saved (a caller that re-runs the whole fit from its inputs).
     """
-    if early_stopping is not None and checkpoints:
-        raise ValueError("early stopping keeps the best weights in memory: use checkpoints=False")
     cfg = engine.cfg
     epoch = engine.loop_state.get("epoch", 0)
     index = engine.loop_state.get("index", 0)
+    if early_stopping is not None and engine.loop_state.get("early_stopping") is not None:
+        early_stopping.load(engine.loop_state["early_stopping"], engine.tensors)
     batches = epoch_batches(epoch)
     last: dict = {}
+
+    def save() -> None:
+        state, tensors = early_stopping.state() if early_stopping is not None else (None, None)
+        engine.save({"epoch": epoch, "index": index, **({"early_stopping": state} if state is not None else {})}, tensors)
 
     def epoch_end() -> bool:
         stop = early_stopping is not None and early_stopping.epoch_end(engine, epoch)
@@ -282,13 +301,13 @@ def fit(engine: Engine, step_fn: StepFn, epoch_batches: Callable[[int], list[dic
             if eval_fn is not None and cfg.eval_every and engine.step % cfg.eval_every == 0 and engine.step < engine.total_steps:
                 engine.evaluate(eval_fn)
             if checkpoints and cfg.save_every and engine.step % cfg.save_every == 0 and engine.step < engine.total_steps:
-                engine.save({"epoch": epoch, "index": index})
+                save()
         if not stopped:
             epoch_end()  # the last epoch, ended by the step count
     engine.loop_state = {"epoch": epoch, "index": index}
     if early_stopping is not None:
         last = {**last, **early_stopping.restore(engine, epoch + 1)}
     if checkpoints:
-        engine.save(engine.loop_state)
+        save()
     final_eval = engine.evaluate(eval_fn)
     return {**last, **{f"eval/{k}": v for k, v in final_eval.items()}}

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import sys
 import time
 from contextlib import contextmanager
@@ -188,9 +189,15 @@ class SamplingRun:
             log.info("train (%s): the trained model is read from %s", name, folder)
             return stored["metrics"]
         train_cfg = replace(cfg.train, output_dir=str(self.run_dir / name))
+        started = folder / "started"  # this run began the stage: its checkpoints (train.save_every) are this run's
+        resume = started.is_file()
+        if not resume:
+            shutil.rmtree(self.run_dir / name / "checkpoints", ignore_errors=True)
+            write_text_atomic(started, "")
         data = tokenize_samples(self.tokenizer, samples, cfg.max_length, weighted=weighted)
         with phase(f"train ({name})", len(data), "examples", cfg.train.progress, shown=False) as p:
-            model, metrics = train_stage(model, self.tokenizer, data, train_cfg, cfg.packing, weighted=weighted, **options)
+            model, metrics = train_stage(model, self.tokenizer, data, train_cfg, cfg.packing, weighted=weighted,
+                                         resume=resume, **options)
             epochs = metrics.get("epochs_run", cfg.train.epochs)
             p.what = f"train ({name}, {epochs} epoch(s) of {len(data)} examples)"
             p.update(len(data) * epochs)
@@ -198,6 +205,7 @@ class SamplingRun:
         save_model(self.policy, self.tokenizer, folder / "model")
         torch.save(rng_state(), folder / "rng.pt")
         write_text_atomic(folder / "stage.json", json.dumps({"metrics": metrics}))  # written last: the stage is stored
+        shutil.rmtree(self.run_dir / name / "checkpoints", ignore_errors=True)  # the stored model replaces them
         return metrics
 
     def evaluate(self, policy, seed: int, base: bool = False, val: float | None = None) -> dict:

@@ -11,7 +11,8 @@ models, random state and rows as a run that was never stopped.
   an E-step killed half-way samples only the shards it lacks, and a run that is never killed
   samples exactly the same.
 - A train stage stores the trained model (a Hugging Face directory) and the global RNG state
-  after it; one killed half-way re-runs from its stored samples.
+  after it; one killed half-way resumes from its newest checkpoint (`train.save_every` > 0: the
+  engine's checkpoints, early stopping's state included), else runs again from its stored samples.
 - `config.json` is the run's config: resuming with a config that differs in anything that
   changes results is an error, before any work.
 - The folder is removed once the run has written `final/` and `result.json`.

@@ -24,7 +24,7 @@ PACKINGS = ("prefix", "pack", "pad")
 
 def train_stage(model, tokenizer, train: list[Tokenized], cfg: SamplingTrainConfig, packing: str = "prefix",
                 weighted: bool = False, val_fn: Callable | None = None, patience: int = 1,
-                run_config: dict | None = None) -> tuple[object, dict]:
+                run_config: dict | None = None, resume: bool = False) -> tuple[object, dict]:
     """The train stage: SFT on the selected samples (reward-weighted NLL when `weighted`).
 
     packing: "prefix" (shared-prompt-prefix rows, the cheapest), "pack" (plain padding-free
@@ -32,8 +32,9 @@ def train_stage(model, tokenizer, train: list[Tokenized], cfg: SamplingTrainConf
     when cfg.max_steps asks for more. With `val_fn(model) -> {"reward": ...}` the model is
     validated after every epoch and training stops after `patience` epochs without improvement;
     the best epoch's weights are kept, the latest of tied ones (ReST-EM's "until validation
-    reward stops improving"; `engine.trainer.EarlyStopping`). Returns (model, metrics). No
-    checkpoints: a stage is short and re-runs from its samples.
+    reward stops improving"; `engine.trainer.EarlyStopping`). Returns (model, metrics). With
+    cfg.save_every > 0 the stage checkpoints in cfg.output_dir (early stopping's state too) and
+    `resume` continues from the newest checkpoint there.
     """
     if packing not in PACKINGS:
         raise ValueError(f"packing must be one of {PACKINGS}, not {packing!r}")
@@ -41,9 +42,9 @@ def train_stage(model, tokenizer, train: list[Tokenized], cfg: SamplingTrainConf
         batches = shuffled(shared_prefix_rows(train, cfg.max_tokens_per_batch), cfg.seed)
     else:
         batches = epoch_batches_fn(train, tokenizer.pad_token_id, cfg.seed, packing == "pack", cfg.batch_size, cfg.max_tokens_per_batch)
-    engine = Engine(model, cfg, steps_for(len(batches(0)), cfg), run_config)
+    engine = Engine(model, cfg, steps_for(len(batches(0)), cfg), run_config, resume)
     stopping = EarlyStopping(val_fn, patience) if val_fn is not None else None
     metrics = fit(engine, sft_step(engine.model, weighted), batches, early_stopping=stopping,
-                  max_epochs=max(1, math.ceil(cfg.epochs)), checkpoints=False)
+                  max_epochs=max(1, math.ceil(cfg.epochs)), checkpoints=cfg.save_every > 0)
     engine.metrics.close()
     return engine.model, {**metrics, "epochs_run": engine.loop_state["epoch"] + 1}
