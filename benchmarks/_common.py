@@ -140,14 +140,9 @@ def prepare(args) -> None:
 
 def child(script: str, side: str, args, python: str, extra: list[str] | tuple = ()) -> dict:
     """Run one side in a fresh process; its result is the last line of its stdout (JSON)."""
-    cmd = [python, script, "--side", side, "--model-dir", args.model_dir, "--rm", args.rm, "--work", args.work,
-           "--iterations", str(args.iterations), "--threads", str(args.threads), "--precision", args.precision, *extra]
-    print("+", " ".join(cmd), file=sys.stderr, flush=True)
-    out = subprocess.run(cmd, check=False, capture_output=True, text=True)
-    if out.returncode:
-        sys.stderr.write(out.stdout[-4000:] + out.stderr[-8000:])
-        raise SystemExit(f"side {side!r} failed with exit status {out.returncode}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_side(script, side, ["--model-dir", args.model_dir, "--rm", args.rm, "--work", args.work,
+                                   "--iterations", str(args.iterations), "--threads", str(args.threads),
+                                   "--precision", args.precision, *extra], python)
 
 
 def table(method: str, precision: str, rows: list[dict]) -> str:

@@ -61,7 +61,13 @@ def _train(tok, out, crash_after=None, resume=False):
                          progress=False, resume=resume, warmup_steps=1, seed=3)
     model = tiny_model(seed=1)
     engine = Engine(model, cfg, total_steps=cfg.max_steps, resume=cfg.resume)
-    step, calls = nll_step(engine.model), [0]
+    fit(engine, _crashing(nll_step(engine.model), crash_after), epoch_batches_fn(data, tok.pad_token_id, cfg.seed, False, cfg.batch_size, 0))
+    return model
+
+
+def _crashing(step, crash_after: int | None):
+    """`step`, raising KeyboardInterrupt (a kill) on the call after the first `crash_after` ones."""
+    calls = [0]
 
     def crashing(batch):
         calls[0] += 1
@@ -69,8 +75,7 @@ def _train(tok, out, crash_after=None, resume=False):
             raise KeyboardInterrupt("killed")
         return step(batch)
 
-    fit(engine, crashing, epoch_batches_fn(data, tok.pad_token_id, cfg.seed, False, cfg.batch_size, 0))
-    return model
+    return crashing
 
 
 def test_resume_after_kill_matches_uninterrupted(tok, tmp_path):
@@ -165,17 +170,9 @@ def _stopping_run(tok, out, crash_after=None, resume=False):
     function of the weights that goes up and down, so the best epoch is not the last."""
     cfg = SamplingTrainConfig(output_dir=str(out), lr=1e-3, batch_size=4, progress=False, seed=1, epochs=8, save_every=1)
     engine = Engine(tiny_model(seed=2), cfg, total_steps=steps_for(2, cfg), resume=resume)
-    step, calls = nll_step(engine.model), [0]
-
-    def crashing(batch):
-        calls[0] += 1
-        if crash_after is not None and calls[0] > crash_after:
-            raise KeyboardInterrupt("killed")
-        return step(batch)
-
     score = lambda m: {"reward": float(int(abs(m.lm_head.weight.double().sum().item()) * 1e5) % 5)}
     batches = epoch_batches_fn(_data(tok, 8), tok.pad_token_id, cfg.seed, False, cfg.batch_size, 0)
-    metrics = fit(engine, crashing, batches, early_stopping=EarlyStopping(score, patience=2))
+    metrics = fit(engine, _crashing(nll_step(engine.model), crash_after), batches, early_stopping=EarlyStopping(score, patience=2))
     return engine, metrics
 
 
