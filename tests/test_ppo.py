@@ -290,3 +290,15 @@ def test_a_run_that_fails_mid_loop_closes_its_trackers(tiny_dir, tmp_path, monke
         run(cfg, reward_fn=reward)
     (tracker,) = runs
     assert tracker.finished == 1 and tracker.logged  # iteration 1 was logged, then the tracker was closed
+
+
+def test_skipped_rows_of_the_prompts_and_ptx_files_are_listed(tiny_dir, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Say something about {w}."}) + "\n" for w in "abcdefghijklmnopqrstu")
+                       + '{"prompt": 7}\n')
+    sft = tmp_path / "sft.jsonl"
+    sft.write_text(json.dumps({"prompt": "Hi", "completion": "Hello"}) + "\n" + '{"prompt": "Hi"\n')
+    _run(tiny_dir, tmp_path / "run", "prompts.source=prompts", f"prompts.path={prompts}", "prompts.on_invalid=skip",
+         "ptx.coef=0.1", f"ptx.data.path={sft}", "ptx.data.on_invalid=skip", "ptx.data.eval_fraction=0", iterations=1)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "skipped.jsonl").read_text().splitlines()]
+    assert [(r["file"], r["line"]) for r in rows] == [(str(prompts), 22), (str(sft), 2)]

@@ -151,18 +151,23 @@ def prompts_for(train: list[str], iteration: int, count: int, seed: int) -> list
     return out
 
 
-def ptx_stream(cfg: PTXConfig, tokenizer, seed: int, max_tokens: int, start: int = 0):
-    """An endless stream of packed SFT micro-batches, starting at micro-batch `start`."""
+def ptx_stream(cfg: PTXConfig, tokenizer, seed: int, max_tokens: int, start: int = 0, skipped: list[dict] | None = None):
+    """An endless stream of packed SFT micro-batches, starting at micro-batch `start`; the data is
+    loaded now (rows dropped by data.on_invalid=skip go to `skipped`)."""
     from alignkit.algorithms.sft import load_examples, tokenize_examples
     from alignkit.data.collate import epoch_batches_fn
 
-    examples, _ = load_examples(cfg.data, seed)
+    examples, _ = load_examples(cfg.data, seed, skipped)
     tokenized = tokenize_examples(tokenizer, examples, cfg.data.max_length, cfg.data.targets, cfg.data.on_overlong)
     batches = epoch_batches_fn(tokenized, tokenizer.pad_token_id, seed, True, 1, max_tokens)
-    epoch, index = divmod(start, len(batches(0)))
-    while True:
-        yield from batches(epoch)[index:]
-        epoch, index = epoch + 1, 0
+
+    def endless():
+        epoch, index = divmod(start, len(batches(0)))
+        while True:
+            yield from batches(epoch)[index:]
+            epoch, index = epoch + 1, 0
+
+    return endless()
 
 
 def mean_stats(stats: list[dict]) -> dict:

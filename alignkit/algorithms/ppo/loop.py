@@ -60,6 +60,7 @@ from alignkit.algorithms.ppo.common import (KLConfig, PromptsConfig, PTXConfig, 
                                            ptx_stream, shaped_scores, trim_samples, warn_runaway)
 from alignkit.algorithms.sampling.stages import write_samples
 from alignkit.config import opt
+from alignkit.data.io import write_skipped
 from alignkit.engine.config import PPOTrainConfig
 from alignkit.engine.trainer import Engine, to_device
 from alignkit.losses.ppo import (AdaptiveKLController, FixedKLController, explained_variance, grpo_advantages,
@@ -326,9 +327,12 @@ def run(cfg: PPOConfig, reward_fn=None) -> dict:
     log.info("%s, memory=%s: %.2fM of %.1fM parameters trained", cfg.algorithm, cfg.memory, trained / 1e6, total / 1e6)
     state = {"iteration": 0, "best": None, "bad_evals": 0, "ptx_index": 0, "first_length": None, **engine.loop_state}
     kl_ctl = kl_controller(cfg.kl, state.pop("kl", None))
-    ptx = ptx_stream(cfg.ptx, tokenizer, cfg.train.seed, cfg.train.max_tokens_per_batch, state["ptx_index"]) if cfg.ptx.coef > 0 else None
+    skipped = list(task.skipped)  # rows of the prompts and PPO-ptx files dropped by on_invalid=skip
+    ptx = ptx_stream(cfg.ptx, tokenizer, cfg.train.seed, cfg.train.max_tokens_per_batch, state["ptx_index"],
+                     skipped) if cfg.ptx.coef > 0 else None
     step_fn = make_step(ac, cfg, kl_ctl)
     run_dir = Path(cfg.train.output_dir)
+    write_skipped(run_dir, skipped)
     generator = HFGenerator(ac.policy, tokenizer, cfg.sampling.batch_size, dtype="bf16" if bf16 else None)
 
     def evaluate(iteration: int) -> dict:
