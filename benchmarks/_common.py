@@ -419,3 +419,31 @@ def offline_record(title: str, command: str, notes: str, text: str, matmul: dict
                    f"{ours.get('transformers')}; TRL {trl}. Matmul peak {matmul['peak_tflops']:.3f} TFLOP/s "
                    f"({matmul['dtype']}, best of {', '.join(f'{k} {v:.3f}' for k, v in matmul['rates_tflops'].items())}). "
                    f"{notes}\n\n{text}\n")
+
+
+def compare_sides(script: str, argv: list[str], args, title: str, mode: str, note: str) -> None:
+    """The parent's part of an offline benchmark (sft_vs_trl, rm_vs_trl): the matmul peak, then
+    alignkit's side and TRL's, each in its own process; print the machine, the peak, each side's
+    times and the table; stop when the step-1 losses differ by more than the tolerance (1e-4 in
+    fp32, 1e-2 under bf16, or --loss-tol); with --record, append it all to RESULTS.md."""
+    argv = argv + (["--lora"] if args.lora else [])
+    matmul = run_side(script, "matmul", argv, sys.executable)
+    rows = [run_side(script, "alignkit", argv, sys.executable),
+            run_side(script, "trl", argv + (["--trl-malloc"] if args.trl_malloc else []), args.trl_python)]
+    text = offline_table(title, mode, args.precision, rows, matmul["peak_tflops"])
+    print(f"{machine(args.threads)}; {cpu_description()}")
+    print(f"matmul peak {matmul['peak_tflops']:.3f} TFLOP/s ({matmul['dtype']}): "
+          + ", ".join(f"{k} {v:.3f}" for k, v in matmul["rates_tflops"].items()))
+    for r in rows:
+        print(f"{r['side']}: s/step {[round(t, 3) for t in r['times']]}, peak RSS {r['peak_rss_gib']:.2f} GiB, "
+              f"step-1 loss {r['loss_step1']:.6f}, versions {r['versions']}")
+    print(text)
+    tol = args.loss_tol if args.loss_tol is not None else (1e-4 if args.precision == "fp32" else 1e-2)
+    diff = abs(rows[0]["loss_step1"] - rows[1]["loss_step1"])
+    if diff > tol:
+        raise SystemExit(f"step-1 losses differ by {diff:.2e} > {tol:.0e}: the sides did not train on the same batch")
+    if args.record:
+        command = f"python benchmarks/{Path(script).name} " + " ".join(sys.argv[1:])
+        offline_record(f"{title}, {mode}, {args.precision}", command,
+                       f"{args.steps} steps, median of steps 2..{args.steps}; step-1 losses agree within {tol:.0e} "
+                       f"(|diff| {diff:.1e}){note}. {FLOPS_SHORT}.", text, matmul, rows, args.threads)

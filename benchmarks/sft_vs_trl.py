@@ -53,20 +53,15 @@ import time
 from pathlib import Path
 
 from _common import (
-    FLOPS_SHORT,
     ROOT,
     alignkit_train_config,
     balanced_steps,
-    cpu_description,
-    machine,
+    compare_sides,
     matmul_rate,
     model_path,
     model_shapes,
     offline_parser,
-    offline_record,
     offline_result,
-    offline_table,
-    run_side,
     step_clock,
     step_flops,
     trl_optimizer_args,
@@ -210,30 +205,9 @@ def main() -> None:
     argv = ["--model-dir", args.model_dir, "--work", args.work, "--steps", str(args.steps), "--threads", str(args.threads),
             "--precision", args.precision, "--lr", str(args.lr), "--data", args.data,
             "--examples-per-step", str(args.examples_per_step), "--max-length", str(args.max_length)]
-    argv += ["--lora"] if args.lora else []
-    matmul = run_side(__file__, "matmul", argv, sys.executable)
-    rows = [run_side(__file__, "alignkit", argv, sys.executable),
-            run_side(__file__, "trl", argv + (["--trl-malloc"] if args.trl_malloc else []), args.trl_python)]
     mode = f"LoRA r={LORA_RANK}" if args.lora else "full"
-    text = offline_table(f"SFT ({args.data}, {args.examples_per_step} example{'s' if args.examples_per_step != 1 else ''}/step)", mode, args.precision, rows,
-                         matmul["peak_tflops"])
-    print(f"{machine(args.threads)}; {cpu_description()}")
-    print(f"matmul peak {matmul['peak_tflops']:.3f} TFLOP/s ({matmul['dtype']}): "
-          + ", ".join(f"{k} {v:.3f}" for k, v in matmul["rates_tflops"].items()))
-    for r in rows:
-        print(f"{r['side']}: s/step {[round(t, 3) for t in r['times']]}, peak RSS {r['peak_rss_gib']:.2f} GiB, "
-              f"step-1 loss {r['loss_step1']:.6f}, versions {r['versions']}")
-    print(text)
-    tol = args.loss_tol if args.loss_tol is not None else (1e-4 if args.precision == "fp32" else 1e-2)
-    diff = abs(rows[0]["loss_step1"] - rows[1]["loss_step1"])
-    if diff > tol:
-        raise SystemExit(f"step-1 losses differ by {diff:.2e} > {tol:.0e}: the sides did not train on the same batch")
-    if args.record:
-        command = "python benchmarks/sft_vs_trl.py " + " ".join(sys.argv[1:])
-        offline_record(f"SFT vs TRL SFTTrainer, {mode}, {args.precision}", command,
-                       f"{args.steps} steps, median of steps 2..{args.steps}; step-1 losses agree within {tol:.0e} "
-                       f"(|diff| {diff:.1e}). {FLOPS_SHORT}.", text, matmul, rows, args.threads)
-
+    compare_sides(__file__, argv, args, f"SFT ({args.data}, {args.examples_per_step} example"
+                  f"{'s' if args.examples_per_step != 1 else ''}/step) vs TRL SFTTrainer", mode, "")
 
 if __name__ == "__main__":
     main()
