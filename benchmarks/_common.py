@@ -170,7 +170,11 @@ def trl_models(args):
     """TRL's side of a benchmark: (tokenizer with left padding, fp32 policy, fp32 reward model,
     the LoRA peft_config when --trl-lora else None)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
 
     torch.set_num_threads(args.threads)
     tok = AutoTokenizer.from_pretrained(args.model_dir, padding_side="left")
@@ -447,3 +451,17 @@ def compare_sides(script: str, argv: list[str], args, title: str, mode: str, not
         offline_record(f"{title}, {mode}, {args.precision}", command,
                        f"{args.steps} steps, median of steps 2..{args.steps}; step-1 losses agree within {tol:.0e} "
                        f"(|diff| {diff:.1e}){note}. {FLOPS_SHORT}.", text, matmul, rows, args.threads)
+
+
+def trl_side_setup(args) -> bool:
+    """TRL's process: torch threads, and with --trl-malloc the glibc malloc settings alignkit's CLI
+    applies (an ablation); returns whether malloc was tuned."""
+    import torch
+
+    tuned = False
+    if args.trl_malloc:
+        from alignkit.engine.allocator import tune_malloc
+
+        tuned = tune_malloc()
+    torch.set_num_threads(args.threads)
+    return tuned

@@ -77,9 +77,9 @@ def measure(run_dir: Path | None, args, reference, tokenizer) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from alignkit.algorithms.ppo.actor_critic import response_logprobs
     from alignkit.algorithms.ppo.common import measure_policy
     from alignkit.data.tasks.preferences import build_prompts
-    from alignkit.algorithms.ppo.actor_critic import response_logprobs
     from alignkit.rewards.base import GoldReward
     from alignkit.rollout.base import SamplingParams
     from alignkit.rollout.hf import HFGenerator

@@ -30,17 +30,17 @@ def main() -> None:
     p.add_argument("--workdir", default="/tmp/alignkit-precision")
     args = p.parse_args()
 
-    from alignkit.algorithms.sampling.rest_em import RestEMConfig
     from alignkit.algorithms.sampling.frame import SamplingRun
+    from alignkit.algorithms.sampling.rest_em import RestEMConfig
     from alignkit.algorithms.sampling.stages import Sample, tokenize_samples
     from alignkit.algorithms.sft import sft_step
-    from alignkit.data.packing import shared_prefix_rows
     from alignkit.config import load_config
+    from alignkit.data.packing import shared_prefix_rows
     from alignkit.engine.allocator import tune_malloc
     from alignkit.engine.config import TrainConfig
-    from alignkit.precision import CPU_BF16_FLAGS, resolve_precision
     from alignkit.engine.trainer import Engine
     from alignkit.models.load import ModelConfig, load_model
+    from alignkit.precision import CPU_BF16_FLAGS, resolve_precision
 
     tune_malloc()
     cfg = load_config(RestEMConfig, str(ROOT / "recipes/rest_em.yaml"),

@@ -18,8 +18,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from alignkit.algorithms.sampling.rest_em import RestEMConfig, _correct, e_step  # noqa: E402
 from alignkit.algorithms.sampling.frame import SamplingRun  # noqa: E402
+from alignkit.algorithms.sampling.rest_em import RestEMConfig, _correct, e_step  # noqa: E402
 from alignkit.algorithms.sampling.stages import by_prompt  # noqa: E402
 from alignkit.config import load_config  # noqa: E402
 from benchmarks._common import machine  # noqa: E402

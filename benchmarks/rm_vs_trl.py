@@ -67,6 +67,7 @@ from _common import (
     step_clock,
     step_flops,
     trl_optimizer_args,
+    trl_side_setup,
 )
 
 sys.path.insert(0, str(ROOT))
@@ -245,12 +246,7 @@ def run_trl(args) -> dict:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from trl import RewardConfig, RewardTrainer
 
-    malloc = False
-    if args.trl_malloc:
-        from alignkit.engine.allocator import tune_malloc
-
-        malloc = tune_malloc()
-    torch.set_num_threads(args.threads)
+    malloc = trl_side_setup(args)
     steps = load_steps(args)
     groups = [g for step in steps for g in step]
     data = Dataset.from_dict({"chosen_ids": [g["prompt"] + g["responses"][0] for g in groups],

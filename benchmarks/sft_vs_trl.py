@@ -65,6 +65,7 @@ from _common import (
     step_clock,
     step_flops,
     trl_optimizer_args,
+    trl_side_setup,
 )
 
 sys.path.insert(0, str(ROOT))
@@ -150,12 +151,7 @@ def run_trl(args) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    malloc = False
-    if args.trl_malloc:
-        from alignkit.engine.allocator import tune_malloc
-
-        malloc = tune_malloc()
-    torch.set_num_threads(args.threads)
+    malloc = trl_side_setup(args)
     steps = load_steps(args)
     rows = [e for step in steps for e in step]
     data = Dataset.from_dict({"input_ids": [e["input_ids"] for e in rows], "labels": [e["labels"] for e in rows]})
