@@ -140,7 +140,7 @@ def plot(rows: list[dict], path: Path) -> str | None:
                 ax.plot([r["tasks"]], [r[f"heldout/{form}"]], "x", ms=10, color=line.get_color(),
                         label=f"{form}, trained without CoT data")
     ax.set(xlabel="training task families (0 = base model)", ylabel="held-out accuracy",
-           title="Held-out families vs number of training tasks (cf. Flan, Chung et al. 2022)")
+           title="Held-out families vs training task families (cf. Flan)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
