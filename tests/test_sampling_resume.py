@@ -160,6 +160,6 @@ def test_resume_with_another_config_or_after_the_end_is_a_clear_error(answering_
     assert (f"alignkit rest-em: error: --resume: the config differs from the one the run in {out} started with "
             f"({out / 'resume' / 'config.json'}): train.lr: 2e-05 -> 0.001. Resume with the same settings, or start a "
             "new run (another train.output_dir, or without --resume)") in err
-    assert main(["rest-em", f"model.path=x", f"train.output_dir={straight}", "--resume", *COMMON, *REST_EM]) == 1
+    assert main(["rest-em", "model.path=x", f"train.output_dir={straight}", "--resume", *COMMON, *REST_EM]) == 1
     assert (f"alignkit rest-em: error: --resume: the run in {straight} has finished (result.json); there is nothing "
             "to resume. Run without --resume to start it again") in capsys.readouterr().err
