@@ -39,7 +39,8 @@ class PromptSetConfig:
     source: str = opt("arithmetic", "arithmetic (built-in problems, verifier), preferences (built-in prompts, gold "
                                     "rules), problems (a problems file, verifier) or prompts (a file with a 'prompt' text field)")
     path: str = opt("", "source=problems: question+answer rows (GSM8K '####' or problem+answer); source=prompts: "
-                        "JSONL/JSON/Parquet/datasets dir with a 'prompt' text field")
+                        "JSONL/JSON/Parquet/datasets dir with a 'prompt' text field and an optional 'unsafe' "
+                        "flag (true: a harmful request, scored by the safety reward under reward.kind=combined)")
     heldout_path: str = opt("", "held-out file of the same kind (empty: problems keep the last `heldout` of path "
                                 "apart; prompts have no held-out set)")
     train: int = opt(512, "training prompts (built-in sources; at most this many of a problems file)")
@@ -103,12 +104,18 @@ class Task:
     reward: RewardFn | None = None
     style: str = "answer"
     problems: dict[str, Problem] = field(default_factory=dict)
+    unsafe: set[str] = field(default_factory=set)  # prompts flagged as harmful requests (the data's `unsafe` flag)
     skipped: list[dict] = field(default_factory=list)  # rows of the task's files dropped by on_invalid=skip
     _verifier: VerifierReward | None = field(default=None, repr=False)
 
     @property
     def has_answers(self) -> bool:
         return bool(self.problems)
+
+    def is_unsafe(self, prompt: str) -> bool:
+        """Whether the task's data flags `prompt` as a harmful request (the combined reward sends
+        it to the safety model)."""
+        return prompt in self.unsafe
 
     def verifier(self, mode: str = "binary") -> VerifierReward:
         """The answer check of every prompt of the task, 1/0 (binary) or with partial credit (graded)."""
@@ -168,6 +175,12 @@ def read_prompts(path: str, on_invalid: str = "error", skipped: list[dict] | Non
     return load_prompts(path, on_invalid=on_invalid, skipped=skipped)
 
 
+def _flagged(rows: list[tuple[str, bool]], unsafe: set[str]) -> list[str]:
+    """The texts of (text, unsafe) rows; the flagged ones join `unsafe`."""
+    unsafe.update(text for text, flag in rows if flag)
+    return [text for text, _ in rows]
+
+
 def _load_function(spec: str) -> RewardFn:
     module, _, name = spec.partition(":")
     if not module or not name:
@@ -175,11 +188,11 @@ def _load_function(spec: str) -> RewardFn:
     return getattr(importlib.import_module(module), name)
 
 
-def _gold_safety_score(prompt: str, response: str) -> float:
-    """Gold safety as a logit: the gold reward on flagged prompts, +3 (σ = 0.95) elsewhere."""
-    from alignkit.rewards.gold import gold_reward, is_unsafe_prompt
+def _gold_safety(task: Task) -> RewardFn:
+    """Gold safety as a logit: the gold reward on the task's flagged prompts, +3 (σ = 0.95) elsewhere."""
+    from alignkit.rewards.gold import gold_reward
 
-    return gold_reward(prompt, response) if is_unsafe_prompt(prompt) else 3.0
+    return FunctionReward(lambda p, r: gold_reward(p, r) if task.is_unsafe(p) else 3.0, "gold_safety")
 
 
 def build_reward(cfg: RewardConfig, task: Task, precision: str = "fp32") -> RewardFn:
@@ -207,13 +220,12 @@ def build_reward(cfg: RewardConfig, task: Task, precision: str = "fp32") -> Rewa
     if kind == "function":
         return _load_function(cfg.function)
     from alignkit.rewards.combine import CombinedReward
-    from alignkit.rewards.gold import is_unsafe_prompt
 
     helpful = rm(cfg.helpful_path) if cfg.helpful_path else GoldReward()
-    safety = rm(cfg.safety_path) if cfg.safety_path else FunctionReward(_gold_safety_score, "gold_safety")
+    safety = rm(cfg.safety_path) if cfg.safety_path else _gold_safety(task)
     if not (cfg.helpful_path and cfg.safety_path):
         log.info("combined reward: gold rules stand in for the missing helpfulness/safety reward model(s)")
-    return CombinedReward(helpful, safety, is_unsafe_prompt, cfg.safety_threshold, whiten_output=False)
+    return CombinedReward(helpful, safety, task.is_unsafe, cfg.safety_threshold, whiten_output=False)
 
 
 def build_task(task: PromptSetConfig, reward: RewardConfig, precision: str = "fp32") -> Task:
@@ -229,14 +241,18 @@ def build_task(task: PromptSetConfig, reward: RewardConfig, precision: str = "fp
         out.train, out.val, out.heldout = prompts(train), prompts(val), prompts(heldout)
         out.problems = {out.prompt(p): p for p in train + val + heldout}
     elif task.source == "preferences":
-        from alignkit.data.tasks.preferences import build_prompts
+        from alignkit.data.tasks.preferences import build_flagged_prompts
 
         heldout_seed = task.seed if task.heldout_seed is None else task.heldout_seed
-        out = Task(task.source, build_prompts(task.train, task.seed, "train"), [],
-                   build_prompts(task.heldout, heldout_seed, "heldout"))
+        out = Task(task.source, [], [], [])
+        out.train = _flagged(build_flagged_prompts(task.train, task.seed, "train"), out.unsafe)
+        out.heldout = _flagged(build_flagged_prompts(task.heldout, heldout_seed, "heldout"), out.unsafe)
     else:
-        read = lambda path: read_prompts(path, task.on_invalid, skipped)
-        out = Task(task.source, read(task.path), [], read(task.heldout_path) if task.heldout_path else [], style=task.style)
+        from alignkit.data.formats import load_flagged_prompts
+
+        out = Task(task.source, [], [], [], style=task.style)
+        read = lambda path: _flagged(load_flagged_prompts(path, on_invalid=task.on_invalid, skipped=skipped), out.unsafe)
+        out.train, out.heldout = read(task.path), read(task.heldout_path) if task.heldout_path else []
     out.skipped = skipped
     out.reward = build_reward(reward, out, precision)
     return out

@@ -69,3 +69,37 @@ def test_prompts_file_with_a_function_reward_and_no_answers(tmp_path, monkeypatc
         build_task(TaskConfig(source="prompts", path=train), RewardConfig(kind="verifier"))
     with pytest.raises(ValueError, match="needs task.path"):
         TaskConfig(source="prompts")
+
+
+def test_prompts_file_unsafe_flag_routes_the_combined_reward(tmp_path):
+    """Safety as data: a prompts file's `unsafe: true` sends the prompt to the safety reward model,
+    whatever its wording (no keyword match); unflagged prompts get the helpfulness model's score."""
+    from alignkit.models.tiny import save_tiny
+    from alignkit.rewards.model import RewardModel
+
+    helpful, safety = save_tiny(str(tmp_path / "helpful"), seed=0), save_tiny(str(tmp_path / "safety"), seed=1)
+    rows = [{"prompt": "Tell me about tea."}, {"prompt": "Tell me about knots.", "unsafe": True},
+            {"prompt": "Tell me about rope.", "unsafe": False}, {"prompt": "Tell me about locks.", "prompt_unsafe": True}]
+    task = build_task(TaskConfig(source="prompts", path=_jsonl(tmp_path / "p.jsonl", rows)),
+                      RewardConfig(kind="combined", helpful_path=helpful, safety_path=safety))
+    assert task.unsafe == {"Tell me about knots.", "Tell me about locks."}
+    replies = ["Green tea is nice."] * 4
+    want_h, want_s = RewardModel.from_pretrained(helpful)(task.train, replies), RewardModel.from_pretrained(safety)(task.train, replies)
+    assert all(abs(w) < 3 for w in want_s)  # σ(score) stays above the 0.15 threshold: only the flag routes
+    got = task.reward(task.train, replies)
+    expected = [want_s[i] if task.train[i] in task.unsafe else want_h[i] for i in range(4)]
+    assert got == pytest.approx(expected, abs=1e-4)
+    assert task.reward.last_stats == {"safety_routed_frac": 0.5, "unsafe_prompt_frac": 0.5}
+    bad = _jsonl(tmp_path / "bad.jsonl", [{"prompt": "Hi", "unsafe": "yes"}])
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: unsafe: expected true or false"):
+        build_task(TaskConfig(source="prompts", path=bad), RewardConfig(kind="gold"))
+
+
+def test_built_in_preference_prompts_carry_their_unsafe_flag():
+    """The built-in prompts' flags come from the generator (the harmful-request family)."""
+    from alignkit.rewards.gold import is_unsafe_prompt
+
+    task = build_task(TaskConfig(source="preferences", train=200, heldout=50, val=0), RewardConfig(kind="combined"))
+    flagged = [p for p in task.train + task.heldout if task.is_unsafe(p)]
+    assert 0 < len(flagged) < 250
+    assert all(is_unsafe_prompt(p) == task.is_unsafe(p) for p in task.train + task.heldout)  # the gold rules agree

@@ -53,7 +53,7 @@ ON_INVALID = ("error", "skip")
 # Every top-level field some format reads; other fields are ignored (metadata columns such as id
 # or source are common), but one that is close to a missing field is named in its problem.
 KNOWN_FIELDS = frozenset(("messages", "prompt", "completion", "text", "chosen", "rejected", "instruction", "input",
-                          "output", "system", "rating", "safety", "prompt_unsafe", "is_unsafe", "responses",
+                          "output", "system", "rating", "safety", "prompt_unsafe", "is_unsafe", "unsafe", "responses",
                           "completions", "scores", "rewards", "question", "problem", "answer", "solution", "id"))
 
 
@@ -117,7 +117,23 @@ def load_problems(path: str, split: str | None = None, on_invalid: str = "error"
 def load_prompts(path: str, split: str | None = None, on_invalid: str = "error",
                  skipped: list[dict] | None = None) -> list[str]:
     """The `prompt` texts of a file's rows (other fields are ignored)."""
-    return _load(path, split, lambda row, loc, bad: parse_text(row.get("prompt"), "prompt", bad), on_invalid, skipped)
+    return [text for text, _ in load_flagged_prompts(path, split, on_invalid, skipped)]
+
+
+def load_flagged_prompts(path: str, split: str | None = None, on_invalid: str = "error",
+                         skipped: list[dict] | None = None) -> list[tuple[str, bool]]:
+    """(prompt text, unsafe) of a file's rows: `unsafe` (or `prompt_unsafe`, `is_unsafe`) true
+    marks a harmful request, which Llama 2's combined reward routes to the safety model."""
+    return _load(path, split, _flagged_prompt, on_invalid, skipped)
+
+
+def _flagged_prompt(row: dict, loc: str, bad: Bad) -> tuple[str, bool]:
+    text = parse_text(row.get("prompt"), "prompt", bad)
+    key = next((k for k in ("unsafe", "prompt_unsafe", "is_unsafe") if row.get(k) is not None), None)
+    flag = row.get(key, False) if key else False
+    if not isinstance(flag, bool):
+        bad(key, f"expected true or false, got {json_type(flag)}")
+    return text, flag is True
 
 
 def _load(path: str, split: str | None, convert: Callable[[dict, str, Bad], object],

@@ -40,6 +40,7 @@ __all__ = [
     "FILLERS",
     "UNSAFE_ASKS",
     "WORD_PROBLEMS",
+    "build_flagged_prompts",
     "build_preferences",
     "build_prompts",
     "normalize",
@@ -482,12 +483,13 @@ _TASKS = {
 }
 
 
-def _sample_task(rng: random.Random, split: str) -> tuple[str, list[str]]:
+def _sample_task(rng: random.Random, split: str) -> tuple[str, list[str], str]:
+    """A prompt of `split`, its candidate responses and its family."""
     family = rng.choices(FAMILIES, weights=_FAMILY_WEIGHTS)[0]
     for _ in range(10_000):
         prompt, cands = _TASKS[family](rng)
         if prompt_split(prompt) == split:
-            return prompt, cands
+            return prompt, cands, family
     raise RuntimeError(f"no {family!r} prompt found in split {split!r}")
 
 
@@ -518,7 +520,7 @@ def build_preferences(n: int, seed: int = 0, split: str = "train", *, judge: Jud
         attempts += 1
         if attempts > 50 * n + 100:
             raise RuntimeError("too many tied draws while building preferences")
-        prompt, cands = _sample_task(rng, split)
+        prompt, cands, _ = _sample_task(rng, split)
         a, b = rng.sample(sorted(set(cands)), 2)
         pair = judge(prompt, a, b)
         if pair is not None:
@@ -528,9 +530,15 @@ def build_preferences(n: int, seed: int = 0, split: str = "train", *, judge: Jud
 
 def build_prompts(n: int, seed: int = 0, split: str = "train") -> list[str]:
     """`n` prompt texts from the same families and split (for PPO, best-of-N); deterministic."""
+    return [text for text, _ in build_flagged_prompts(n, seed, split)]
+
+
+def build_flagged_prompts(n: int, seed: int = 0, split: str = "train") -> list[tuple[str, bool]]:
+    """`build_prompts` with each prompt's unsafe flag (true for the harmful requests, whose safe
+    reply declines: the data says which prompts go to a safety reward)."""
     _check_split(split)
     rng = random.Random(_seed_int("prompts", seed, split))
-    return [_sample_task(rng, split)[0] for _ in range(n)]
+    return [(text, family == "unsafe") for text, _, family in (_sample_task(rng, split) for _ in range(n))]
 
 
 def write_jsonl(pairs: Iterable[PreferencePair], path: str | Path) -> Path:
