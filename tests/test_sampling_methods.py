@@ -305,3 +305,31 @@ def test_a_problems_file_with_bad_rows_under_skip_writes_skipped_jsonl(answering
     skipped = [json.loads(line) for line in (out / "skipped.jsonl").read_text().splitlines()]
     assert [(s["file"], s["line"]) for s in skipped] == [(str(path), 4), (str(path), 8)]
     assert all(s["reason"] for s in skipped)
+
+
+def test_rejection_sampling_on_a_prompts_file_scored_by_a_reward_model(answering_model, tmp_path, capsys):
+    """Llama 2's rejection sampling on open prompts: no answers, a reward-model directory scores
+    the K samples, and the kept response of each prompt is the RM's favourite of all samples."""
+    from alignkit.models.tiny import save_tiny
+    from alignkit.rewards.model import RewardModel
+
+    rm_dir = save_tiny(str(tmp_path / "rm"), seed=3)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Say something about {w}."}) + "\n"
+                               for w in ("tea", "rain", "cats", "maps", "bread", "snow")))
+    out = tmp_path / "rs_rm"
+    result = cli(["rs", f"model.path={answering_model}", f"train.output_dir={out}", "train.lr=1e-3", "iterations=1",
+                  "temperatures=[1.0]", "temperature_prompts=2", "task.source=prompts", f"task.path={prompts}",
+                  "reward.kind=model", f"reward.path={rm_dir}", "min_reward=null", "metrics.train_problems=2"]
+                 + [a for a in COMMON if not a.startswith(("task.", "metrics."))], capsys)
+    assert [r["iteration"] for r in result["iterations"]] == [0, 1] and result["iterations"][1]["kept"] == 6
+    # the evaluation's greedy train reward is the RM's mean score of the final model's greedy replies
+    from alignkit.algorithms.sampling.problems import greedy_score
+    from alignkit.models.load import ModelConfig, load_model
+    from alignkit.rollout.hf import HFGenerator
+
+    task = build_task(TaskConfig(source="prompts", path=str(prompts)), RewardConfig(kind="model", path=rm_dir))
+    assert isinstance(task.reward, RewardModel)
+    final, tok, _ = load_model(ModelConfig(path=str(out / "final")), train=False)
+    again = greedy_score(HFGenerator(final, tok, 8), tok, task, task.train[:2], max_new_tokens=4)
+    assert result["iterations"][1]["train_reward"] == pytest.approx(again, abs=1e-4)
