@@ -241,7 +241,7 @@ COMMANDS: dict[str, tuple[list[str], list[list[str]]]] = {
     "eval": (["model.path={tiny}", "output_dir={out}", *TINY_EVAL], [[]]),
     "generate": (["model.path={tiny}", "output={out}/s.jsonl", "sampling.max_new_tokens=2"], [[], ["prompts_file={prompts}"]]),
     "rm": ([*FAST, "model.path={tiny}", "train.eval_every=1"],
-           [["train.max_steps=1", "data.builtin_pairs=4", "data.builtin_eval_pairs=2"],
+           [["train.max_steps=1", "data.builtin_pairs=4", "data.builtin_eval_pairs=2", "data.subset=helpfulness"],
             ["data.path={pairs}", "data.eval_path={pairs}", "train.epochs=1", "model.lora={{r: 2}}"],
             ["data.path={ranked}", "data.format=ranked", "train.epochs=1"]]),
     "rm-eval": (["model.path={tiny}", "output_dir={out}"], [["data.builtin_pairs=4"], ["data.path={pairs}", "data.format=pairs"]]),

@@ -202,3 +202,18 @@ def test_bad_preference_rows_stop_before_training(tiny_dir, tmp_path, capsys, ro
     err = capsys.readouterr().err
     assert "alignkit rm: error: 1 problem in" in err and message in err
     assert not run_dir.exists()  # nothing trained, nothing written
+
+
+def test_safety_and_helpfulness_subsets_split_the_pairs_by_their_labels():
+    """Llama 2 trains two reward models: `data.subset` picks the safety pairs (flagged prompt or a
+    reply labelled unsafe) or the others, in training and held-out data alike."""
+    from alignkit.algorithms.reward_model import RMDataConfig, is_safety_pair, load_items
+
+    _, train, held = load_items(RMDataConfig(builtin_pairs=200, builtin_eval_pairs=60), seed=0)
+    _, safe_train, safe_held = load_items(RMDataConfig(builtin_pairs=200, builtin_eval_pairs=60, subset="safety"), seed=0)
+    _, help_train, help_held = load_items(RMDataConfig(builtin_pairs=200, builtin_eval_pairs=60, subset="helpfulness"), seed=0)
+    assert safe_train and help_train and len(safe_train) + len(help_train) == 200
+    assert len(safe_held) + len(help_held) == 60
+    assert all(p.prompt_unsafe or p.safety != "both_safe" for p in safe_train)
+    assert not any(p.prompt_unsafe or p.safety in ("chosen_only_safe", "both_unsafe") for p in help_train)
+    assert [p for p in train if is_safety_pair(p)] == safe_train

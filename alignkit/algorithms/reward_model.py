@@ -28,6 +28,7 @@ from alignkit.data.collate import pack_groups
 from alignkit.data.formats import load_feedback
 from alignkit.data.io import write_skipped
 from alignkit.data.packing import Group, group_row, scoring_group, shuffled
+from alignkit.data.records import PreferencePair
 from alignkit.data.tasks.preferences import build_preferences
 from alignkit.engine.config import EvalTrainConfig
 from alignkit.engine.trainer import Engine, fit, steps_for
@@ -52,6 +53,8 @@ class RMDataConfig:
     builtin_pairs: int = opt(2000, "training pairs of the built-in synthetic preferences")
     builtin_eval_pairs: int = opt(400, "held-out pairs of the built-in preferences (prompts never seen in training)")
     max_length: int = opt(512, "tokens per prompt + response (longer ones lose prompt tokens from the left)")
+    subset: str = opt("all", "pairs to train and evaluate on: all, safety (the prompt is flagged unsafe, or the "
+                             "safety label says a reply is unsafe) or helpfulness (the others): Llama 2's two reward models")
 
 
 @dataclass
@@ -71,20 +74,37 @@ class RMConfig:
             raise ValueError(f"data.format must be auto, pairs or ranked, not {self.data.format!r}")
         in_range(self, "data.eval_fraction", 0.0, 1.0, high_open=True)
         one_of(self, "data.on_invalid", "error", "skip")
+        one_of(self, "data.subset", "all", "safety", "helpfulness")
         at_least(self, 1, "data.builtin_pairs", "data.max_length", "eval_pairs")
         at_least(self, 0, "data.builtin_eval_pairs", "center_coef")
 
 
+def is_safety_pair(pair: PreferencePair) -> bool:
+    """A pair of the safety data: its prompt is flagged unsafe, or a reply is labelled unsafe."""
+    return bool(pair.prompt_unsafe) or pair.safety in ("chosen_only_safe", "both_unsafe")
+
+
 def load_items(data: RMDataConfig, seed: int, skipped: list[dict] | None = None) -> tuple[str, list, list]:
-    """(kind, train records, held-out records), all validated before any model is loaded; rows
-    of the files dropped by data.on_invalid=skip go to `skipped`."""
+    """(kind, train records, held-out records) of `data.subset`, all validated before any model is
+    loaded; rows of the files dropped by data.on_invalid=skip go to `skipped`."""
     if not data.path:
-        return ("pairs", build_preferences(data.builtin_pairs, seed, "train", judge=gold_pair),
-                build_preferences(data.builtin_eval_pairs, seed, "heldout", judge=gold_pair))
-    kind, items = load_feedback(data.path, data.split, data.format, data.on_invalid, skipped)
-    if data.eval_path:
-        return kind, items, load_feedback(data.eval_path, data.split, data.format, data.on_invalid, skipped)[1]
-    return kind, *split_eval(items, data.eval_fraction, seed)
+        kind, train, held = ("pairs", build_preferences(data.builtin_pairs, seed, "train", judge=gold_pair),
+                             build_preferences(data.builtin_eval_pairs, seed, "heldout", judge=gold_pair))
+    else:
+        kind, items = load_feedback(data.path, data.split, data.format, data.on_invalid, skipped)
+        if data.eval_path:
+            train, held = items, load_feedback(data.eval_path, data.split, data.format, data.on_invalid, skipped)[1]
+        else:
+            train, held = split_eval(items, data.eval_fraction, seed)
+    if data.subset == "all":
+        return kind, train, held
+    if kind != "pairs":
+        raise ConfigError(f"data.subset={data.subset} selects preference pairs by their safety labels; this data is ranked")
+    keep = lambda items: [p for p in items if is_safety_pair(p) == (data.subset == "safety")]
+    train, held = keep(train), keep(held)
+    if not train:
+        raise ConfigError(f"data.subset={data.subset}: no training pair of {data.path or 'the built-in data'} belongs to it")
+    return kind, train, held
 
 
 def encode_items(tokenizer, kind: str, items: list, max_length: int, margin: str) -> list[tuple[Group, dict]]:
