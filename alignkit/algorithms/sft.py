@@ -2,7 +2,10 @@
 
 `train_sft` is the checkpointed SFT loop (also DPO's SFT reference); `sft_step` is the step
 that the sampling methods' train stage uses too; `run` is `alignkit sft`: load the model and data (a file, or the built-in Flan-style mixture), validate,
-train, save a plain HF model, and report held-out loss and arithmetic accuracy.
+train, save a plain HF model, and report held-out loss and arithmetic accuracy. With `data.gatt.enabled`
+it first samples Ghost Attention dialogues from the starting model (`data.gatt`, `eval.gatt`) and
+trains on them too (or only on them), loss on each example's last reply only, and reports
+instruction following per turn on held-out dialogues before and after training.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from alignkit.config import at_least, in_range, one_of, opt
 from alignkit.data.chat import Tokenized, tokenize_conversation, truncate
 from alignkit.data.collate import epoch_batches_fn, pad_batch
 from alignkit.data.formats import load_sft
+from alignkit.data.gatt import GAttConfig
 from alignkit.data.io import write_skipped
 from alignkit.data.mixture import MixtureConfig, build_mixture
 from alignkit.data.records import Message, SFTExample, user_prompt
@@ -26,6 +30,7 @@ from alignkit.data.tasks.arithmetic import target_text
 from alignkit.engine.config import CheckpointConfig, SFTTrainConfig
 from alignkit.engine.trainer import Engine, fit, steps_for
 from alignkit.eval.arithmetic import TrainingEvalConfig, evaluate_arithmetic, heldout_problems, starting_accuracy
+from alignkit.eval.gatt import build_gatt_examples, instruction_following_by_turn
 from alignkit.losses.sft import sft_loss
 from alignkit.models.forward import group_token_logprobs, target_logprobs
 from alignkit.models.load import ModelConfig, load_model, save_model
@@ -64,6 +69,8 @@ class SFTExamplesConfig:
 @dataclass
 class SFTDataConfig(SFTExamplesConfig):
     packing: bool = opt(True, "pack examples into rows of train.max_tokens_per_batch tokens (padding-free)")
+    gatt: GAttConfig = opt(factory=GAttConfig, help="Ghost Attention (Llama 2): multi-turn dialogues sampled from the "
+                                                    "starting model that keep an instruction given in the first turn")
 
 
 @dataclass
@@ -185,21 +192,62 @@ def load_examples(data: SFTExamplesConfig, seed: int,
     return split_eval(examples, data.eval_fraction, seed)
 
 
+def gatt_following(model, tokenizer, gatt: GAttConfig, precision: str, prefix: str) -> dict:
+    """Instruction following per turn on held-out dialogues (`eval.gatt`), as flat metrics."""
+    result = instruction_following_by_turn(model, tokenizer, gatt.eval_dialogues, list(dict.fromkeys(gatt.instructions)),
+                                           gatt.turns, precision, gatt.max_new_tokens, gatt.seed)
+    out = {f"{prefix}gatt_following_turn_{k + 1}": share for k, share in enumerate(result["by_turn"])}
+    out.update({f"{prefix}gatt_following_mean": result["mean"], f"{prefix}gatt_kept_turns": result["kept_turns"]})
+    log.info("GAtt following per turn (%s): %s, kept for %.2f turns on average", prefix.rstrip("/"),
+             " ".join(f"{s:.2f}" for s in result["by_turn"]), result["kept_turns"])
+    return out
+
+
+def gatt_data(model, tokenizer, cfg: SFTConfig) -> tuple[list[Tokenized], dict]:
+    """The GAtt examples sampled from the starting model, tokenized with the loss on the last reply
+    only; an over-long one is dropped rather than cut from the left, which would cut the instruction."""
+    gatt = cfg.data.gatt
+    examples, stats = build_gatt_examples(model, tokenizer, gatt, cfg.train.precision)
+    log.info("GAtt: kept %d of %d dialogues (%s), %d examples", stats["kept"], stats["tried"],
+             ", ".join(f"{n} {c['kept']}/{c['tried']}" for n, c in stats["per_instruction"].items()), stats["examples"])
+    metrics = {"gatt/dialogues_tried": stats["tried"], "gatt/dialogues_kept": stats["kept"], "gatt/examples": stats["examples"]}
+    if not examples:
+        if gatt.mix == "replace":
+            raise ValueError(f"data.gatt: none of {stats['tried']} dialogues followed the instruction in every turn; "
+                             "raise data.gatt.samples_per_turn or data.gatt.dialogues")
+        log.warning("data.gatt: no dialogue kept; training on the other data only")
+        return [], metrics
+    overlong = "error" if cfg.data.on_overlong == "error" else "drop"
+    return tokenize_examples(tokenizer, examples, cfg.data.max_length, "last", overlong), metrics
+
+
 def run(cfg: SFTConfig) -> dict:
     skipped: list[dict] = []
-    train_examples, eval_examples = load_examples(cfg.data, cfg.train.seed, skipped)
+    gatt = cfg.data.gatt
+    only_gatt = gatt.enabled and gatt.mix == "replace"
+    train_examples, eval_examples = ([], []) if only_gatt else load_examples(cfg.data, cfg.train.seed, skipped)
     torch.manual_seed(cfg.train.seed)
     model, tokenizer, _ = load_model(cfg.model)
     run_dir = Path(cfg.train.output_dir)
     write_skipped(run_dir, skipped)
     start = starting_accuracy(model, tokenizer, cfg.eval, run_dir)
+    gatt_train, gatt_metrics = gatt_data(model, tokenizer, cfg) if gatt.enabled else ([], {})
+    gatt_eval = gatt.enabled and gatt.eval_dialogues > 0
+    if gatt_eval:
+        start.update(gatt_following(model, tokenizer, gatt, cfg.train.precision, "eval/start_"))
     tok = lambda exs: tokenize_examples(tokenizer, exs, cfg.data.max_length, cfg.data.targets, cfg.data.on_overlong)
-    train, held_out = tok(train_examples), (tok(eval_examples) if eval_examples else [])
+    train = (tok(train_examples) if train_examples else []) + gatt_train
+    held_out = tok(eval_examples) if eval_examples else []
     log.info("SFT on %d examples (%d target tokens), %d held out", len(train), sum(t.n_targets for t in train), len(held_out))
     eval_fn = eval_loss_fn(held_out, tokenizer.pad_token_id) if held_out else None
     engine, metrics = train_sft(model, tokenizer, train, cfg.train, cfg.data.packing, eval_fn, asdict(cfg),
                                 resume=cfg.train.resume)
     metrics.update(start)
+    metrics.update(gatt_metrics)
+    if gatt_eval:
+        result = gatt_following(engine.model, tokenizer, gatt, cfg.train.precision, "")
+        engine.log(result, prefix="eval/")
+        metrics.update({f"eval/{k}": v for k, v in result.items()})
     if cfg.eval.problems > 0:
         result = evaluate_arithmetic(engine.model, tokenizer, heldout_problems(cfg.eval), cfg.eval, run_dir / "eval_samples.jsonl")
         engine.log({"arithmetic_accuracy": result["accuracy"]}, prefix="eval/")
