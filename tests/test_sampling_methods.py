@@ -333,3 +333,20 @@ def test_rejection_sampling_on_a_prompts_file_scored_by_a_reward_model(answering
     final, tok, _ = load_model(ModelConfig(path=str(out / "final")), train=False)
     again = greedy_score(HFGenerator(final, tok, 8), tok, task, task.train[:2], max_new_tokens=4)
     assert result["iterations"][1]["train_reward"] == pytest.approx(again, abs=1e-4)
+
+
+def test_rejection_sampling_pools_an_earlier_runs_samples(answering_model, tmp_path, capsys):
+    """An iterative pipeline runs rs once per RLHF version: the next run scores the earlier pool
+    again with its own reward and selects over both, so a prompt keeps its best sample so far."""
+    first, second = tmp_path / "v1", tmp_path / "v2"
+    args = ["train.lr=1e-3", "iterations=1", "temperatures=[1.0]", "temperature_prompts=2", "reward.kind=graded",
+            "min_reward=null", "metrics.baseline=false"] + COMMON
+    cli(["rs", f"model.path={answering_model}", f"train.output_dir={first}"] + args, capsys)
+    older = [json.loads(line) for line in (first / "samples.jsonl").read_text().splitlines()]
+    assert len(older) == 16 * 4 and all(s["iteration"] == 1 for s in older)
+    cli(["rs", f"model.path={first / 'final'}", f"train.output_dir={second}", f"pool_files=[{first / 'samples.jsonl'}]"] + args, capsys)
+    pooled = [json.loads(line) for line in (second / "samples.jsonl").read_text().splitlines()]
+    assert len(pooled) == 2 * 16 * 4 and sum(s["iteration"] == 0 for s in pooled) == 16 * 4
+    top = lambda p, it: max(s["reward"] for s in pooled if s["prompt"] == p and s["iteration"] == it)
+    row = read_metrics(second)[-1]  # a tie goes to the older sample (the pool lists it first)
+    assert row["kept"] == 16 and row["kept_from_older"] == sum(top(p, 0) >= top(p, 1) for p in {s["prompt"] for s in pooled})

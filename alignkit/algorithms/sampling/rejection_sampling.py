@@ -10,19 +10,25 @@ Iteration i:
      is below `min_reward`;
   4. train: SFT of the newest model on the selected responses (`from_base` restarts from the
      initial model instead).
+
+The pool is written to `samples.jsonl`; a later run (the next RLHF version of a pipeline, with
+retrained reward models) takes it through `pool_files` and scores it again with its own reward.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 from alignkit.algorithms.sampling.problems import MetricsConfig, ShotsConfig, sampling_defaults
 from alignkit.algorithms.sampling.frame import SamplingRun
+from alignkit.algorithms.sampling.run_state import load_samples, save_samples
 from alignkit.algorithms.sampling.stages import (
     above_threshold,
     best_per_prompt,
     reward_stats,
+    score,
 )
 from alignkit.algorithms.sampling.train_stage import PACKINGS
 from alignkit.config import at_least, non_empty, one_of, opt
@@ -49,6 +55,8 @@ class RSConfig:
                                                                 "re-tuned every iteration")
     temperature_prompts: int = opt(32, "training prompts used to pick the temperature")
     pool: bool = opt(True, "select among the samples of all iterations (false: the newest only)")
+    pool_files: list[str] = opt(factory=list, help="samples.jsonl files of earlier rs runs (an iterative pipeline): their "
+                                                   "samples are scored again by this run's reward and join the pool")
     min_reward: float | None = opt(1.0, "drop prompts whose best sample scores below this (null = keep all)")
     from_base: bool = opt(False, "train each iteration from the initial model instead of the newest")
     packing: str = opt("prefix", "prefix (rows share the prompt prefix: cheapest), pack (padding-free) or pad")
@@ -75,7 +83,9 @@ def run(cfg: RSConfig) -> dict:
     job = SamplingRun(cfg)
     reward_fn = job.task.reward
     teacher = job.sampler_model(cfg.sampler_model) if cfg.sampler_model else None
-    pool = []
+    pool = score([x for path in cfg.pool_files for x in load_samples(Path(path))], reward_fn)
+    for x in pool:
+        x.iteration = 0  # older than every iteration of this run
     job.baseline()
     prompts = job.task.train
     for it in range(1, cfg.iterations + 1):
@@ -98,5 +108,6 @@ def run(cfg: RSConfig) -> dict:
         model = load_model(cfg.model, train=True)[0] if cfg.from_base or it == 1 else job.continue_from(job.policy)
         job.train(model, chosen, f"iter-{it}")
         job.log_row(it, {"iteration": it, **info, **job.evaluate(job.policy, cfg.train.seed + it)})
+    save_samples(job.run_dir / "samples.jsonl", pool)  # the pool, for a later run's pool_files
     return job.finish(job.policy, f"Rejection sampling, K={cfg.sampling.n}, pooled={cfg.pool}",
                       {"iterations": job.rows})
