@@ -228,6 +228,7 @@ def rewards(at: str = "reward") -> list[list[str]]:
 
 
 ONE_DIGIT, PROBLEMS, REWARDS = one_digit(), problems(), rewards()
+CHAT = ["chat.against={tiny}", "chat.prompts.count=2", "chat.sampling.max_new_tokens=2", "chat.sampling.batch_size=1"]
 SAMPLING = [*FAST, *ONE_DIGIT, "task.train=8", "task.val=2", "task.heldout=2", "model.path={answering}", "sampling.max_new_tokens=3", "sampling.n=2", "metrics.train_problems=2",
             "train.max_steps=1"]
 PACKED = ["train.max_steps=0", "train.epochs=1", "train.save_every=1", "packing=pad", "train.batch_size=4", "metrics.eval_samples=2", "metrics.ks=[1,2]",
@@ -241,7 +242,9 @@ COMMANDS: dict[str, tuple[list[str], list[list[str]]]] = {
              ["train.max_steps=1", "data.max_length=512", "data.gatt.enabled=true", "data.gatt.mix=replace",
               "data.gatt.dialogues=2", "data.gatt.turns=2", "data.gatt.instructions=[short]",
               "data.gatt.samples_per_turn=2", "data.gatt.max_new_tokens=4", "data.gatt.eval_dialogues=1"]]),
-    "eval": (["model.path={tiny}", "output_dir={out}", *TINY_EVAL], [[]]),
+    "eval": (["model.path={tiny}", "output_dir={out}", *TINY_EVAL],
+             [[], [*CHAT, "eval.problems=0", "chat.reference={tiny}"],
+              *[[*CHAT, "chat.prompts.source=prompts", "chat.prompts.path={prompts}", *r] for r in rewards("chat.judge")]]),
     "generate": (["model.path={tiny}", "output={out}/s.jsonl", "sampling.max_new_tokens=2"], [[], ["prompts_file={prompts}"]]),
     "rm": ([*FAST, "model.path={tiny}", "train.eval_every=1"],
            [["train.max_steps=1", "data.builtin_pairs=4", "data.builtin_eval_pairs=2", "data.subset=helpfulness"],

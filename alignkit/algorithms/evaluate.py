@@ -1,9 +1,10 @@
-"""`alignkit eval` (arithmetic accuracy with the verifier) and `alignkit generate`."""
+"""`alignkit eval` (arithmetic accuracy with the verifier; with `chat.against`, the chat evaluation
+against a baseline: win rate, safety, KL, length) and `alignkit generate`."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from alignkit.config import at_least, non_empty, opt
@@ -11,6 +12,7 @@ from alignkit.data.chat import prompt_text
 from alignkit.data.records import user_prompt
 from alignkit.data.tasks.arithmetic import ArithmeticConfig, generate_problems
 from alignkit.eval.arithmetic import ArithmeticEvalConfig, evaluate_arithmetic
+from alignkit.eval.chat import ChatEvalConfig, run_chat_eval
 from alignkit.models.load import ModelConfig, load_model
 from alignkit.rollout.base import SamplingConfig
 from alignkit.rollout.hf import HFGenerator
@@ -20,23 +22,41 @@ from alignkit.tasks import read_prompts
 @dataclass
 class EvalConfig:
     model: ModelConfig = opt(factory=ModelConfig, help="the model to evaluate")
-    eval: ArithmeticEvalConfig = opt(factory=ArithmeticEvalConfig, help="the arithmetic evaluation")
+    eval: ArithmeticEvalConfig = opt(factory=ArithmeticEvalConfig, help="the arithmetic evaluation (problems: 0 = skip it)")
     min_digits: int = opt(2, "smallest operand size (digits)")
     max_digits: int = opt(2, "largest operand size (digits)")
-    output_dir: str = opt("runs/eval", "where samples.jsonl and result.json go")
+    chat: ChatEvalConfig = opt(factory=ChatEvalConfig, help="the chat evaluation against a baseline model (chat.against)")
+    output_dir: str = opt("runs/eval", "where samples.jsonl, chat.json, chat_samples.jsonl and result.json go")
 
     def __post_init__(self):
-        at_least(self, 1, "min_digits", "eval.problems")
+        at_least(self, 1, "min_digits")
         at_least(self, self.min_digits, "max_digits")
+        if not self.eval.problems and not self.chat.against:
+            raise ValueError("nothing to evaluate: eval.problems is 0 and chat.against is empty")
+
+
+def _load_beside(cfg: EvalConfig, key: str, tokenizer, path: str):
+    """The model of `chat.<key>`, loaded like the evaluated one; it must share its tokenizer (both
+    reply to the same token ids, and the KL estimate compares them token by token)."""
+    other, other_tokenizer, other_path = load_model(replace(cfg.model, path=getattr(cfg.chat, key)), train=False)
+    if other_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise ValueError(f"chat.{key}: {other_path} has another tokenizer than the evaluated model {path}")
+    return other
 
 
 def run_eval(cfg: EvalConfig) -> dict:
     model, tokenizer, path = load_model(cfg.model, train=False)
-    task = ArithmeticConfig(min_digits=cfg.min_digits, max_digits=cfg.max_digits, word_problems=cfg.eval.word_problems)
-    problems = generate_problems(cfg.eval.problems, seed=cfg.eval.seed, split="heldout", config=task)
     out = Path(cfg.output_dir)
-    result = evaluate_arithmetic(model, tokenizer, problems, cfg.eval, out / "samples.jsonl")
-    result = {"model": path, "style": cfg.eval.style, **result}
+    result = {"model": path}
+    if cfg.eval.problems:
+        task = ArithmeticConfig(min_digits=cfg.min_digits, max_digits=cfg.max_digits, word_problems=cfg.eval.word_problems)
+        problems = generate_problems(cfg.eval.problems, seed=cfg.eval.seed, split="heldout", config=task)
+        result.update(style=cfg.eval.style, **evaluate_arithmetic(model, tokenizer, problems, cfg.eval, out / "samples.jsonl"))
+    if cfg.chat.against:
+        baseline = _load_beside(cfg, "against", tokenizer, path)
+        reference = _load_beside(cfg, "reference", tokenizer, path) if cfg.chat.reference else None
+        result["chat"] = run_chat_eval(model, tokenizer, baseline, reference, cfg.chat, out)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
 
