@@ -24,7 +24,6 @@ and held-out splits never share a prompt.
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 import re
 from pathlib import Path
@@ -32,6 +31,7 @@ from typing import Callable, Iterable
 
 from alignkit.data.records import PreferencePair
 from alignkit.data.tasks.arithmetic import OPS, apply_op, expression
+from alignkit.files import write_jsonl_atomic
 
 __all__ = [
     "CAPITALS",
@@ -44,6 +44,7 @@ __all__ = [
     "build_preferences",
     "build_prompts",
     "normalize",
+    "pair_rows",
     "prompt_split",
     "write_jsonl",
 ]
@@ -541,21 +542,20 @@ def build_flagged_prompts(n: int, seed: int = 0, split: str = "train") -> list[t
     return [(text, family == "unsafe") for text, _, family in (_sample_task(rng, split) for _ in range(n))]
 
 
+def pair_rows(pairs: Iterable[PreferencePair]) -> list[dict]:
+    """TRL-style rows {prompt, chosen, rejected, rating, safety, prompt_unsafe}; the prompt is
+    the last user message's text."""
+    rows = []
+    for p in pairs:
+        user = [m.content for m in p.prompt if m.role == "user"]
+        rows.append({"prompt": user[-1] if user else "", "chosen": p.chosen, "rejected": p.rejected,
+                     "rating": p.rating, "safety": p.safety, "prompt_unsafe": p.prompt_unsafe})
+    return rows
+
+
 def write_jsonl(pairs: Iterable[PreferencePair], path: str | Path) -> Path:
-    """Write TRL-style rows {prompt, chosen, rejected, rating, safety, prompt_unsafe}; the
-    prompt is the last user message's text."""
+    """Write `pair_rows(pairs)` as JSONL (atomically); returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as f:
-        for p in pairs:
-            user = [m.content for m in p.prompt if m.role == "user"]
-            row = {
-                "prompt": user[-1] if user else "",
-                "chosen": p.chosen,
-                "rejected": p.rejected,
-                "rating": p.rating,
-                "safety": p.safety,
-                "prompt_unsafe": p.prompt_unsafe,
-            }
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    write_jsonl_atomic(path, pair_rows(pairs))
     return path
