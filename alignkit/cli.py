@@ -33,6 +33,7 @@ COMMANDS = {
     "rft": ("alignkit.algorithms.sampling.rft", "RFTConfig", "run", "RFT: fine-tune on distinct correct reasoning paths (union of sampler models)"),
     "rest-em": ("alignkit.algorithms.sampling.rest_em", "RestEMConfig", "run", "ReST-EM: sample, keep correct, fine-tune the base model; pass@k, maj@k"),
     "rest": ("alignkit.algorithms.sampling.rest", "RestConfig", "run", "ReST: Grow (sample) then Improve steps at rising reward thresholds"),
+    "pipeline": ("alignkit.algorithms.pipeline.llama2_chat", "PipelineConfig", "run", "the Llama 2-Chat loop as one resumable run: SFT, iterative RMs, rejection sampling, PPO, GAtt, evaluation"),
     "flan-study": ("alignkit.algorithms.flan_study", "FlanStudyConfig", "run", "Flan-style study: held-out task families vs number of training tasks, with/without CoT data"),
 }
 
@@ -116,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     recipe = rest[0] if rest and rest[0].endswith((".yaml", ".yml")) else None
     overrides = [a for a in rest[1 if recipe else 0:] if a != "--resume"]
+    if "--resume" in rest and getattr(cls, "RESUMES_ON_RERUN", False):
+        rest = [a for a in rest if a != "--resume"]  # a re-run resumes by itself
     if "--resume" in rest:
         if not resumable(cls):
             print(f"alignkit {command}: error: --resume: {command} cannot resume a run (it writes no checkpoints); "

@@ -1,0 +1,54 @@
+"""Iterative reward modelling (Llama 2 §3.2.1): fresh comparisons of the newest model's samples.
+
+Each RLHF iteration asks annotators to compare two replies of the newest model to the same
+prompt, with a rating of how much better the chosen one is; the new comparisons join all earlier
+data and the reward models are trained again, so they stay on the policy's distribution. Here
+the gold reward of the built-in preferences stands in for the annotators (`rewards.gold.gold_pair`:
+chosen = the higher gold score, its four rating levels from the score gap, the safety label and
+the prompt's unsafe flag); a pair the gold rules score equal is a tie and is dropped, as
+annotators' ties are.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from alignkit.algorithms.sampling.problems import generator_for
+from alignkit.algorithms.sampling.stages import by_prompt, collect
+from alignkit.config import at_least, in_range, opt
+from alignkit.data.records import PreferencePair
+from alignkit.rewards.gold import gold_pair
+from alignkit.rollout.base import SamplingConfig
+
+
+@dataclass
+class ComparisonsConfig:
+    prompts: int = opt(64, "built-in training prompts per iteration (new ones each iteration), two samples each")
+    sampling: SamplingConfig = opt(factory=lambda: SamplingConfig(n=2, temperature=1.0, top_k=40, max_new_tokens=48, batch_size=32),
+                                   help="how the two replies are sampled (n: replies per prompt; pairs are drawn among them)")
+    newest_eval_fraction: float = opt(0.25, "share of each iteration's new pairs held out to measure the reward models "
+                                            "on the newest samples")
+
+    def __post_init__(self):
+        at_least(self, 1, "prompts")
+        at_least(self, 2, "sampling.n")
+        in_range(self, "newest_eval_fraction", 0.0, 1.0, high_open=True)
+
+
+def compare_samples(model, tokenizer, prompts: list[str], sampling: SamplingConfig, precision: str,
+                    seed: int) -> tuple[list[PreferencePair], dict]:
+    """Two of `sampling.n` replies per prompt from `model`, labelled by the gold judge; returns
+    (pairs, statistics: prompts, pairs, ties, share of safety pairs)."""
+    samples = collect(generator_for(model, tokenizer, sampling, precision), tokenizer, prompts, sampling.params(seed))
+    rng = random.Random(seed)
+    pairs, ties = [], 0
+    for prompt, group in by_prompt(samples).items():
+        a, b = rng.sample([x.response for x in group], 2)
+        pair = gold_pair(prompt, a, b)
+        if pair is None:
+            ties += 1
+        else:
+            pairs.append(pair)
+    safety = sum(1 for p in pairs if p.prompt_unsafe)
+    return pairs, {"prompts": len(prompts), "pairs": len(pairs), "ties": ties, "safety_pairs": safety}
