@@ -283,6 +283,19 @@ COMMANDS: dict[str, tuple[list[str], list[list[str]]]] = {
              ["ptx.coef=0.1", "ptx.data.path={sft}", *problems("prompts"), *rewards()[0]],
              ["prompts.source=arithmetic", *rewards()[2], "ptx.coef=0.1", "ptx.data.mixture.examples_per_task=3",
               "ptx.data.mixture.cap=3"]]),
+    "pipeline": (["model={tiny}", "output_dir={out}", "iterations=1", "precision=fp32", "threads=1",
+                  "data={{sft_pairs: 4, rm_pairs: 8, rm_eval_pairs: 4, rl_prompts: 4, eval_prompts: 4, seed: 1}}",
+                  "comparisons={{prompts: 4, newest_eval_fraction: 0.5, sampling: {{max_new_tokens: 3}}}}",
+                  "eval={{max_new_tokens: 3, batch_size: 4, samples: 1, gatt_dialogues: 1, gatt_turns: 2}}",
+                  "sft={{train: {{max_steps: 1, progress: false}}, data: {{max_length: 128}}, eval: {{problems: 0}}}}",
+                  "reward_model={{train: {{max_steps: 1, progress: false}}}}",
+                  "rejection_sampling={{train: {{max_steps: 1, progress: false}}, sampling: {{n: 2, max_new_tokens: 3}}, "
+                  "temperature_prompts: 2, metrics: {{train_problems: 2}}}}"],
+                 [["final=ppo", "gatt=true", "ppo={{iterations: 1, prompts_per_iteration: 2, minibatch_size: 2, ppo_epochs: 1, "
+                   "sampling: {{max_new_tokens: 3}}, prompts: {{heldout: 2}}}}",
+                   "gatt_sft={{train: {{max_steps: 1, progress: false}}, eval: {{problems: 0}}, data: {{max_length: 512, gatt: "
+                   "{{dialogues: 2, turns: 2, samples_per_turn: 4, max_new_tokens: 4, eval_dialogues: 0, instructions: [short]}}}}}}"],
+                  ["final=dpo", "gatt=false", "dpo={{train: {{max_steps: 1, progress: false}}, eval: {{problems: 1, max_new_tokens: 2}}}}"]]),
 }
 
 
