@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import yaml
 from safetensors.torch import load_file
+from test_kill_resume import TIMINGS, _alignkit, _start
 
 from alignkit.algorithms.pipeline.stages import Stages, merged
 from alignkit.cli import main
 from alignkit.models.tiny import save_tiny
-from test_kill_resume import TIMINGS, _alignkit, _start
 
 RECIPE = {
     "iterations": 1, "final": "ppo", "gatt": True, "precision": "fp32", "threads": 1,

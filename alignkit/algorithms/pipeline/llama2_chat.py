@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,11 @@ import torch
 from alignkit.algorithms.pipeline.comparisons import ComparisonsConfig, compare_samples
 from alignkit.algorithms.pipeline.stages import Stages, command_config
 from alignkit.config import at_least, one_of, opt
-from alignkit.data.tasks.preferences import build_flagged_prompts, build_preferences, pair_rows
+from alignkit.data.tasks.preferences import (
+    build_flagged_prompts,
+    build_preferences,
+    pair_rows,
+)
 from alignkit.engine.logging import MetricsLogger
 from alignkit.files import write_jsonl_atomic, write_text_atomic
 from alignkit.models.load import ModelConfig, load_model
@@ -70,10 +74,6 @@ class PipelineEvalConfig:
     def __post_init__(self):
         at_least(self, 1, "max_new_tokens", "batch_size", "gatt_dialogues", "gatt_turns")
         at_least(self, 0, "samples")
-
-
-def _section(**keys) -> Any:
-    return field(default_factory=lambda: dict(keys))
 
 
 @dataclass
@@ -338,16 +338,16 @@ def _cell(v) -> str:
 def format_table(rows: list[dict], gatt: dict | None) -> str:
     """The pipeline's one table: per stage, gold helpfulness reward, win rate vs SFT (95%
     interval), safety rate, KL to SFT, reply words and the reward models' accuracy."""
-    lines = ["| stage | gold reward | win rate vs SFT (95% CI) | safety rate | KL to SFT | reply words | "
-             "helpfulness RM acc. (newest / original) | safety RM acc. (original) |", "|---|---|---|---|---|---|---|---|"]
+    lines = [("| stage | gold reward | win rate vs SFT (95% CI) | safety rate | KL to SFT | reply words | "
+              "helpfulness RM acc. (newest / original) | safety RM acc. (original) |"), "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         win = f"{r['win_rate']:.3f} ({r['win_ci95_low']:.2f}–{r['win_ci95_high']:.2f})"
         rm = f"{_cell(r['rm_helpful_newest'])} / {_cell(r['rm_helpful_original'])}" if r["rm_helpful_original"] is not None else "–"
         lines.append(f"| {r['stage']} | {_cell(r['judge_reward'])} | {win} | {_cell(r['safety_rate'])} | {_cell(r['kl'])} | "
                      f"{_cell(r['reply_words'])} | {rm} | {_cell(r['rm_safety_original'])} |")
     if gatt:
-        lines += ["", "Ghost Attention: turns the first turn's instruction is kept (mean), and the share of replies "
-                      "that follow it by turn", "| model | turns kept | following by turn |", "|---|---|---|"]
+        lines += ["", ("Ghost Attention: turns the first turn's instruction is kept (mean), and the share of replies "
+                       "that follow it by turn"), "| model | turns kept | following by turn |", "|---|---|---|"]
         names = {"sft": "SFT", "before": "before GAtt", "gatt": "GAtt"}
         lines += [f"| {name} | {gatt[k]['kept_turns']:.2f} | {' / '.join(f'{x:.2f}' for x in gatt[k]['by_turn'])} |"
                   for k, name in names.items()]

@@ -18,9 +18,10 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from alignkit.config import build, defaults
 from alignkit.files import write_text_atomic
