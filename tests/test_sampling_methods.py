@@ -350,3 +350,20 @@ def test_rejection_sampling_pools_an_earlier_runs_samples(answering_model, tmp_p
     top = lambda p, it: max(s["reward"] for s in pooled if s["prompt"] == p and s["iteration"] == it)
     row = read_metrics(second)[-1]  # a tie goes to the older sample (the pool lists it first)
     assert row["kept"] == 16 and row["kept_from_older"] == sum(top(p, 0) >= top(p, 1) for p in {s["prompt"] for s in pooled})
+
+
+def test_best_of_n_on_a_prompts_file_with_a_reward_model(answering_model, tmp_path, capsys):
+    """Best-of-N on open prompts: a prompts file's rows, scored by a reward-model directory."""
+    from alignkit.models.tiny import save_tiny
+
+    rm_dir = save_tiny(str(tmp_path / "rm"), seed=5)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Describe {w}."}) + "\n" for w in ("fog", "sand", "moss")))
+    out = tmp_path / "bon"
+    cli(["best-of-n", f"model.path={answering_model}", "task.source=prompts", f"task.path={prompts}", "reward.kind=model",
+         f"reward.path={rm_dir}", "ns=[1,2]", "sampling.n=4", "temperatures=[1.0]", "sampling.max_new_tokens=4", "threads=1",
+         f"output_dir={out}"], capsys)
+    best = [json.loads(line) for line in (out / "best.jsonl").read_text().splitlines()]
+    assert [b["prompt"] for b in best] == ["Describe fog.", "Describe sand.", "Describe moss."]
+    rows = [json.loads(line) for line in (out / "sweep.jsonl").read_text().splitlines()]
+    assert rows[-1]["max_reward"] == pytest.approx(sum(b["reward"] for b in best) / 3)  # the RM's best of 4, per prompt

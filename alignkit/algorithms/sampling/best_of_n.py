@@ -50,7 +50,8 @@ def best_of_n(generator, tokenizer, prompts: list[str], reward_fn, params: Sampl
 class BestOfNConfig:
     model: ModelConfig = opt(factory=ModelConfig, help="the policy to sample from")
     task: TaskConfig = opt(factory=lambda: TaskConfig(source="preferences", train=0, val=0, heldout=32, heldout_seed=None),
-                           help="the prompts: the task's held-out split (task.heldout of them)")
+                           help="the prompts: the task's held-out split (task.heldout of them); a prompts or problems "
+                                "file without task.heldout_path: its rows (at most task.train of them)")
     reward: RewardConfig = opt(factory=RewardConfig, help="the reward (auto: gold for preferences, verifier for problems)")
     ns: list[int] = opt(factory=lambda: [1, 2, 4, 8], help="values of N reported besides sampling.n (each at most sampling.n: "
                                                        "the first N of the same samples)")
@@ -115,7 +116,9 @@ def run(cfg: BestOfNConfig) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     task = build_task(cfg.task, cfg.reward, resolve_precision(cfg.precision))
-    prompts, reward_fn = task.heldout, task.reward
+    prompts, reward_fn = task.heldout or task.train, task.reward
+    if not prompts:
+        raise ValueError("best-of-n: no prompts (task.heldout is 0 and the task has no training prompts)")
     model, tokenizer, _ = load_model(cfg.model, train=False)
     generator = HFGenerator(model, tokenizer, cfg.sampling.batch_size, resolve_precision(cfg.precision))
     ns, big = sorted({*cfg.ns, cfg.sampling.n}), cfg.sampling.n
