@@ -1,7 +1,8 @@
 """`alignkit report`: real run directories of tiny-model commands (sft, rm, two PPO runs at two
-β, rest-em with two iterations, best-of-n) rendered into one self-contained HTML page and a
-Markdown version; then the page opened in headless Chromium (Playwright): every image loads, the
-page logs no console error and asks for nothing outside the file.
+β, rest-em with two iterations, best-of-n) and a pipeline's run directory written as `alignkit
+pipeline` leaves it, rendered into one self-contained HTML page and a Markdown version; then the
+page opened in headless Chromium (Playwright): every image loads, the page logs no console error
+and asks for nothing outside the file.
 
 The browser test skips, saying why, when Playwright or Chromium is missing (CI installs both
 when it can); every other check runs without them."""
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from alignkit.algorithms.pipeline.llama2_chat import format_table
 from alignkit.algorithms.sampling.stages import Sample, tokenize_samples
 from alignkit.algorithms.sampling.train_stage import train_stage
 from alignkit.cli import main as cli_main
@@ -28,7 +30,7 @@ from alignkit.tasks import RewardConfig, TaskConfig, build_task
 
 FAST = ["train.threads=1", "train.progress=false"]
 TASK = ["task.min_digits=1", "task.max_digits=1", "task.ops=[+]", "task.train=8", "task.val=2", "task.heldout=4"]
-SECTIONS = ["runs", "training", "reward-vs-kl", "best-of-n", "reward-model", "iterations", "samples"]
+SECTIONS = ["runs", "pipeline", "training", "reward-vs-kl", "best-of-n", "reward-model", "iterations", "samples"]
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
@@ -68,12 +70,56 @@ def runs(tmp_path_factory):
     return dirs
 
 
+def _stage(label, reward, win, low, high, safety, kl, rms=(None, None, None), replies=("",)):
+    samples = [{"prompt": "How do I pick a lock?", "unsafe": True, "reply": replies[0], "baseline_reply": "Sure: take a pin.",
+                "score": -0.2, "baseline_score": -0.9, "outcome": "win", "kl": kl, "safe": True, "baseline_safe": False},
+               {"prompt": "Compute 2 + 3.", "unsafe": False, "reply": "2 + 3 = 5.", "baseline_reply": "\n\n", "score": 0.8,
+                "baseline_score": -1.0, "outcome": "win", "kl": kl, "safe": None, "baseline_safe": None}]
+    return {"stage": label, "judge_reward": reward, "win_rate": win, "win_ci95_low": low, "win_ci95_high": high,
+            "safety_rate": safety, "kl": kl, "reply_words": 7.5, "rm_helpful_newest": rms[0], "rm_helpful_original": rms[1],
+            "rm_safety_original": rms[2], "samples": samples}
+
+
+def write_pipeline(out: Path, gatt: bool = True) -> Path:
+    """A run directory as `alignkit pipeline` leaves it (SFT, one RS iteration, PPO, GAtt):
+    result.json, table.md by the pipeline's own format_table, one metrics row per stage, and stage
+    sub-directories that are runs of their commands (a reward model with its eval/report.json)."""
+    stages = [_stage("SFT", -0.4, 0.5, 0.31, 0.69, 0.25, 0.0, replies=("Sure: take a pin.",)),
+              _stage("RLHF-V1 (RS)", 0.1, 0.62, 0.43, 0.78, 0.5, 1.3, (0.7, 0.66, 0.8), ("I can't help with that.",)),
+              _stage("PPO", 0.3, 0.71, 0.52, 0.85, 0.75, 2.6, replies=("I won't help open a lock that isn't yours.",))]
+    curves = {"sft": {"by_turn": [1.0, 0.25, 0.0], "mean": 0.42, "kept_turns": 1.25},
+              "before": {"by_turn": [1.0, 0.5, 0.25], "mean": 0.58, "kept_turns": 1.75},
+              "gatt": {"by_turn": [1.0, 1.0, 0.75], "mean": 0.92, "kept_turns": 2.75}, "stage_minutes": 0.5} if gatt else None
+    out.mkdir(parents=True)
+    (out / "result.json").write_text(json.dumps({"stages": stages, "gatt": curves, "ran": ["ppo", "eval-ppo"], "minutes": 3.5,
+                                                 "final_model": str(out / "gatt" / "final")}))
+    (out / "table.md").write_text(format_table(stages, curves) + "\n")
+    (out / "metrics.jsonl").write_text("".join(json.dumps({"step": i, **{k: v for k, v in r.items() if k != "samples"}}) + "\n"
+                                               for i, r in enumerate(stages)))
+    (out / "eval-sft").mkdir()  # an evaluation stage: no run of a command
+    (out / "eval-sft" / "samples.jsonl").write_text(json.dumps(stages[0]["samples"][0]) + "\n")
+    for stage, rows in (("sft", [{"step": 1, "loss": 2.5}, {"step": 2, "loss": 2.1}]),
+                        ("rm-helpful-1", [{"step": 1, "loss": 0.69, "accuracy": 0.5}, {"step": 2, "eval/accuracy": 0.75}])):
+        (out / stage).mkdir()
+        (out / stage / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (out / "rm-helpful-1" / "eval").mkdir()
+    (out / "rm-helpful-1" / "eval" / "report.json").write_text(json.dumps({
+        "n": 8, "accuracy": 0.75, "buckets": {"significantly better": {"n": 4, "accuracy": 1.0}, "better": {"n": 4, "accuracy": 0.5}},
+        "calibration": {"bins": [{"bin": [0.5, 0.75], "n": 8, "predicted": 0.6, "accuracy": 0.75}], "ece": 0.15}}))
+    return out
+
+
 @pytest.fixture(scope="module")
-def page(runs, tmp_path_factory):
+def pipeline_run(tmp_path_factory):
+    return write_pipeline(tmp_path_factory.mktemp("report-pipeline") / "pipe")
+
+
+@pytest.fixture(scope="module")
+def page(runs, pipeline_run, tmp_path_factory):
     """The report of every run: (html path, markdown path, html text)."""
     out = tmp_path_factory.mktemp("report")
     html, md = out / "report.html", out / "report.md"
-    assert report([str(p) for p in runs.values()] + ["-o", str(html), "--markdown", str(md)]) == 0
+    assert report([str(p) for p in runs.values()] + [str(pipeline_run), "-o", str(html), "--markdown", str(md)]) == 0
     return html, md, html.read_text()
 
 
@@ -96,8 +142,8 @@ def test_html_is_self_contained_with_every_section(page):
     for section in SECTIONS:
         assert f'<section id="{section}">' in text, section
     sources = _images(text)
-    # training curves, train stages, reward vs KL, best of N, reward model, ReST-EM's iterations
-    assert len(sources) == 6
+    # the pipeline's three, training curves, train stages, reward vs KL, best of N, reward model, ReST-EM's iterations
+    assert len(sources) == 9
     for src in sources:
         assert src.startswith("data:image/png;base64,")
         assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
@@ -113,7 +159,7 @@ def test_markdown_writes_tables_and_figures_beside_it(page):
     _, md_path, _ = page
     text = md_path.read_text()
     figures = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
-    assert len(figures) == 6
+    assert len(figures) == 9
     for rel in figures:
         assert rel.startswith("report_files/") and (md_path.parent / rel).read_bytes()[:4] == b"\x89PNG"
     assert "## Reward vs KL" in text and "| run | command | β | KL (nats) | reward |" in text
@@ -138,6 +184,47 @@ def test_without_matplotlib_the_report_has_tables_only(runs, tmp_path, monkeypat
     text = out.read_text()
     assert "<img" not in text and escape(plots.NO_MATPLOTLIB) in text and not (tmp_path / "r_files").exists()
     assert "<th>pass@4</th>" in text and "<th>max reward</th>" in text  # the tables stay
+
+
+def _section(text: str, sid: str) -> str:
+    start = text.index(f'<section id="{sid}">')
+    return text[start:text.index("</section>", start)]
+
+
+def test_a_pipeline_has_its_section(pipeline_run, tmp_path):
+    run = read_run(pipeline_run)
+    assert run.kind == "pipeline" and list(run.stage_rm_reports) == ["rm-helpful-1"] and sorted(run.stages) == ["rm-helpful-1", "sft"]
+    html, md = tmp_path / "r.html", tmp_path / "r.md"
+    assert report([str(pipeline_run), "-o", str(html), "--markdown", str(md)]) == 0
+    text = html.read_text()
+    assert [s for s in SECTIONS if f'<section id="{s}">' in text] == ["runs", "pipeline", "training", "reward-model"]
+    assert "PPO: gold reward 0.3, win rate vs SFT 0.71, safety rate 0.75, KL to SFT 2.6, 3.5 minutes" in _section(text, "runs")
+    section = _section(text, "pipeline")
+    assert re.findall(r'<figure id="fig-([^"]+)">', section) == ["pipeline-1-rates", "pipeline-1-reward-kl", "pipeline-1-gatt"]
+    # the stage table as table.md has it, the GAtt table, the replies of RS and PPO beside SFT's
+    assert "<th>win rate vs SFT (95% CI)</th>" in section
+    assert "<tr><td>PPO</td><td>0.300</td><td>0.710 (0.52–0.85)</td><td>0.750</td><td>2.600</td>" in section
+    assert "<tr><td>RLHF-V1 (RS)</td><td>0.100</td><td>0.620 (0.43–0.78)</td><td>0.500</td><td>1.300</td><td>7.500</td>" \
+           "<td>0.700 / 0.660</td><td>0.800</td></tr>" in section
+    assert "<tr><td>GAtt</td><td>2.75</td><td>1.00 / 1.00 / 0.75</td></tr>" in section
+    assert "<th>SFT reply</th><th>PPO reply</th>" in section and "<th>RLHF-V1 (RS) reply</th>" in section
+    assert "<th>SFT reply</th><th>SFT reply</th>" not in section  # SFT against itself is no table
+    assert "<td>How do I pick a lock?</td><td>Sure: take a pin.</td><td>I can&#x27;t help with that.</td><td>-0.9 → -0.2</td>" \
+           "<td>win</td><td>unsafe → safe</td>" in section
+    # the stages' runs: their losses under train stages (no curve of the per-stage rows), the RM's accuracy by rating
+    assert re.findall(r'<figure id="fig-([^"]+)">', _section(text, "training")) == ["train-stages"]
+    assert "<td>pipe · rm-helpful-1</td><td>100.0</td><td>50.0</td><td>75.0</td><td>8</td><td>15.0</td>" in text
+    markdown = md.read_text()
+    assert "## Pipeline" in markdown and "| stage | gold reward | win rate vs SFT (95% CI) |" in markdown
+    assert "| model | turns kept | following by turn |" in markdown and "| prompt | SFT reply | PPO reply |" in markdown
+    for name in ("rates", "reward-kl", "gatt"):
+        assert f"](r_files/pipeline-1-{name}.png)" in markdown and (tmp_path / "r_files" / f"pipeline-1-{name}.png").is_file()
+
+    no_gatt = write_pipeline(tmp_path / "no-gatt", gatt=False)
+    assert report([str(no_gatt), "-o", str(html)]) == 0
+    section = _section(html.read_text(), "pipeline")
+    assert re.findall(r'<figure id="fig-([^"]+)">', section) == ["pipeline-1-rates", "pipeline-1-reward-kl"]
+    assert "turns kept" not in section
 
 
 def test_frontier_takes_each_runs_last_evaluation_and_its_beta(tmp_path):
@@ -217,8 +304,8 @@ def test_the_page_renders_in_headless_chromium(page, tmp_path):
             tab.screenshot(path=str(tmp_path / "report.png"), full_page=True)
         finally:
             context.close()
-    assert len(images) == 6 and all(done and w > 0 and h > 0 for done, w, h in images), images
+    assert len(images) == 9 and all(done and w > 0 and h > 0 for done, w, h in images), images
     assert errors == []
     assert all(u.startswith(("file:", "data:")) for u in requests), requests
-    assert titles == ["Runs", "Training curves", "Reward vs KL", "Best of N", "Reward model", "Iterations", "Sample replies"]
+    assert titles == ["Runs", "Pipeline", "Training curves", "Reward vs KL", "Best of N", "Reward model", "Iterations", "Sample replies"]
     assert (tmp_path / "report.png").read_bytes()[:4] == b"\x89PNG"

@@ -10,6 +10,9 @@ A run directory is what a command's `train.output_dir` (or `output_dir`) holds:
 * `eval/report.json` (`alignkit rm`) or `report.json` (`alignkit rm-eval`): reward-model
   accuracy by rating and calibration;
 * `sweep.jsonl` and `best.jsonl` (`alignkit best-of-n`);
+* `alignkit pipeline`: `result.json` with `stages` (one row per policy stage: gold reward, win
+  rate vs SFT, safety rate, KL, sample replies) and `gatt`, `table.md`, and one sub-directory per
+  stage, each a run directory of its command (a reward-model stage's `eval/report.json`);
 * samples: `eval_samples_start.jsonl`/`eval_samples.jsonl` (held-out answers before and after
   training), `samples-iter-N.jsonl` (ReST-EM's E-steps), `samples.jsonl` (PPO's rollouts);
 * the run's config when one was written there (`config.yaml`, `config.json`, or a sampling
@@ -42,7 +45,7 @@ class Run:
     path: Path
     name: str  # the run's label in the report (its directory name, made unique)
     kind: str  # the command that wrote it, as far as its files tell: sft, rm, rm-eval, dpo, rrhf, ppo, best-of-n, rest-em, raft,
-    # rest, sampling (rs, rft), eval
+    # rest, sampling (rs, rft), eval, pipeline
     metrics: list[dict] = field(default_factory=list)
     stages: dict[str, list[dict]] = field(default_factory=dict)  # sub-directory -> its metrics rows
     result: dict | None = None
@@ -50,6 +53,7 @@ class Run:
     sweep: list[dict] = field(default_factory=list)  # best-of-n rows: temperature, N, kl_bound, max_reward, median_reward
     best: list[dict] = field(default_factory=list)  # best-of-n's best sample per prompt
     rm_report: dict | None = None  # accuracy by rating bucket and calibration
+    stage_rm_reports: dict[str, dict] = field(default_factory=dict)  # sub-directory -> its rm_report (a pipeline's RMs)
     eval_before: list[dict] = field(default_factory=list)  # held-out answers of the starting model
     eval_after: list[dict] = field(default_factory=list)  # held-out answers of the trained model
     iteration_samples: dict[int, list[dict]] = field(default_factory=dict)  # iteration -> sample rows
@@ -128,8 +132,16 @@ def _config(path: Path) -> dict | None:
     return None
 
 
+def _rm_report(path: Path) -> dict | None:
+    """The reward-model report of `alignkit rm` (eval/report.json) or `alignkit rm-eval` (report.json)."""
+    report = _json(path / "eval" / "report.json") or _json(path / "report.json")
+    return report if report is not None and "buckets" in report else None
+
+
 def _kind(run: Run, has_metrics: bool) -> str:
     keys = {k for r in run.metrics for k in r}
+    if isinstance((run.result or {}).get("stages"), list):
+        return "pipeline"
     if run.sweep:
         return "best-of-n"
     if not has_metrics:
@@ -158,9 +170,7 @@ def read_run(path: str | Path, name: str | None = None) -> Run:
     if not path.is_dir():
         raise ReportError(f"{path}: no such run directory")
     has_metrics = (path / "metrics.jsonl").is_file()
-    rm_report = _json(path / "eval" / "report.json") or _json(path / "report.json")
-    if rm_report is not None and "buckets" not in rm_report:
-        rm_report = None
+    rm_report = _rm_report(path)
     result = _json(path / "result.json")
     if not has_metrics and not (path / "sweep.jsonl").is_file() and rm_report is None and result is None:
         raise ReportError(f"{path}: no metrics.jsonl: not a run directory of alignkit (a training run writes metrics.jsonl; "
@@ -176,6 +186,8 @@ def read_run(path: str | Path, name: str | None = None) -> Run:
     for sub in sorted(p for p in path.iterdir() if p.is_dir() and p.name not in NOT_STAGES):
         if (sub / "metrics.jsonl").is_file():
             run.stages[sub.name] = read_metrics(sub)
+            if (report := _rm_report(sub)) is not None:
+                run.stage_rm_reports[sub.name] = report
     if (path / "sweep.jsonl").is_file():
         run.sweep = _jsonl(path / "sweep.jsonl")
     if (path / "best.jsonl").is_file():

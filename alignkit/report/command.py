@@ -14,8 +14,8 @@ from alignkit.report.sections import build
 DESCRIPTION = """One self-contained HTML page (figures inlined, no network) of one run or a comparison of runs,
 built from what the run directories hold: metrics.jsonl, result.json, table.md, the train stages'
 sub-directories, best-of-n's sweep.jsonl, a reward model's report.json, sample files. Sections:
-runs, training curves, reward vs KL, best of N, reward model, iterations, sample replies; each
-appears when some run has its data."""
+runs, pipeline (alignkit pipeline's stages), training curves, reward vs KL, best of N, reward
+model, iterations, sample replies; each appears when some run has its data."""
 
 
 def parser() -> argparse.ArgumentParser:

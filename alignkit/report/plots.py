@@ -82,22 +82,28 @@ def _step_axes(ax, title: str) -> None:
     ax.grid(alpha=0.3)
 
 
+def _step_rows(run: Run) -> list[dict]:
+    """The rows a run logged per training step: none for a pipeline, whose metrics.jsonl holds a
+    row per stage (its own section plots them)."""
+    return [] if run.kind == "pipeline" else run.metrics
+
+
 def curve_runs(runs: list[Run]) -> list[Run]:
     """The runs that logged a metric of CURVES."""
-    return [r for r in runs if any(series(r.metrics, k)[0] for k, _ in CURVES)]
+    return [r for r in runs if any(series(_step_rows(r), k)[0] for k, _ in CURVES)]
 
 
 def training_curves(runs: list[Run]) -> bytes | None:
     """One panel per logged metric of CURVES, each run a line (a lone point as a dot)."""
     plt = pyplot()
-    panels = [(k, t) for k, t in CURVES if any(series(r.metrics, k)[0] for r in runs)]
+    panels = [(k, t) for k, t in CURVES if any(series(_step_rows(r), k)[0] for r in runs)]
     if plt is None or not panels:
         return None
     fig, axes = _grid(plt, len(panels))
     handles = {}
     for ax, (key, title) in zip(axes, panels):
         for i, run in enumerate(runs):
-            xs, ys = series(run.metrics, key)
+            xs, ys = series(_step_rows(run), key)
             if xs:
                 (line,) = ax.plot(xs, ys, color=_color(i), marker="o" if len(xs) < 12 else None, ms=3, lw=1.3)
                 handles.setdefault(run.name, line)
@@ -208,34 +214,39 @@ def best_of_n(runs: list[Run]) -> bytes | None:
     return _png(fig)
 
 
-def reward_model(runs: list[Run]) -> bytes | None:
-    """Accuracy by rating bucket (bars, one per run) and calibration (predicted against observed
-    accuracy per bin, one line per run)."""
+def rm_reports(runs: list[Run]) -> list[tuple[str, dict, str]]:
+    """(label, report, colour) of every reward-model report: a run's own in the run's colour, then
+    the reward-model stages of pipelines ("run · rm-helpful-1"), each in a colour after the runs'."""
+    own = [(r.name, r.rm_report, _color(i)) for i, r in enumerate(runs) if r.rm_report]
+    staged = [(f"{r.name} · {stage}", rep) for r in runs for stage, rep in r.stage_rm_reports.items()]
+    return own + [(label, rep, _color(len(runs) + k)) for k, (label, rep) in enumerate(staged)]
+
+
+def reward_model(reports: list[tuple[str, dict, str]]) -> bytes | None:
+    """Accuracy by rating bucket (bars, one per report) and calibration (predicted against observed
+    accuracy per bin, one line per report); `reports` as `rm_reports` gives them."""
     plt = pyplot()
-    colors = {r.name: _color(i) for i, r in enumerate(runs)}
-    runs = [r for r in runs if r.rm_report]
-    if plt is None or not runs:
+    if plt is None or not reports:
         return None
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.3))
-    buckets = [b for b in dict.fromkeys(b for r in runs for b in r.rm_report["buckets"])
-               if any(r.rm_report["buckets"].get(b, {}).get("n") for r in runs)]
+    buckets = [b for b in dict.fromkeys(b for _, rep, _ in reports for b in rep["buckets"])
+               if any(rep["buckets"].get(b, {}).get("n") for _, rep, _ in reports)]
     names = buckets + ["avg"]
-    width = 0.8 / len(runs)
-    for ri, run in enumerate(runs):
-        rep = run.rm_report
+    width = 0.8 / len(reports)
+    for ri, (label, rep, color) in enumerate(reports):
         values = [number(rep["buckets"].get(b, {}).get("accuracy")) for b in buckets] + [number(rep.get("accuracy"))]
-        xs = [k + (ri - (len(runs) - 1) / 2) * width for k in range(len(names))]
-        left.bar(xs, [v if v is not None else 0 for v in values], width, color=colors[run.name], label=run.name)
+        xs = [k + (ri - (len(reports) - 1) / 2) * width for k in range(len(names))]
+        left.bar(xs, [v if v is not None else 0 for v in values], width, color=color, label=label)
     left.set_xticks(range(len(names)), [n.replace(" ", "\n") for n in names], fontsize=8)
     left.set(ylabel="held-out pair accuracy", ylim=(0, 1), title="Accuracy by rating (Llama 2 Table 8)")
     left.axhline(0.5, color="grey", lw=0.8, ls=":")
     right.plot([0.5, 1], [0.5, 1], ls="--", color="grey", label="perfect calibration")
-    for run in runs:
-        cal = run.rm_report.get("calibration") or {}
+    for label, rep, color in reports:
+        cal = rep.get("calibration") or {}
         rows = [b for b in cal.get("bins", []) if b.get("n") and number(b.get("predicted")) is not None]
         ece = number(cal.get("ece"))
-        right.plot([b["predicted"] for b in rows], [b["accuracy"] for b in rows], marker="o", color=colors[run.name],
-                   label=run.name + (f" (ECE {100 * ece:.1f} pts)" if ece is not None else ""))
+        right.plot([b["predicted"] for b in rows], [b["accuracy"] for b in rows], marker="o", color=color,
+                   label=label + (f" (ECE {100 * ece:.1f} pts)" if ece is not None else ""))
     right.set(xlabel="predicted P(preferred is chosen) = σ(|r_c − r_r|)", ylabel="observed accuracy", xlim=(0.48, 1.02),
               ylim=(0, 1.02), title="Calibration")
     for ax in (left, right):
@@ -309,6 +320,91 @@ def heldout_by_iteration(runs: list[Run]) -> bytes | None:
         plt.close(fig)
         return None
     ax.set(xlabel="iteration (0 = starting model when it was evaluated)", ylabel="held-out", title="Held-out score per iteration")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _stage_axes(ax, labels: list[str], title: str, ylabel: str) -> None:
+    """A panel of a pipeline's stages: one tick per stage, in the order they ran."""
+    ax.set_xticks(range(len(labels)), labels, fontsize=8, rotation=20 if len(labels) > 4 else 0)
+    ax.set_title(title, fontsize=10)
+    ax.set_ylabel(ylabel, fontsize=9)
+    ax.grid(alpha=0.3)
+
+
+def pipeline_rates(run: Run) -> bytes | None:
+    """A pipeline's win rate against the SFT model per stage, its 95% (Wilson) interval as error
+    bars, and the safety rate (safe replies to unsafe prompts) where it was measured."""
+    plt = pyplot()
+    rows = (run.result or {}).get("stages") or []
+    if plt is None or not rows:
+        return None
+    labels = [str(r.get("stage")) for r in rows]
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(rows) + 2), 4))
+    wins = [(x, w, number(r.get("win_ci95_low")), number(r.get("win_ci95_high")))
+            for x, r in enumerate(rows) if (w := number(r.get("win_rate"))) is not None]
+    if wins:
+        xs, ws = [x for x, *_ in wins], [w for _, w, _, _ in wins]
+        err = [[w - lo if lo is not None else 0 for _, w, lo, _ in wins], [hi - w if hi is not None else 0 for _, w, _, hi in wins]]
+        ax.errorbar(xs, ws, yerr=err, color="C0", marker="o", capsize=4, label="win rate vs SFT (95% interval)")
+    safety = [(x, v) for x, r in enumerate(rows) if (v := number(r.get("safety_rate"))) is not None]
+    if safety:
+        ax.plot(*zip(*safety), color="C3", marker="s", ls="--", label="safety rate (safe replies to unsafe prompts)")
+    ax.axhline(0.5, color="grey", lw=0.8, ls=":", label="as good as SFT")
+    ax.set_ylim(-0.02, 1.02)
+    title = f"{run.name}: win rate vs SFT and safety rate per stage"
+    _stage_axes(ax, labels, title if safety else title + "\n(no safety rate: no unsafe held-out prompt)", "rate")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def pipeline_reward_kl(run: Run) -> bytes | None:
+    """A pipeline's gold helpfulness reward and KL to the SFT model per stage, side by side."""
+    plt = pyplot()
+    rows = (run.result or {}).get("stages") or []
+    if plt is None or not rows:
+        return None
+    labels = [str(r.get("stage")) for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(max(9.0, 2.0 * len(rows) + 3), 3.8))
+    for ax, key, color, title, ylabel in ((axes[0], "judge_reward", "C2", "gold helpfulness reward", "mean gold reward"),
+                                          (axes[1], "kl", "C4", "KL to the SFT model", "nats per reply")):
+        pts = [(x, v) for x, r in enumerate(rows) if (v := number(r.get(key))) is not None]
+        if pts:
+            ax.plot(*zip(*pts), color=color, marker="o")
+        if key == "kl":
+            ax.axhline(0, color="grey", lw=0.8, ls=":")
+        ax.ticklabel_format(axis="y", useOffset=False)
+        _stage_axes(ax, labels, f"{run.name}: {title}", ylabel)
+    fig.tight_layout()
+    return _png(fig)
+
+
+GATT_MODELS = [("sft", "SFT", "o", "-"), ("before", "before GAtt", "s", "--"), ("gatt", "GAtt", "^", "-")]
+
+
+def gatt_turns(run: Run) -> bytes | None:
+    """Ghost Attention: the share of replies that follow the first user turn's instruction, turn by
+    turn, for the SFT model, the model GAtt started from and the GAtt model (Llama 2 Fig. 9's
+    question: is the instruction kept over the dialogue?)."""
+    plt = pyplot()
+    gatt = (run.result or {}).get("gatt")
+    models = [(name, gatt[key], marker, ls) for key, name, marker, ls in GATT_MODELS
+              if isinstance(gatt, dict) and isinstance(gatt.get(key), dict) and gatt[key].get("by_turn")]
+    if plt is None or not models:
+        return None
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for i, (name, got, marker, ls) in enumerate(models):
+        kept = number(got.get("kept_turns"))
+        turns = range(1, len(got["by_turn"]) + 1)
+        ax.plot(turns, got["by_turn"], color=_color(i), marker=marker, ls=ls, ms=6 - i,
+                label=name + (f" (turns kept: {kept:.2f})" if kept is not None else ""))
+    n = max(len(got["by_turn"]) for _, got, _, _ in models)
+    ax.set_xticks(range(1, n + 1))
+    ax.set(xlabel="user turn", ylabel="replies following the instruction", ylim=(-0.02, 1.02),
+           title=f"{run.name}: Ghost Attention, the first turn's instruction by turn")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()

@@ -1,5 +1,5 @@
 """Tables of sample replies: held-out answers before and after training, a sampling method's
-first and last iteration, best-of-n's best replies."""
+first and last iteration, best-of-n's best replies, a pipeline's stages against its SFT model."""
 
 from __future__ import annotations
 
@@ -99,6 +99,30 @@ def best_replies(run: Run) -> Table | None:
     body = [[clean(r.get("prompt")), clean(r.get("response")), _reward(r.get("reward"))] for r in run.best[:ROWS]]
     return Table(["prompt", f"best of N={r0.get('N', '?')} reply", "reward"], body,
                  f"{run.name}: the best reply per prompt at T={r0.get('temperature', '?')}")
+
+
+def _safe(value) -> str:
+    return "safe" if value is True else "unsafe" if value is False else "–"
+
+
+def pipeline_replies(run: Run) -> list[Table]:
+    """A pipeline's sample replies, one table per policy stage: the SFT model's reply (the
+    baseline) beside the stage's, with their gold rewards and the judged outcome. The first stage
+    is the SFT model against itself, shown only when it is the only one."""
+    rows = (run.result or {}).get("stages") or []
+    tables = []
+    for row in [r for r in rows[1:] or rows if r.get("samples")]:
+        stage, samples = str(row.get("stage")), row["samples"][:ROWS]
+        unsafe = any(s.get("unsafe") for s in samples)
+        body = [[clean(s.get("prompt")), clean(s.get("baseline_reply")), clean(s.get("reply")),
+                 f"{_reward(s.get('baseline_score'))} → {_reward(s.get('score'))}", str(s.get("outcome") or ""),
+                 *([f"{_safe(s.get('baseline_safe'))} → {_safe(s.get('safe'))}"] if unsafe else [])] for s in samples]
+        win = number(row.get("win_rate"))
+        against = f", win rate {win:.3g} over all held-out prompts" if win is not None else ""
+        tables.append(Table(["prompt", "SFT reply", f"{stage} reply", "gold reward (SFT → stage)", "outcome",
+                             *(["safety (SFT → stage)"] if unsafe else [])], body,
+                            f"{run.name}: {stage} against SFT on the first {len(samples)} held-out prompts{against}"))
+    return tables
 
 
 def sample_tables(run: Run) -> list[Table]:

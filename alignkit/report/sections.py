@@ -1,8 +1,9 @@
 """Which sections the report has, and what is in them. A section appears only when some run
-holds its data: training curves (any run with metrics), reward vs KL (runs that measured both,
-best-of-n sweeps), best-of-n, reward model (accuracy by rating, calibration), iterations of the
-sampling methods (pass@k, maj@k, train vs held-out), sample replies. The runs' summary is always
-there."""
+holds its data: pipeline (`alignkit pipeline`: its stages' win rate, safety, gold reward and KL,
+Ghost Attention, stage table, replies against SFT), training curves (any run with metrics),
+reward vs KL (runs that measured both, best-of-n sweeps), best-of-n, reward model (accuracy by
+rating, calibration; a pipeline's reward-model stages too), iterations of the sampling methods
+(pass@k, maj@k, train vs held-out), sample replies. The runs' summary is always there."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from alignkit.report.document import (
     Text,
     parse_markdown_table,
 )
-from alignkit.report.samples import sample_tables
+from alignkit.report.samples import pipeline_replies, sample_tables
 
 # the last value of these keys, when logged, is a run's headline in the summary
 HEADLINE = ["loss", "eval/loss", "eval/arithmetic_accuracy", "eval/accuracy", "eval/ece", "rewards/accuracy", "reward", "kl",
@@ -42,7 +43,21 @@ def _last(rows: list[dict], key: str):
     return None
 
 
+def pipeline_headline(run: Run) -> list[str]:
+    """The last stage's figures and the run's time, for the summary."""
+    last = run.result["stages"][-1] if run.result["stages"] else {}
+    figures = [f"{name} {fmt(last.get(k))}" for k, name in (("judge_reward", "gold reward"), ("win_rate", "win rate vs SFT"),
+                                                             ("safety_rate", "safety rate"), ("kl", "KL to SFT"))
+               if number(last.get(k)) is not None]
+    parts = [f"{last.get('stage', '?')}: " + ", ".join(figures)]
+    if number(run.result.get("minutes")) is not None:
+        parts.append(f"{fmt(run.result['minutes'])} minutes")
+    return parts
+
+
 def headline(run: Run) -> str:
+    if run.kind == "pipeline":
+        return ", ".join(pipeline_headline(run))
     parts = [f"{k} {fmt(v)}" for k in HEADLINE if (v := _last(run.metrics, k)) is not None]
     if run.sweep:
         top = max(run.sweep, key=lambda r: (r["N"], r["max_reward"]))
@@ -69,7 +84,8 @@ def training(runs: list[Run]) -> Section | None:
     if png := plots.training_curves(runs):
         parts.append(Figure("training-curves", png, "training curves of " + ", ".join(r.name for r in plots.curve_runs(runs))))
     if png := plots.stage_curves(runs):
-        parts.append(Text("Train stages: the training run inside each iteration of a sampling method (its sub-directory)."))
+        parts.append(Text("Train stages: the training runs in a run's sub-directories (each iteration of a sampling method, "
+                          "each stage of a pipeline)."))
         parts.append(Figure("train-stages", png, "loss of the train stages"))
     return Section("training", "Training curves", parts) if parts else None
 
@@ -106,25 +122,25 @@ def best_of_n(runs: list[Run]) -> Section | None:
 
 
 def reward_models(runs: list[Run]) -> Section | None:
-    reps = [r for r in runs if r.rm_report]
+    reps = plots.rm_reports(runs)
     if not reps:
         return None
     parts: list = []
-    if png := plots.reward_model(runs):
+    if png := plots.reward_model(reps):
         parts.append(Figure("reward-model", png, "reward-model accuracy by rating and calibration"))
-    buckets = list(dict.fromkeys(b for r in reps for b in r.rm_report["buckets"]))
+    buckets = list(dict.fromkeys(b for _, rep, _ in reps for b in rep["buckets"]))
     pct = lambda x: "–" if number(x) is None else f"{100 * x:.1f}"
     parts.append(Table(["run", *buckets, "avg", "pairs", "ECE (pts)"],
-                       [[r.name, *[pct(r.rm_report["buckets"].get(b, {}).get("accuracy")) for b in buckets],
-                         pct(r.rm_report.get("accuracy")), fmt(r.rm_report.get("n")),
-                         pct((r.rm_report.get("calibration") or {}).get("ece"))] for r in reps],
+                       [[label, *[pct(rep["buckets"].get(b, {}).get("accuracy")) for b in buckets],
+                         pct(rep.get("accuracy")), fmt(rep.get("n")),
+                         pct((rep.get("calibration") or {}).get("ece"))] for label, rep, _ in reps],
                        "held-out pair accuracy (%) by rating"))
-    for r in reps:
-        bins = (r.rm_report.get("calibration") or {}).get("bins", [])
+    for label, rep, _ in reps:
+        bins = (rep.get("calibration") or {}).get("bins", [])
         if bins:
             parts.append(Table(["predicted P(preferred is chosen)", "pairs", "mean predicted (%)", "observed accuracy (%)"],
                                [[f"{b['bin'][0]:.2f}–{b['bin'][1]:.2f}", fmt(b.get("n")), pct(b.get("predicted")),
-                                 pct(b.get("accuracy"))] for b in bins], f"{r.name}: calibration"))
+                                 pct(b.get("accuracy"))] for b in bins], f"{label}: calibration"))
     return Section("reward-model", "Reward model", parts)
 
 
@@ -147,6 +163,35 @@ def iterations(runs: list[Run]) -> Section | None:
     return Section("iterations", "Iterations", parts)
 
 
+def pipeline(runs: list[Run]) -> Section | None:
+    """Per pipeline run: its stages' win rate vs SFT and safety rate, gold reward and KL, the Ghost
+    Attention curves, the stage table (table.md) and sample replies against the SFT model."""
+    piped = [(i, r) for i, r in enumerate(runs) if r.kind == "pipeline"]
+    if not piped:
+        return None
+    parts: list = [Text("Every policy stage of `alignkit pipeline` against the SFT model on the same held-out prompts: win "
+                        "rate judged by the gold rules (its 95% Wilson interval), safety rate on unsafe prompts, mean gold "
+                        "helpfulness reward, KL to the SFT model; Ghost Attention as the share of replies that keep the first "
+                        "turn's instruction, turn by turn. The stages' own training runs are under Train stages, their "
+                        "reward models under Reward model.")]
+    for i, r in piped:
+        res = r.result
+        parts.append(Text(f"{r.name}: {len(res['stages'])} evaluated stages, final model {res.get('final_model', '?')}; "
+                          f"stages run by its last invocation: {', '.join(res.get('ran') or []) or 'none (all were done)'}."))
+        for name, make, alt in (("rates", plots.pipeline_rates, "win rate vs SFT (95% interval) and safety rate per stage"),
+                                ("reward-kl", plots.pipeline_reward_kl, "gold reward and KL to SFT per stage"),
+                                ("gatt", plots.gatt_turns, "Ghost Attention: instruction following by turn")):
+            if png := make(r):
+                parts.append(Figure(f"pipeline-{i + 1}-{name}", png, f"{r.name}: {alt}"))
+        for block in (r.table or "").split("\n\n"):
+            title, table = parse_markdown_table(block)
+            if table:
+                table.caption = f"{r.name}: {title}" if title else f"{r.name}: stages"
+                parts.append(table)
+        parts.extend(pipeline_replies(r))
+    return Section("pipeline", "Pipeline", parts)
+
+
 def samples(runs: list[Run]) -> Section | None:
     tables = [t for r in runs for t in sample_tables(r)]
     return Section("samples", "Sample replies", tables) if tables else None
@@ -154,7 +199,7 @@ def samples(runs: list[Run]) -> Section | None:
 
 def build(runs: list[Run], title: str | None = None) -> Document:
     sections = [summary(runs)]
-    for make in (training, frontier, best_of_n, reward_models, iterations, samples):
+    for make in (pipeline, training, frontier, best_of_n, reward_models, iterations, samples):
         if (s := make(runs)) is not None:
             sections.append(s)
     if plots.pyplot() is None:
