@@ -43,7 +43,7 @@ from alignkit.data.packing import group_row, scoring_group
 from alignkit.data.records import Message, user_prompt
 from alignkit.models.forward import group_visibility, unwrap
 from alignkit.precision import resolve_precision
-from alignkit.models.load import DTYPES, ModelConfig, ModelError, add_lora, load_tokenizer, resolve_model_path
+from alignkit.models.load import DTYPES, ModelConfig, ModelError, add_lora, load_pretrained, load_tokenizer, resolve_model_path
 from alignkit.rewards.combine import sigmoid
 
 
@@ -60,10 +60,7 @@ def load_reward_model(cfg: ModelConfig, train: bool = True, seed: int = 0):
     path = resolve_model_path(cfg.path)
     tokenizer = load_tokenizer(path)
     torch.manual_seed(seed)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        path, num_labels=1, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code,
-        local_files_only=True, attn_implementation=cfg.attn_implementation,
-    )
+    model = load_pretrained(AutoModelForSequenceClassification, path, cfg, num_labels=1)
     model.config.pad_token_id = tokenizer.pad_token_id
     if cfg.lora is not None and train:
         model = add_lora(model, cfg.lora, task_type="SEQ_CLS")
