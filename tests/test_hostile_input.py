@@ -42,8 +42,8 @@ from alignkit.models.tiny import save_tiny, tiny_model, tiny_tokenizer
 # ALIGNKIT_HYPOTHESIS_EXAMPLES=5000 searches harder (minutes); the default keeps the suite to seconds.
 EXAMPLES = int(os.environ.get("ALIGNKIT_HYPOTHESIS_EXAMPLES", "60"))
 SETTINGS = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-MISSING_MODEL = ("model path 'missing' does not exist (give a local Hugging Face model directory, or 'default'; "
-                 "alignkit never downloads from a hub)")
+MISSING_MODEL = ("model path 'missing' does not exist (give a local Hugging Face model directory, 'default', "
+                 "or a Hugging Face Hub id such as owner/name)")
 
 
 @pytest.fixture(autouse=True)

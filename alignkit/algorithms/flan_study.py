@@ -119,7 +119,7 @@ def _arm(cfg: FlanStudyConfig, arm: dict | None, run_dir: Path) -> dict:
                                        mixture=cfg.mixture(arm)),
                     eval=TrainingEvalConfig(problems=0))
     final = run_sft(sft)["final_model"]
-    model, tokenizer, _ = load_model(replace(cfg.model, path=final, lora=None), train=False)
+    model, tokenizer, _ = load_model(replace(cfg.model, path=final, lora=None, quantization="none"), train=False)
     return _evaluate(model, tokenizer, cfg, arm_dir)
 
 

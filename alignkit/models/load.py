@@ -147,8 +147,8 @@ def resolve_model_path(spec: str) -> str:
     path = Path(spec).expanduser()
     if not path.exists():
         if not is_hub_id(spec):
-            raise ModelError(f"model path '{spec}' does not exist (give a local Hugging Face model directory, or 'default'; "
-                             "alignkit never downloads from a hub)")
+            raise ModelError(f"model path '{spec}' does not exist (give a local Hugging Face model directory, 'default', "
+                             "or a Hugging Face Hub id such as owner/name)")
         path = Path(hub_snapshot(spec))
     if path.is_file():
         hint = (" (alignkit reads GGUF only for the default model; convert yours with transformers' from_pretrained(..., "

@@ -31,7 +31,6 @@ from __future__ import annotations
 import copy
 import logging
 from contextlib import contextmanager, nullcontext
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -268,7 +267,7 @@ def build_actor_critic(model_cfg: ModelConfig, memory: str = "lora", critic: str
     path = resolve_model_path(model_cfg.path)
     tokenizer = load_tokenizer(path)
     torch.manual_seed(seed)
-    base = load_causal_lm(path, replace(model_cfg, lora=None))
+    base = load_causal_lm(path, model_cfg)  # the adapters are added below
     lora = model_cfg.lora or LoraConfig()
     reference = None
     if memory == "lora":

@@ -184,7 +184,7 @@ class SamplingRun:
         if (folder / "stage.json").is_file():
             del model
             stored = json.loads((folder / "stage.json").read_text())
-            self.policy = load_model(replace(cfg.model, path=str(folder / "model"), lora=None), train=False)[0].to(self.device)
+            self.policy = load_model(replace(cfg.model, path=str(folder / "model"), lora=None, quantization="none"), train=False)[0].to(self.device)
             set_rng_state(torch.load(folder / "rng.pt", weights_only=False))
             log.info("train (%s): the trained model is read from %s", name, folder)
             return stored["metrics"]
