@@ -32,6 +32,7 @@ from alignkit.data.io import write_skipped
 from alignkit.data.packing import Group, pack_rows, shuffled, tokenize_group
 from alignkit.data.records import Message, PreferencePair, SFTExample
 from alignkit.engine.config import CheckpointConfig, LoopConfig, TrainConfig
+from alignkit.engine.distributed import on_main
 from alignkit.engine.trainer import Engine, fit, resolve_device, steps_for, to_device
 from alignkit.eval.arithmetic import TrainingEvalConfig, evaluate_arithmetic, heldout_problems, starting_accuracy
 from alignkit.losses.dpo import dpo_loss, ipo_loss
@@ -188,7 +189,7 @@ def run(cfg: DPOConfig) -> dict:
         reference = None
     engine = Engine(model, cfg.train, steps_for(len(rows), cfg.train), asdict(cfg), cfg.train.resume)
     result.update(fit(engine, dpo_step(engine.model, cfg, reference), shuffled(rows, cfg.train.seed)))
-    return {**result, **finish(engine, tokenizer, cfg.eval, run_dir, cfg.train.merge_lora)}
+    return {**result, **(on_main(lambda: finish(engine, tokenizer, cfg.eval, run_dir, cfg.train.merge_lora)) or {})}
 
 
 def finish(engine: Engine, tokenizer, eval_cfg: TrainingEvalConfig, run_dir: Path, merge_lora: bool) -> dict:

@@ -31,6 +31,7 @@ from alignkit.data.packing import Group, group_row, scoring_group, shuffled
 from alignkit.data.records import PreferencePair
 from alignkit.data.tasks.preferences import build_preferences
 from alignkit.engine.config import EvalTrainConfig
+from alignkit.engine.distributed import on_main
 from alignkit.engine.trainer import Engine, fit, steps_for
 from alignkit.eval.reward_eval import as_pairs, evaluate_pairs
 from alignkit.losses.reward import MARGIN_TABLES, margin_for_ratings, pairwise_loss, ranked_loss
@@ -193,9 +194,13 @@ def run(cfg: RMConfig) -> dict:
     report_dir = Path(cfg.train.output_dir) / "eval"
     evaluate = eval_fn(engine, rm, held_out, cfg.eval_pairs, report_dir) if held_out else None
     metrics = fit(engine, rm_step(engine.model, cfg.center_coef), batches, evaluate)
-    if held_out:
-        log.info("held-out reward-model accuracy:\n%s", (report_dir / "report.md").read_text())
-        metrics["eval/report"] = str(report_dir / "report.json")
-    engine.metrics.close()  # every row is logged
-    final = save_model(engine.model, tokenizer, Path(cfg.train.output_dir) / "final", merge_lora=cfg.train.merge_lora)
-    return {**metrics, "final_model": str(final)}
+
+    def finish() -> dict:  # on the main process (the others wait for it): report, save final/
+        if held_out:
+            log.info("held-out reward-model accuracy:\n%s", (report_dir / "report.md").read_text())
+            metrics["eval/report"] = str(report_dir / "report.json")
+        engine.metrics.close()  # every row is logged
+        final = save_model(engine.model, tokenizer, Path(cfg.train.output_dir) / "final", merge_lora=cfg.train.merge_lora)
+        return {**metrics, "final_model": str(final)}
+
+    return on_main(finish) or metrics

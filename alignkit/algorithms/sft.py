@@ -28,6 +28,7 @@ from alignkit.data.tasks.arithmetic import ArithmeticConfig, generate_problems
 from alignkit.data.tasks.arithmetic import prompt_text as arithmetic_prompt
 from alignkit.data.tasks.arithmetic import target_text
 from alignkit.engine.config import CheckpointConfig, SFTTrainConfig
+from alignkit.engine.distributed import on_main
 from alignkit.engine.trainer import Engine, fit, steps_for
 from alignkit.eval.arithmetic import TrainingEvalConfig, evaluate_arithmetic, heldout_problems, starting_accuracy
 from alignkit.eval.gatt import build_gatt_examples, instruction_following_by_turn
@@ -244,15 +245,20 @@ def run(cfg: SFTConfig) -> dict:
                                 resume=cfg.train.resume)
     metrics.update(start)
     metrics.update(gatt_metrics)
-    if gatt_eval:
-        result = gatt_following(engine.model, tokenizer, gatt, cfg.train.precision, "")
-        engine.log(result, prefix="eval/")
-        metrics.update({f"eval/{k}": v for k, v in result.items()})
-    if cfg.eval.problems > 0:
-        result = evaluate_arithmetic(engine.model, tokenizer, heldout_problems(cfg.eval), cfg.eval, run_dir / "eval_samples.jsonl")
-        engine.log({"arithmetic_accuracy": result["accuracy"]}, prefix="eval/")
-        metrics["eval/arithmetic_accuracy"] = result["accuracy"]
-    engine.metrics.close()  # every row is logged
-    final = save_model(engine.model, tokenizer, run_dir / "final", merge_lora=cfg.train.merge_lora)
-    metrics["final_model"] = str(final)
-    return metrics
+
+    def finish() -> dict:  # on the main process (the others wait for it): evaluate, save final/
+        if gatt_eval:
+            result = gatt_following(engine.model, tokenizer, gatt, cfg.train.precision, "")
+            engine.log(result, prefix="eval/")
+            metrics.update({f"eval/{k}": v for k, v in result.items()})
+        if cfg.eval.problems > 0:
+            result = evaluate_arithmetic(engine.model, tokenizer, heldout_problems(cfg.eval), cfg.eval,
+                                         run_dir / "eval_samples.jsonl")
+            engine.log({"arithmetic_accuracy": result["accuracy"]}, prefix="eval/")
+            metrics["eval/arithmetic_accuracy"] = result["accuracy"]
+        engine.metrics.close()  # every row is logged
+        final = save_model(engine.model, tokenizer, run_dir / "final", merge_lora=cfg.train.merge_lora)
+        metrics["final_model"] = str(final)
+        return metrics
+
+    return on_main(finish) or metrics

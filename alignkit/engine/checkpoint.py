@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno as errno_codes
 import json
+import logging
 import os
 import random
 import re
@@ -25,6 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from alignkit.files import temp_dir, write_text_atomic
 
+log = logging.getLogger("alignkit")
 FILES = ("trainable.safetensors", "state.pt", "loop.json")  # a checkpoint directory holds all three
 _NAME = re.compile(r"^(?:\.old-)?step-(\d+)$")  # a checkpoint, or one moved aside while its step is rewritten
 
@@ -67,11 +69,12 @@ def _remove_leftovers(root: Path) -> None:
 
 
 def save_checkpoint(root: Path, step: int, model, optimizer, loop_state: dict, keep: int = 2,
-                    tensors: dict[str, torch.Tensor] | None = None) -> Path:
+                    tensors: dict[str, torch.Tensor] | None = None, rngs: list[dict] | None = None) -> Path:
     """Write checkpoint `step-NNNNNNN` under `root` atomically and prune old ones (`keep` newest;
     0 = all). `tensors`: the loop's own tensors (early stopping's best weights), returned by
-    `load_checkpoint` under "tensors". A write that fails raises CheckpointWriteError and leaves
-    the previous checkpoint and `latest` intact."""
+    `load_checkpoint` under "tensors". `rngs`: every process's RNG states in rank order when
+    several train together (this process's alone by default). A write that fails raises
+    CheckpointWriteError and leaves the previous checkpoint and `latest` intact."""
     root.mkdir(parents=True, exist_ok=True)
     _remove_leftovers(root)
     final = root / f"step-{step:07d}"
@@ -79,7 +82,9 @@ def save_checkpoint(root: Path, step: int, model, optimizer, loop_state: dict, k
     try:
         tmp = temp_dir(root)
         save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-        torch.save({"optimizer": optimizer.state_dict(), "rng": rng_state(), "tensors": tensors or {}}, tmp / "state.pt")
+        rngs = rngs or [rng_state()]
+        others = {"process_rngs": rngs[1:]} if len(rngs) > 1 else {}
+        torch.save({"optimizer": optimizer.state_dict(), "rng": rngs[0], **others, "tensors": tensors or {}}, tmp / "state.pt")
         (tmp / "loop.json").write_text(json.dumps({"step": step, **loop_state}))
         for name in FILES:  # on disk before the rename makes them a checkpoint (a machine crash too)
             _fsync(tmp / name)
@@ -133,9 +138,9 @@ def latest_checkpoint(root: Path) -> Path | None:
     return max(found)[2] if found else None
 
 
-def load_checkpoint(path: Path, model, optimizer) -> dict:
-    """Restore weights, optimizer and RNG states; return the loop state (with 'step', and the
-    loop's own `tensors` saved with it under "tensors")."""
+def load_checkpoint(path: Path, model, optimizer, rank: int = 0, world_size: int = 1) -> dict:
+    """Restore weights, optimizer and the RNG states of process `rank` of `world_size`; return the
+    loop state (with 'step', and the loop's own `tensors` saved with it under "tensors")."""
     weights = load_file(str(path / "trainable.safetensors"))
     params = dict(model.named_parameters())
     missing = [n for n in weights if n not in params]
@@ -149,5 +154,9 @@ def load_checkpoint(path: Path, model, optimizer) -> dict:
             params[name].copy_(tensor)
     state = torch.load(path / "state.pt", weights_only=False)
     optimizer.load_state_dict(state["optimizer"])
-    set_rng_state(state["rng"])
+    rngs = [state["rng"], *state.get("process_rngs", [])]
+    if len(rngs) != world_size:
+        log.warning("%s was written by %d process(es), resumed by %d: every process takes the main one's random "
+                    "state, so random draws (dropout) differ from the uninterrupted run", path, len(rngs), world_size)
+    set_rng_state(rngs[rank] if len(rngs) == world_size else rngs[0])
     return {**json.loads((path / "loop.json").read_text()), "tensors": state.get("tensors", {})}

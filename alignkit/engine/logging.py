@@ -35,18 +35,23 @@ class MetricsLogger:
     is done (`close()`, idempotent), or when the run fails (`closing_on_error`). A new run starts
     the file afresh; a resumed one keeps its first `keep_lines` complete lines (what was logged up
     to the checkpoint it resumes from) and appends, so the file reads as if the run had never
-    been interrupted.
+    been interrupted. With `write=False` (a process other than the main one of several training
+    together) it writes nothing, opens no tracker and touches no file.
     """
 
-    def __init__(self, run_dir: Path, trackers: list[str] = (), config: dict | None = None, keep_lines: int | None = None):
+    def __init__(self, run_dir: Path, trackers: list[str] = (), config: dict | None = None, keep_lines: int | None = None,
+                 write: bool = True):
         self._trackers: list[tuple] = []
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self._write = write
+        if not write:
+            return
         try:
             for name in trackers:
                 self._trackers.append(_open_tracker(name, run_dir, config or {}))
         except BaseException:
             self._close_trackers()
             raise
-        self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if config:  # what the run was asked to do, beside what it measured (alignkit report reads it)
             write_text_atomic(self.path.parent / "config.json", json.dumps(config, indent=1, default=str) + "\n")
@@ -65,6 +70,8 @@ class MetricsLogger:
             return sum(1 for line in f if line.endswith(b"\n"))
 
     def log(self, step: int, metrics: dict) -> None:
+        if not self._write:
+            return
         row = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")

@@ -6,11 +6,18 @@ micro-batch holds, and metrics summed the same way. The engine back-propagates e
 micro-batch's *sum*, then divides the accumulated gradient by the total units of the whole
 step, so N micro-batches of size b give exactly the gradient of one batch of N*b, whatever
 their sizes. It also owns clipping, the schedule, mixed precision, checkpoints and logging.
+
+Launched as several processes (`engine/distributed.py`), each process back-propagates its share
+of every step's micro-batches (the k-th of N processes takes micro-batches k, k+N, ...); the
+gradients, units and statistics are summed over the processes before the one division, so the
+global batch, accumulation and schedule mean what they mean in one process. Only the main
+process writes metrics.jsonl and checkpoints, and evaluates; the others wait for it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import random
 import time
@@ -21,7 +28,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from alignkit.engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from alignkit.engine import distributed
+from alignkit.engine.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint
 from alignkit.engine.config import LoopConfig, StageConfig
 from alignkit.engine.logging import MetricsLogger, log, read_metrics
 
@@ -33,8 +41,11 @@ class NonFiniteError(RuntimeError):
 
 
 def resolve_device(name: str) -> torch.device:
+    """The device of `train.device`; with several processes on GPUs, `cuda` is this process's own GPU."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and distributed.world_size() > 1:
+        return torch.device("cuda", distributed.local_rank())
     return torch.device(name)
 
 
@@ -78,10 +89,12 @@ class Engine:
     `resume` (a command's train.resume): continue from the newest checkpoint in output_dir."""
 
     def __init__(self, model, cfg: LoopConfig, total_steps: int, run_config: dict | None = None, resume: bool = False):
+        self.device = resolve_device(cfg.device)
+        distributed.start(self.device)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.cfg = cfg
-        self.device = resolve_device(cfg.device)
+        self.main = distributed.is_main()
         self.model = model.to(self.device)
         self.total_steps = max(1, total_steps)
         self.run_dir = Path(cfg.output_dir)
@@ -93,7 +106,8 @@ class Engine:
         checkpoint = latest_checkpoint(self.run_dir / "checkpoints") if resume else None
         self.last_checkpoint: Path | None = checkpoint  # the newest this run can continue from (named on a stop)
         if checkpoint is not None:
-            self.loop_state = load_checkpoint(checkpoint, self.model, self.optimizer)
+            self.loop_state = load_checkpoint(checkpoint, self.model, self.optimizer, distributed.rank(),
+                                              distributed.world_size())
             self.step = self.loop_state.pop("step")
             self.tensors = self.loop_state.pop("tensors")
             log.info("resumed from %s at step %d", checkpoint, self.step)
@@ -105,10 +119,11 @@ class Engine:
             np.random.seed(cfg.seed)
             if resume:
                 log.warning("resume requested but %s has no checkpoint; starting fresh", self.run_dir / "checkpoints")
+        distributed.broadcast_parameters([p for g in self.optimizer.param_groups for p in g["params"]])
         keep = self.loop_state.pop("metrics_lines", None) if checkpoint is not None else None
-        if checkpoint is not None and keep is None:  # a checkpoint of an older alignkit: keep the rows up to its step
+        if checkpoint is not None and keep is None and self.main:  # an older alignkit's checkpoint: the rows up to its step
             keep = sum(1 for row in read_metrics(self.run_dir) if row.get("step", 0) <= self.step)
-        self.metrics = MetricsLogger(self.run_dir, cfg.trackers, self._run_config, keep_lines=keep)
+        self.metrics = MetricsLogger(self.run_dir, cfg.trackers, self._run_config, keep_lines=keep, write=self.main)
         self._bar = None
 
     def autocast(self):
@@ -118,26 +133,37 @@ class Engine:
 
     def accumulate(self, micro_batches: Iterable[dict], step_fn: StepFn) -> dict | None:
         """Back-propagate each micro-batch's loss sum, then divide the gradient by the total units.
+        With several processes, this one takes its share of the micro-batches and the gradients,
+        units and statistics are summed over the processes first.
 
         Returns the summed statistics, or None when a loss was not finite (gradients cleared).
         """
-        total_units, loss_sum, tokens = 0.0, 0.0, 0
-        sums: dict[str, float] = {}
-        for batch in micro_batches:
+        mine = {"units": 0.0, "loss": 0.0, "tokens": 0, "sums": {}, "bad": None}
+        for batch in itertools.islice(micro_batches, distributed.rank(), None, distributed.world_size()):
             batch = to_device(batch, self.device)
             with self.autocast():
                 loss, units, metric_sums = step_fn(batch)
             if not torch.isfinite(loss.detach()):
-                self._bad = f"loss is {loss.item()}"
-                return None
+                mine["bad"] = f"loss is {loss.item()}"
+                break
             loss.backward()
-            total_units += units
-            loss_sum += loss.item()
-            tokens += int(batch["input_ids"].numel()) if "input_ids" in batch else 0
+            mine["units"] += units
+            mine["loss"] += loss.item()
+            mine["tokens"] += int(batch["input_ids"].numel()) if "input_ids" in batch else 0
             for k, v in metric_sums.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
+                mine["sums"][k] = mine["sums"].get(k, 0.0) + float(v)
+        every = distributed.gather(mine)
+        self._bad = next((p["bad"] for p in every if p["bad"]), None)
+        if self._bad is not None:
+            return None
+        total_units, loss_sum, tokens = (sum(p[k] for p in every) for k in ("units", "loss", "tokens"))
+        sums: dict[str, float] = {}
+        for p in every:
+            for k, v in p["sums"].items():
+                sums[k] = sums.get(k, 0.0) + v
         if total_units <= 0:
             raise ValueError("a training step had no units to learn from (no target tokens or pairs)")
+        distributed.sum_gradients([p for g in self.optimizer.param_groups for p in g["params"]])
         for p in self._params():
             p.grad.div_(total_units)
         return {"loss": loss_sum / total_units, **{k: v / total_units for k, v in sums.items()},
@@ -185,24 +211,33 @@ class Engine:
                                   tok_s=f"{metrics.get('tokens_per_s', 0):.0f}")
 
     def progress(self):
-        self._bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.cfg.progress, desc="train", dynamic_ncols=True)
+        self._bar = tqdm(total=self.total_steps, initial=self.step, disable=not (self.cfg.progress and self.main), desc="train",
+                         dynamic_ncols=True)
         return self._bar
 
     def save(self, loop_state: dict, tensors: dict[str, torch.Tensor] | None = None) -> None:
         """Checkpoint the model, optimizer, RNG states and `loop_state`, with the number of lines
         metrics.jsonl holds now: a run that resumes from it drops every row logged after it (the
-        final evaluation logged after the last checkpoint, half a line cut by a kill)."""
-        self.last_checkpoint = save_checkpoint(self.run_dir / "checkpoints", self.step, self.model, self.optimizer,
-                                               {**loop_state, "metrics_lines": self.metrics.lines()}, self.cfg.keep_checkpoints,
-                                               tensors)
+        final evaluation logged after the last checkpoint, half a line cut by a kill). With several
+        processes the main one writes it, with every process's RNG states; the others wait."""
+        rngs = distributed.gather(rng_state())
+        if self.main:
+            self.last_checkpoint = save_checkpoint(self.run_dir / "checkpoints", self.step, self.model, self.optimizer,
+                                                   {**loop_state, "metrics_lines": self.metrics.lines()},
+                                                   self.cfg.keep_checkpoints, tensors, rngs)
+        self.last_checkpoint = distributed.broadcast(self.last_checkpoint)
 
     def evaluate(self, eval_fn: Callable | None) -> dict:
+        """`eval_fn(model)` on the main process; every process gets its result."""
         if eval_fn is None:
             return {}
-        self.model.eval()
-        with torch.no_grad(), self.autocast():
-            result = eval_fn(self.model)
-        self.model.train()
+        result = None
+        if self.main:
+            self.model.eval()
+            with torch.no_grad(), self.autocast():
+                result = eval_fn(self.model)
+            self.model.train()
+        result = distributed.broadcast(result)
         self.log(result, prefix="eval/")
         return result
 
