@@ -11,6 +11,7 @@ import sys
 import typing
 
 from alignkit.config import ConfigError, defaults, describe, load_config
+from alignkit.engine import distributed
 from alignkit.engine.allocator import tune_malloc
 from alignkit.engine.config import Resumable
 from alignkit.engine.trainer import NonFiniteError
@@ -36,6 +37,9 @@ COMMANDS = {
     "pipeline": ("alignkit.algorithms.pipeline.llama2_chat", "PipelineConfig", "run", "the Llama 2-Chat loop as one resumable run: SFT, iterative RMs, rejection sampling, PPO, GAtt, evaluation"),
     "flan-study": ("alignkit.algorithms.flan_study", "FlanStudyConfig", "run", "Flan-style study: held-out task families vs number of training tasks, with/without CoT data"),
 }
+
+# commands that train data-parallel when launched as several processes (torchrun, accelerate launch)
+DATA_PARALLEL = ("sft", "rm", "dpo")
 
 # tools that take their own arguments (argparse) instead of a recipe: name -> (module with main(argv), description)
 TOOLS = {
@@ -108,6 +112,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"alignkit: unknown command '{command}'" + (f"; did you mean '{near[0]}'?" if near else ""), file=sys.stderr)
         print(_usage(), file=sys.stderr)
         return 2
+    if distributed.world_size() > 1 and command not in DATA_PARALLEL:
+        print(f"alignkit {command}: error: runs in one process; data-parallel launches (torchrun, accelerate launch) "
+              f"support {', '.join(DATA_PARALLEL)}", file=sys.stderr)
+        return 2
     module_name, cls_name, fn_name, _ = COMMANDS[command]
     module = importlib.import_module(module_name)
     cls = getattr(module, cls_name)
@@ -138,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"alignkit {command}: error: {_message(err)}", file=sys.stderr)
         return 1
-    print(json.dumps(result, indent=2, default=str))
+    if distributed.is_main():  # one result, from the process that wrote the outputs
+        print(json.dumps(result, indent=2, default=str))
     return 0
 
 

@@ -123,3 +123,13 @@ def test_dpo_two_processes_equal_one(tiny_dir, tmp_path):
     assert main([*args, f"train.output_dir={tmp_path / 'one'}"]) == 0
     _launch("torchrun", [*args, f"train.output_dir={tmp_path / 'two'}"])
     _same_run(tmp_path / "one", tmp_path / "two", steps=4)
+
+
+def test_commands_without_data_parallel_refuse_several_processes(monkeypatch, capsys):
+    """A launcher's WORLD_SIZE > 1 is refused, before any work, by the commands that run in one process."""
+    from alignkit.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["ppo", "iterations=1"]) == 2
+    assert "alignkit ppo: error: runs in one process; data-parallel launches (torchrun, accelerate launch) support sft, rm, dpo" \
+        in capsys.readouterr().err
