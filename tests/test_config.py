@@ -100,9 +100,12 @@ def test_score_values_are_checked_before_any_work(tmp_path, capsys):
 def test_resume_only_where_a_command_can(tmp_path, capsys):
     can = {c for c, (module, cls, _, _) in COMMANDS.items() if resumable(getattr(importlib.import_module(module), cls))}
     assert can == {"sft", "rm", "dpo", "rrhf", "ppo", "rs", "raft", "rft", "rest", "rest-em", "flan-study"}
-    for command in sorted(set(COMMANDS) - can):
+    for command in sorted(set(COMMANDS) - can - {"pipeline"}):
         assert main([command, "--resume", f"model.path={tmp_path / 'missing'}"]) == 2
         assert f"--resume: {command} cannot resume a run" in capsys.readouterr().err
+    # the pipeline resumes whenever it runs again: --resume is taken and changes nothing
+    assert main(["pipeline", "--resume", f"model={tmp_path / 'missing'}", f"output_dir={tmp_path / 'p'}"]) == 1
+    assert "alignkit pipeline: error: model path" in capsys.readouterr().err
     cfg = load_config(SFTConfig, None, ["train.resume=true"])
     assert cfg.train.resume is True
     with pytest.raises(ConfigError, match=r"unknown key 'train'"):
