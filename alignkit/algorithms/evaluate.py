@@ -15,7 +15,7 @@ from alignkit.eval.arithmetic import ArithmeticEvalConfig, evaluate_arithmetic
 from alignkit.eval.chat import ChatEvalConfig, run_chat_eval
 from alignkit.models.load import ModelConfig, load_model
 from alignkit.rollout.base import SamplingConfig
-from alignkit.rollout.hf import HFGenerator
+from alignkit.rollout.backends import make_generator
 from alignkit.tasks import read_prompts
 
 
@@ -80,7 +80,7 @@ def run_generate(cfg: GenerateConfig) -> dict:
     prompts = read_prompts(cfg.prompts_file) if cfg.prompts_file else list(cfg.prompts)
     model, tokenizer, _ = load_model(cfg.model, train=False)
     texts = [prompt_text(tokenizer, user_prompt(p)) for p in prompts]
-    generator = HFGenerator(model, tokenizer, cfg.sampling.batch_size)
+    generator = make_generator(model, tokenizer, cfg.sampling.batch_size, backend=cfg.sampling.backend)
     completions = generator.generate(texts, cfg.sampling.params(cfg.seed))
     out = Path(cfg.output)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -25,7 +25,7 @@ from alignkit.models.load import ModelConfig, load_model
 from alignkit.precision import resolve_precision
 from alignkit.rewards.verifiers import verify
 from alignkit.rollout.base import Completion, SamplingConfig
-from alignkit.rollout.hf import HFGenerator
+from alignkit.rollout.backends import make_generator
 
 log = logging.getLogger("alignkit")
 
@@ -49,7 +49,7 @@ class PairsConfig:
 def make_pairs(model, tokenizer, cfg: PairsConfig, precision: str = "fp32") -> tuple[list[PreferencePair], dict]:
     """Sample (at `precision`, fp32 or bf16), verify and pair; returns (pairs, statistics)."""
     problems = generate_problems(cfg.problems, seed=cfg.seed, split="train", config=ArithmeticConfig(word_problems=cfg.word_problems))
-    generator = HFGenerator(model, tokenizer, cfg.sampling.batch_size, precision)
+    generator = make_generator(model, tokenizer, cfg.sampling.batch_size, precision, cfg.sampling.backend)
     completions = generator.generate(prompts_for(tokenizer, problems, cfg.style), cfg.sampling.params(cfg.seed))
     pairs, stats = pair_answers(problems, completions, cfg)
     log.info("built %d pairs from %d problems (sample accuracy %.3f, %d pairs with the gold answer as chosen)",

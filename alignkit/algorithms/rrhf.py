@@ -37,7 +37,7 @@ from alignkit.models.forward import group_logprobs
 from alignkit.models.load import ModelConfig, add_lora, load_model
 from alignkit.rewards.base import RewardFn
 from alignkit.rollout.base import SamplingConfig
-from alignkit.rollout.hf import HFGenerator
+from alignkit.rollout.backends import make_generator
 from alignkit.tasks import RewardConfig, TaskConfig, build_task
 
 log = logging.getLogger("alignkit")
@@ -90,7 +90,7 @@ def sample_candidates(model, tokenizer, cfg: CandidatesConfig, seed: int, precis
         skipped.extend(task.skipped)
     texts = task.train
     gold = [task.reference(t) for t in texts] if task.has_answers and cfg.include_gold else None
-    generator = HFGenerator(model, tokenizer, cfg.sampling.batch_size, precision)
+    generator = make_generator(model, tokenizer, cfg.sampling.batch_size, precision, cfg.sampling.backend)
     samples = collect(generator, tokenizer, texts, cfg.sampling.params(seed))
     ranked = rank_candidates(texts, [user_prompt(t) for t in texts], samples, task.reward, gold, cfg.drop_ties,
                              cut_is_wrong=task.has_answers)

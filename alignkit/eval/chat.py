@@ -31,7 +31,7 @@ from alignkit.precision import resolve_precision
 from alignkit.rewards.base import RewardFn, check_batch
 from alignkit.rewards.gold import gold_safety
 from alignkit.rollout.base import SamplingConfig, SamplingParams
-from alignkit.rollout.hf import HFGenerator
+from alignkit.rollout.backends import make_generator
 from alignkit.tasks import PromptSetConfig, RewardConfig, build_task
 
 Z95 = 1.959963984540054  # the standard normal quantile of 0.975
@@ -144,16 +144,16 @@ def kl_to_reference(policy, reference, tokenizer, prompts: list[str], replies: l
 
 
 # --------------------------------------------------------------------------------- evaluation
-def _sample(model, tokenizer, prompts: list[str], params: SamplingParams, precision: str, batch_size: int):
+def _sample(model, tokenizer, prompts: list[str], params: SamplingParams, precision: str, batch_size: int, backend: str):
     """(prompt of each reply, reply texts), prompt-major, `params.n` replies per prompt."""
-    generator = HFGenerator(model, tokenizer, batch_size, dtype=resolve_precision(precision))
+    generator = make_generator(model, tokenizer, batch_size, resolve_precision(precision), backend)
     completions = generator.generate([prompt_text(tokenizer, user_prompt(p)) for p in prompts], params)
     return [prompts[c.prompt_index] for c in completions], [c.text for c in completions]
 
 
 def evaluate_chat(model, tokenizer, baseline, prompts: list[str], unsafe_prompts: list[str], judge: RewardFn,
                   params: SamplingParams, precision: str, seed: int, reference=None, *, tie_margin: float = 0.0,
-                  batch_size: int = 16) -> dict:
+                  batch_size: int = 16, backend: str = "hf") -> dict:
     """`model` against `baseline` (both with `tokenizer`) on held-out `prompts`.
 
     Both reply to `prompts` and to `unsafe_prompts` (those not among `prompts` are sampled apart)
@@ -164,14 +164,15 @@ def evaluate_chat(model, tokenizer, baseline, prompts: list[str], unsafe_prompts
     kl (`kl_to_reference` of the model's replies to `prompts`, against `reference`, default the
     baseline), reply_tokens, reply_words, baseline_reply_tokens, baseline_reply_words, samples}:
     `samples` holds one row per reply to `prompts` (prompt, unsafe, reply, baseline_reply, score,
-    baseline_score, outcome, kl, safe and baseline_safe on unsafe prompts)."""
+    baseline_score, outcome, kl, safe and baseline_safe on unsafe prompts). `backend`: the sampling
+    engine, "hf" or "vllm" (`rollout.backends.make_generator`)."""
     if not prompts:
         raise ValueError("the chat evaluation needs at least one prompt")
     params = replace(params, seed=seed)
     asked = set(prompts)
     everything = list(prompts) + list(dict.fromkeys(p for p in unsafe_prompts if p not in asked))
-    pair_prompts, replies = _sample(model, tokenizer, everything, params, precision, batch_size)
-    _, baseline_replies = _sample(baseline, tokenizer, everything, params, precision, batch_size)
+    pair_prompts, replies = _sample(model, tokenizer, everything, params, precision, batch_size, backend)
+    _, baseline_replies = _sample(baseline, tokenizer, everything, params, precision, batch_size, backend)
     k = len(prompts) * params.n  # replies to `prompts` come first
     scores = judge_scores(judge, pair_prompts[:k], replies[:k])
     baseline_scores = judge_scores(judge, pair_prompts[:k], baseline_replies[:k])
@@ -258,7 +259,8 @@ def run_chat_eval(model, tokenizer, baseline, reference, cfg: ChatEvalConfig, ou
     TABLE_ROWS sample rows) and chat_samples.jsonl (every row) in `out_dir`; returns the figures."""
     prompts, unsafe, judge = chat_prompts(cfg.prompts, cfg.judge, resolve_precision(cfg.precision))
     result = evaluate_chat(model, tokenizer, baseline, prompts, unsafe, judge, cfg.sampling.params(), cfg.precision,
-                           cfg.seed, reference, tie_margin=cfg.tie_margin, batch_size=cfg.sampling.batch_size)
+                           cfg.seed, reference, tie_margin=cfg.tie_margin, batch_size=cfg.sampling.batch_size,
+                           backend=cfg.sampling.backend)
     samples = result.pop("samples")
     figures = {"against": cfg.against, "reference": cfg.reference or cfg.against, "judge": cfg.judge.kind, **result}
     out = Path(out_dir)

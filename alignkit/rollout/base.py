@@ -1,9 +1,10 @@
 """The generation protocol: prompts in, completions out, whatever engine runs the model.
 
 Every online method (best-of-N, rejection sampling, RAFT, RFT, ReST-EM, PPO) samples through
-`Generator.generate`; the one backend today is `rollout.hf.HFGenerator` (plain PyTorch). Logprobs
-returned by a backend are for inspection; training recomputes them with the policy, so a backend
-never decides the numbers a loss sees. `SamplingConfig` is the one set of sampling keys that
+`Generator.generate`; the backends are `rollout.hf.HFGenerator` (plain PyTorch) and
+`rollout.vllm.VLLMGenerator` (a vLLM engine), and `rollout.backends.make_generator` builds the one
+that `SamplingConfig.backend` names. Logprobs returned by a backend are for inspection; training
+recomputes them with the policy, so a backend never decides the numbers a loss sees. `SamplingConfig` is the one set of sampling keys that
 every command's recipe spells the same way; `SamplingConfig.params` turns it into the
 `SamplingParams` of one call.
 """
@@ -18,6 +19,7 @@ from alignkit.config import opt
 from alignkit.data.records import Message
 
 FINISH_REASONS = ("stop", "length")
+BACKENDS = ("hf", "vllm")
 
 
 @dataclass
@@ -80,12 +82,15 @@ class SamplingConfig:
     top_p: float = opt(1.0, "nucleus sampling mass (1 = off)")
     max_new_tokens: int = opt(128, "most tokens generated per reply")
     batch_size: int = opt(32, "prompts decoded together (their n samples each share one prefill)")
+    backend: str = opt("hf", "the engine that samples: hf (alignkit's PyTorch sampler) or vllm (a vLLM engine, "
+                             "`pip install alignkit[vllm]`; it starts once per process and takes the trained weights in memory)")
 
     def __post_init__(self) -> None:
         SamplingParams(n=self.n, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
                        max_new_tokens=self.max_new_tokens)  # the same checks, when the recipe is read
         _check(isinstance(self.batch_size, int) and self.batch_size >= 1,
                f"batch_size must be an integer >= 1, got {self.batch_size!r}")
+        _check(self.backend in BACKENDS, f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
 
     def params(self, seed: int | None = None, n: int | None = None, temperature: float | None = None) -> SamplingParams:
         """The SamplingParams of one call; `n` and `temperature` replace the configured ones when given."""

@@ -2,7 +2,7 @@
 
 One iteration (docs/architecture.md: online methods are stages):
 1. collect: `prompts_per_iteration` training prompts, `sampling.n` replies each, sampled from the
-   actor through the Generator protocol (`rollout.hf.HFGenerator`, plain PyTorch, the one backend).
+   actor through the Generator protocol (`sampling.backend`: `rollout.hf.HFGenerator` or vLLM).
 2. score: any RewardFn (gold rules, arithmetic verifier, a trained RM, Llama 2's combined
    helpfulness/safety with logit, or your function); whitened over the batch (default), optional
    clipping and a penalty for replies cut at sampling.max_new_tokens.
@@ -71,7 +71,7 @@ from alignkit.models.load import LoraConfig, ModelConfig, save_model
 from alignkit.ops import gae, masked_mean, masked_whiten
 from alignkit.rollout.base import SamplingConfig
 from alignkit.rollout.batch import select_rows
-from alignkit.rollout.hf import HFGenerator
+from alignkit.rollout.backends import make_generator
 from alignkit.tasks import build_task
 
 log = logging.getLogger("alignkit")
@@ -333,7 +333,8 @@ def run(cfg: PPOConfig, reward_fn=None) -> dict:
     step_fn = make_step(ac, cfg, kl_ctl)
     run_dir = Path(cfg.train.output_dir)
     write_skipped(run_dir, skipped)
-    generator = HFGenerator(ac.policy, tokenizer, cfg.sampling.batch_size, dtype="bf16" if bf16 else None)
+    generator = make_generator(ac.policy, tokenizer, cfg.sampling.batch_size, "bf16" if bf16 else None,
+                               cfg.sampling.backend)
 
     def evaluate(iteration: int) -> dict:
         if not heldout:

@@ -28,7 +28,7 @@ from alignkit.data.io import write_skipped
 from alignkit.models.load import ModelConfig, load_model
 from alignkit.precision import resolve_precision
 from alignkit.rollout.base import SamplingConfig, SamplingParams
-from alignkit.rollout.hf import HFGenerator
+from alignkit.rollout.backends import make_generator
 from alignkit.tasks import RewardConfig, TaskConfig, build_task
 
 log = logging.getLogger("alignkit")
@@ -120,7 +120,8 @@ def run(cfg: BestOfNConfig) -> dict:
     if not prompts:
         raise ValueError("best-of-n: no prompts (task.heldout is 0 and the task has no training prompts)")
     model, tokenizer, _ = load_model(cfg.model, train=False)
-    generator = HFGenerator(model, tokenizer, cfg.sampling.batch_size, resolve_precision(cfg.precision))
+    generator = make_generator(model, tokenizer, cfg.sampling.batch_size, resolve_precision(cfg.precision),
+                               cfg.sampling.backend)
     ns, big = sorted({*cfg.ns, cfg.sampling.n}), cfg.sampling.n
     if ns[-1] > big:
         raise ValueError(f"ns must not exceed sampling.n={big} (the samples drawn per prompt), got {cfg.ns}")

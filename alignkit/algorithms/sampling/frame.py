@@ -38,7 +38,7 @@ from alignkit.engine.logging import MetricsLogger, read_metrics
 from alignkit.files import write_text_atomic
 from alignkit.engine.trainer import resolve_device
 from alignkit.models.load import ModelConfig, add_lora, load_model, save_model
-from alignkit.rollout.hf import HFGenerator
+from alignkit.rollout.base import Generator
 from alignkit.tasks import RewardConfig, build_task
 
 log = logging.getLogger("alignkit")
@@ -122,7 +122,7 @@ class SamplingRun:
     def minutes(self) -> float:
         return round((time.time() - self.start) / 60, 2)
 
-    def generator(self, model) -> HFGenerator:
+    def generator(self, model) -> Generator:
         return generator_for(model, self.tokenizer, self.cfg.sampling, self.cfg.train.precision)
 
     def sample(self, model, prompts: list[str], reward_fn, seed: int, temperature: float | None = None,

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 from alignkit.algorithms.sampling.stages import collect, pass_maj_at_k, score
 from alignkit.config import opt
-from alignkit.rollout.base import SamplingConfig, SamplingParams
-from alignkit.rollout.hf import HFGenerator
+from alignkit.rollout.base import Generator, SamplingConfig, SamplingParams
+from alignkit.rollout.backends import make_generator
 from alignkit.tasks import Task
 
 
@@ -62,10 +62,10 @@ def sampled_metrics(generator, tokenizer, task: Task, prompts: list[str], ks: li
     return pass_maj_at_k(samples, task.answer_for, [k for k in ks if k <= params.n])
 
 
-def generator_for(model, tokenizer, s: SamplingConfig, precision: str) -> HFGenerator:
+def generator_for(model, tokenizer, s: SamplingConfig, precision: str) -> Generator:
     """The sampler's generator: batch_size prompts of n rows each, and as many rows per batch for
     any other n (greedy evaluation decodes batch_size * n prompts at once)."""
-    return HFGenerator(model, tokenizer, s.batch_size, precision, max_rows=s.batch_size * s.n)
+    return make_generator(model, tokenizer, s.batch_size, precision, s.backend, max_rows=s.batch_size * s.n)
 
 
 def _samples_heldout(task: Task, m: MetricsConfig, base: bool) -> bool:
@@ -85,7 +85,7 @@ def iteration_row(model, tokenizer, task: Task, s: SamplingConfig, m: MetricsCon
     task without answers) and held-out pass@k, maj@k of a policy (for the base model only with
     `m.baseline_samples`). `val`: the policy's validation score when already measured (by the
     train stage's early stopping). `progress`: called with the prompts of each decoded batch
-    (`HFGenerator`'s hook; `eval_prompts` in all)."""
+    (the generator's hook; `eval_prompts` in all)."""
     gen = generator_for(model, tokenizer, s, precision)
     gen.progress = progress
     unit = "acc" if task.has_answers else "reward"
