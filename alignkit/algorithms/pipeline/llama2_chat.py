@@ -305,6 +305,7 @@ class Llama2Chat:
         if self.gatt_cfg is not None:
             st.command("gatt", self.gatt_cfg, [policy], sft.run)
             gatt = st.run("eval-gatt", asdict(cfg.eval), ["gatt", "sft", policy], self.evaluate_gatt)
+            gatt = {k: gatt[k] for k in ("sft", "before", "gatt")}
         return self.finish(gatt, start)
 
     def row(self, label: str, chat: dict, rms: dict | None = None) -> None:
