@@ -177,10 +177,12 @@ class Llama2Chat:
 
     # -- the stages that are not commands ------------------------------------------------------
     def write_data(self, folder: Path, resume: bool) -> dict:
-        """The built-in data: SFT demonstrations (the gold-preferred reply of built-in pairs), the
-        comparisons the reward models start from, and the original held-out comparisons."""
+        """The built-in data: SFT demonstrations (the gold-preferred reply of built-in pairs, never
+        an unsafe one: a demonstration is what an annotator would write), the comparisons the
+        reward models start from, and the original held-out comparisons."""
         d = self.cfg.data
-        sft = build_preferences(d.sft_pairs, d.seed + 1, "train", judge=gold_pair)
+        pairs = build_preferences(2 * d.sft_pairs, d.seed + 1, "train", judge=gold_pair)
+        sft = [p for p in pairs if p.safety != "both_unsafe"][: d.sft_pairs]
         rows = [{"prompt": p.prompt[-1].content, "completion": p.chosen} for p in sft]
         write_jsonl_atomic(folder / "sft.jsonl", rows)
         write_jsonl_atomic(folder / "pairs.jsonl", pair_rows(build_preferences(d.rm_pairs, d.seed, "train", judge=gold_pair)))
