@@ -156,3 +156,15 @@ def chat_prompts(tokenizer, conversations: Sequence[Sequence[Message]]) -> list[
                 raise TypeError(f"conversation {i}: expected Message items, got {type(m).__name__}")
         out.append(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
     return out
+
+
+def encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
+    """The token ids of each prompt text (no special tokens added), every one checked: a list of
+    non-empty strings, as every backend's `generate` takes."""
+    if isinstance(prompts, str):
+        raise TypeError("prompts must be a list of strings, not a single string")
+    encoded = tokenizer(list(prompts), add_special_tokens=False)["input_ids"] if prompts else []
+    for i, ids in enumerate(encoded):
+        if len(ids) == 0:
+            raise ValueError(f"prompt {i} is empty: there is nothing to condition on")
+    return encoded

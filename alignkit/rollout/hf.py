@@ -58,7 +58,7 @@ from transformers.cache_utils import DynamicLayer
 
 from alignkit.precision import native_bf16
 from alignkit.models.forward import unwrap
-from alignkit.rollout.base import Completion, SamplingParams
+from alignkit.rollout.base import Completion, SamplingParams, encode_prompts
 from alignkit.rollout.decode_attention import NAME as DECODE_ATTENTION
 from alignkit.rollout.decode_attention import decode_attention, shared_root
 from alignkit.rollout.merged import MergedTwin
@@ -151,15 +151,10 @@ class HFGenerator:
 
     # ------------------------------------------------------------------ public API
     def generate(self, prompts: list[str], params: SamplingParams) -> list[Completion]:
-        if isinstance(prompts, str):
-            raise TypeError("prompts must be a list of strings, not a single string")
-        prompts = list(prompts)
-        if not prompts:
+        encoded = encode_prompts(self.tokenizer, prompts)
+        if not encoded:
             return []
-        encoded = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
-        for i, ids in enumerate(encoded):
-            if len(ids) == 0:
-                raise ValueError(f"prompt {i} is empty: there is nothing to condition on")
+        prompts = list(prompts)
 
         device = self._device()
         gen = torch.Generator(device=device)

@@ -33,7 +33,7 @@ import torch
 
 from alignkit.models.forward import unwrap
 from alignkit.precision import native_bf16
-from alignkit.rollout.base import Completion, SamplingParams
+from alignkit.rollout.base import Completion, SamplingParams, encode_prompts
 from alignkit.rollout.merged import MergedTwin
 
 _ENGINES: dict[tuple, object] = {}
@@ -144,15 +144,10 @@ class VLLMGenerator:
         from vllm import SamplingParams as VLLMParams
         from vllm.inputs import TokensPrompt
 
-        if isinstance(prompts, str):
-            raise TypeError("prompts must be a list of strings, not a single string")
-        prompts = list(prompts)
-        if not prompts:
+        encoded = encode_prompts(self.tokenizer, prompts)
+        if not encoded:
             return []
-        encoded = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
-        for i, ids in enumerate(encoded):
-            if len(ids) == 0:
-                raise ValueError(f"prompt {i} is empty: there is nothing to condition on")
+        prompts = list(prompts)
         if _LOADED.get(id(self.llm)) != _weights_version(self.model, self.twin):
             self.load_weights(self.model)
         copies = params.n if params.greedy else 1  # vLLM decodes a greedy reply once (it refuses n > 1)
