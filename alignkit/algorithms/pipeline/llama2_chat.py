@@ -138,7 +138,7 @@ class Llama2Chat:
             for kind in ("helpful", "safety"):
                 name = f"rm-{kind}-{i}"
                 self.rm_cfgs[name] = command_config(RMConfig, name, cfg.reward_model, {
-                    "model": {"path": str(at("sft") / "final")}, "train": _common(cfg, at(name)),
+                    "model": {"path": str(self.policy_dir(0))}, "train": _common(cfg, at(name)),
                     "data": {"path": str(at(f"comparisons-{i}") / "pairs.jsonl"),
                              "eval_path": str(data / "heldout_pairs.jsonl"),
                              "subset": "helpfulness" if kind == "helpful" else "safety"}})
@@ -163,12 +163,16 @@ class Llama2Chat:
             "data": {"gatt": {"enabled": True, "mix": "replace"}}}) if cfg.gatt else None
         self.rows: list[dict] = []
 
+    def stage_model(self, stage: str) -> Path:
+        """The model a stage writes (`<run>/<stage>/final`)."""
+        return self.root / stage / "final"
+
     def policy_dir(self, version: int) -> Path:
         """The model of RLHF-V`version` (V0: the SFT model)."""
-        return self.root / ("sft" if version == 0 else f"rs-{version}") / "final"
+        return self.stage_model("sft" if version == 0 else f"rs-{version}")
 
     def final_dir(self) -> Path:
-        return self.root / self.cfg.final / "final" if self.cfg.final != "none" else self.policy_dir(self.cfg.iterations)
+        return self.stage_model(self.cfg.final) if self.cfg.final != "none" else self.policy_dir(self.cfg.iterations)
 
     def reward_keys(self, i: int) -> dict:
         """Llama 2's combined reward of iteration i's helpfulness and safety reward models."""
@@ -210,7 +214,6 @@ class Llama2Chat:
         model, tokenizer, _ = load_model(ModelConfig(path=str(path)), train=False)
         return model, tokenizer
 
-
     # -- evaluation ---------------------------------------------------------------------------
     def heldout(self) -> tuple[list[str], list[str]]:
         """The held-out prompts of the chat evaluation, and those flagged unsafe among them."""
@@ -224,19 +227,16 @@ class Llama2Chat:
         from alignkit.rollout.base import SamplingParams
 
         e = self.cfg.eval
-        path = self.policy_dir(0) if stage == "sft" else self.stage_model(stage)
-        model, tokenizer = self.load(path)
-        sft, _ = self.load(self.policy_dir(0))
+        model, tokenizer = self.load(self.stage_model(stage))
+        sft = model if stage == "sft" else self.load(self.policy_dir(0))[0]
         prompts, unsafe = self.heldout()
-        result = evaluate_chat(model, tokenizer, sft, prompts, unsafe, GoldReward(), SamplingParams(temperature=0.0, max_new_tokens=e.max_new_tokens),
-                               self.precision, self.cfg.data.seed, batch_size=e.batch_size)
+        result = evaluate_chat(model, tokenizer, sft, prompts, unsafe, GoldReward(),
+                               SamplingParams(temperature=0.0, max_new_tokens=e.max_new_tokens), self.precision,
+                               self.cfg.data.seed, batch_size=e.batch_size)
         samples = result.pop("samples")
         write_jsonl_atomic(folder / "samples.jsonl", samples)
         result["samples"] = samples[: e.samples]
         return result
-
-    def stage_model(self, stage: str) -> Path:
-        return self.root / stage / "final"
 
     def evaluate_rms(self, i: int, folder: Path, resume: bool) -> dict:
         """Accuracy of iteration i's reward models on the newest samples' held-out comparisons and
