@@ -1,16 +1,29 @@
-"""Data parallelism for the one loop: several processes, each with a whole copy of the model,
-each taking its share of every optimizer step's micro-batches.
+"""Data parallelism: several processes, each with a whole copy of the model.
 
 Launch with `torchrun --nproc_per_node N -m alignkit <command> ...` or `accelerate launch
 --num_processes N -m alignkit ...` (on a machine without GPUs, accelerate needs `--multi_gpu`
 to start N processes; it starts one otherwise). accelerate's `PartialState` joins the process
 group the launcher describes (gloo on CPU, nccl on GPUs, one GPU a process) and waits at
-barriers. Gradients and step statistics are summed with torch.distributed directly, after the
-step's micro-batches are back-propagated, not by DDP: the step functions call the decoder and
-the output head themselves (there is no wrapped forward for DDP to hook), a process may get
-fewer micro-batches than another in a step (or none), and the engine divides by the step's
-units only once they are summed over the processes. Launched as one process, every function
-here does nothing and no process group is made.
+barriers. The commands that run data-parallel are `cli.DATA_PARALLEL`: sft, rm, dpo, the
+sampling methods (rs, raft, rft, rest, rest-em) and ppo (with reinforce, rloo, grpo).
+
+Training: the one loop takes its share of every optimizer step's micro-batches. Gradients and
+step statistics are summed with torch.distributed directly, after the step's micro-batches are
+back-propagated, not by DDP: the step functions call the decoder and the output head themselves
+(there is no wrapped forward for DDP to hook), a process may get fewer micro-batches than
+another in a step (or none), and the engine divides by the step's units only once they are
+summed over the processes. So the global batch, accumulation and schedule mean what they mean
+in one process.
+
+Sampling (`map_shared`): a call's prompts are cut into shards whose size and seeds do not depend
+on the process count; each process samples and scores its shards (the k-th of N takes shards
+k, k+N, ...), and the scored shards are gathered in shard order onto every process, which then
+selects, computes advantages and trains on the same pool: the pool of N processes is the pool
+of one. Only the main process writes (metrics, checkpoints, stored phases, final/); the others
+wait for it at barriers.
+
+Launched as one process, every function here does nothing beyond calling what it is given, and
+no process group is made.
 """
 
 from __future__ import annotations
@@ -86,6 +99,26 @@ def on_main(fn: Callable[[], T]) -> T | None:
     result = fn() if is_main() else None
     barrier()
     return result
+
+
+def map_shared(fn: Callable[[int], T], n: int, done: Callable[[int, T], None] | None = None) -> list[T]:
+    """`[fn(0), ..., fn(n - 1)]` on every process, the calls shared out between the processes: in
+    rounds of N (the process count), the k-th process computes `fn(i)` for the i = k of each round,
+    then every process receives the round's results, and `done(i, result)` runs for each of them
+    in index order on every process (the main process stores them, say). In one process: `fn(i)`
+    then `done(i, ...)` for each i in turn. An exception in one process's `fn` ends the launch
+    (the launcher stops the others)."""
+    results: list = [None] * n
+    size, me = (world_size(), rank()) if _state is not None else (1, 0)
+    for first in range(0, n, size):
+        i = first + me
+        mine = (i, fn(i)) if i < n else (i, None)
+        for j, value in sorted(gather(mine), key=lambda pair: pair[0]):
+            if j < n:
+                results[j] = value
+                if done is not None:
+                    done(j, value)
+    return results
 
 
 def broadcast_parameters(params: list[torch.Tensor]) -> None:

@@ -108,6 +108,7 @@ def run(cfg: RSConfig) -> dict:
         model = load_model(cfg.model, train=True)[0] if cfg.from_base or it == 1 else job.continue_from(job.policy)
         job.train(model, chosen, f"iter-{it}")
         job.log_row(it, {"iteration": it, **info, **job.evaluate(job.policy, cfg.train.seed + it)})
-    save_samples(job.run_dir / "samples.jsonl", pool)  # the pool, for a later run's pool_files
+    if job.main:
+        save_samples(job.run_dir / "samples.jsonl", pool)  # the pool, for a later run's pool_files
     return job.finish(job.policy, f"Rejection sampling, K={cfg.sampling.n}, pooled={cfg.pool}",
                       {"iterations": job.rows})

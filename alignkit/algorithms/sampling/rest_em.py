@@ -8,7 +8,8 @@ Iteration i:
           `e_step_samples` sets N by iteration.
   M-step  fine-tune the BASE model (not the previous iterate) on J = E[r(x,y) log p(y|x)], the
           reward-weighted NLL, until the validation reward stops improving (best epoch kept).
-Each iteration logs greedy train / held-out accuracy, pass@k (unbiased) and maj@k to
+Each iteration writes its samples (`samples-iter-<i>.jsonl`) and the kept ones
+(`kept-iter-<i>.jsonl`), logs greedy train / held-out accuracy, pass@k (unbiased) and maj@k to
 `metrics.jsonl` and prints a table. Iterations stop early when validation accuracy falls.
 
 `alignkit rest` (ReST, Gulcehre et al. 2023: Grow, then Improve steps at rising thresholds) is
@@ -120,7 +121,9 @@ def run(cfg: RestEMConfig) -> dict:
                  "problems_solved": len({x.prompt for x in kept}) / len(task.train),
                  **{f"train_{k}": v for k, v in pass_maj_at_k(first, reward.answer_for, [1, n]).items()}}
         e_row["e_step_s"] = round(time.time() - t0, 1)
-        write_samples(job.run_dir / f"samples-iter-{it}.jsonl", samples)
+        if job.main:  # every sample of the E-step, and the kept ones the M-step trains on
+            write_samples(job.run_dir / f"samples-iter-{it}.jsonl", samples)
+            write_samples(job.run_dir / f"kept-iter-{it}.jsonl", kept)
         log.info("iteration %d E-step: %s", it, e_row)
         if not kept:
             log.warning("iteration %d: no correct samples; stopping", it)

@@ -16,6 +16,10 @@ models, random state and rows as a run that was never stopped.
 - `config.json` is the run's config: resuming with a config that differs in anything that
   changes results is an error, before any work.
 - The folder is removed once the run has written `final/` and `result.json`.
+- With several processes (`engine/distributed.py`) the main process writes every phase; each
+  shard is sampled by one process and stored by the main one once gathered, and a train stage
+  stores every process's RNG state (`rng-<rank>.pt` beside `rng.pt`). A run resumes at the same
+  process count; the samples do not depend on it.
 """
 
 from __future__ import annotations
@@ -52,11 +56,13 @@ def config_differences(saved: dict, config: dict) -> list[str]:
 
 
 class RunState:
-    """The `resume/` folder of one sampling run. `resumed`: phases may be found on disk."""
+    """The `resume/` folder of one sampling run. `resumed`: phases may be found on disk. With
+    `write=False` (a process other than the main one of several) it checks and reads, never writes."""
 
-    def __init__(self, run_dir: Path, config: dict, resume: bool):
+    def __init__(self, run_dir: Path, config: dict, resume: bool, write: bool = True):
         self.root = Path(run_dir) / "resume"
         self.count = 0
+        self.write = write
         saved = self.root / "config.json"
         self.resumed = resume and saved.is_file()
         if self.resumed:
@@ -72,6 +78,8 @@ class RunState:
                              "Run without --resume to start it again")
         if resume:
             log.warning("resume requested but %s holds no saved run; starting fresh", self.root)
+        if not write:
+            return
         if self.root.exists():
             shutil.rmtree(self.root)
         write_text_atomic(saved, json.dumps(config))
@@ -83,7 +91,8 @@ class RunState:
 
     def close(self) -> None:
         """The run is finished (final/ and result.json written): nothing is left to resume."""
-        shutil.rmtree(self.root, ignore_errors=True)
+        if self.write:
+            shutil.rmtree(self.root, ignore_errors=True)
 
 
 def save_samples(path: Path, samples: list[Sample]) -> None:

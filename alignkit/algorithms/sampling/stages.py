@@ -15,6 +15,7 @@ The train stage (SFT on the selected samples) is `train_stage.train_stage`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
@@ -26,6 +27,7 @@ from typing import Callable, Iterable
 
 from alignkit.data.chat import Tokenized, prompt_text, tokenize_prompt_response, truncate
 from alignkit.data.records import Message, SFTExample, user_prompt
+from alignkit.files import write_text_atomic
 from alignkit.rewards.verifiers import answers_match, extract_answer, majority_vote, pass_at_k
 from alignkit.rollout.base import SamplingParams
 
@@ -188,6 +190,33 @@ def write_samples(path, samples: list[Sample], mode: str = "w", **columns: list)
             f.write(json.dumps({"prompt": x.prompt, "response": x.response, "reward": x.reward, "iteration": x.iteration,
                                 "source": x.source, "finish_reason": x.finish_reason,
                                 **{k: float(v[i]) for k, v in columns.items()}}) + "\n")
+
+
+def sample_digest(samples: Iterable[Sample]) -> str:
+    """A short fingerprint of scored samples in order (prompt, response, reward, finish reason: what
+    `write_samples` keeps), to check that a gathered pool holds exactly what its shards sampled."""
+    h = hashlib.sha256()
+    for x in samples:
+        h.update(json.dumps([x.prompt, x.response, x.reward, x.finish_reason]).encode() + b"\n")
+    return h.hexdigest()[:16]
+
+
+def record_shards(path, phase: str, shards: list[dict], pool: list[Sample]) -> None:
+    """One line of `path` (a run's `shards.jsonl`) for the sampling phase `phase`: its `shards`
+    (`shard`, `rank` that sampled it, null when read back from a stored phase, `first` prompt,
+    `prompts`, `samples` and the sampler's `digest`) and `pool`: the digest of each shard's slice
+    of the gathered pool that the run goes on with. A line of the same phase (a resumed run's
+    replay) is replaced."""
+    path = Path(path)
+    lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["phase"] != phase] if path.is_file() else []
+    cuts, start = [], 0
+    for shard in shards:
+        cuts.append(sample_digest(pool[start:start + shard["samples"]]))
+        start += shard["samples"]
+    if start != len(pool):
+        raise ValueError(f"{phase}: the pool holds {len(pool)} samples, its shards {start}")
+    lines.append(json.dumps({"phase": phase, "shards": shards, "pool": cuts}))
+    write_text_atomic(path, "".join(ln + "\n" for ln in lines))
 
 
 # ---------------------------------------------------------------------------------- metrics
