@@ -4,6 +4,8 @@
   (`PromptsConfig`, `RewardConfig`, which adds PPO's shaping of the scores over each batch);
 * collect: the sampling methods' `collect` stage, then the tensors assembled from the samples
   (`alignkit.rollout.batch`); score: their `score` stage, then whitening, clipping, penalties;
+  `collect_shared`: an iteration's prompts in shards of sampling.batch_size, each with its own
+  seed, sampled and scored by the processes in turn and gathered in shard order (data parallel);
 * `measure_policy`: held-out reward and KL(π‖π_ref) of any policy against any reference, the
   two axes of a reward-vs-KL frontier (used for early stopping and by benchmarks/frontier.py).
 """
@@ -12,17 +14,19 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from alignkit.algorithms.sampling.stages import Sample, collect, score
+from alignkit.algorithms.sampling.run_state import shard_seed
+from alignkit.algorithms.sampling.stages import Sample, collect, sample_digest, score
 from alignkit.algorithms.sft import SFTExamplesConfig
 from alignkit.config import opt
 from alignkit.data.chat import prompt_text
 from alignkit.data.records import user_prompt
+from alignkit.engine import distributed
 from alignkit.rewards.base import RewardFn
 from alignkit.rollout.base import Generator, SamplingParams
 from alignkit.rollout.batch import assemble, select_rows
@@ -57,12 +61,19 @@ class RewardConfig(TaskRewardConfig):
 
 def shaped_scores(reward_fn: RewardFn, samples: list[Sample], cfg: RewardConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Score the samples (`stages.score`); returns (scores after whitening/clipping/penalties, raw
-    scores), float32 [N] in sample order. Whitening (reward.whiten, or kind=combined) uses the
-    population std, as Llama 2's WHITEN. Batch whitening is applied here, so the RewardFn's own
-    values stay comparable across batches (logged as `reward`, used for evaluation)."""
+    scores), float32 [N] in sample order (`shape_scores`)."""
+    return shape_scores(score(samples, reward_fn), cfg)
+
+
+def shape_scores(samples: list[Sample], cfg: RewardConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores after whitening/clipping/penalties, raw scores) of scored samples, float32 [N] in
+    sample order. Whitening (reward.whiten, or kind=combined) uses the population std, as Llama
+    2's WHITEN, over the whole batch (all the processes' shards). Batch whitening is applied here,
+    so the RewardFn's own values stay comparable across batches (logged as `reward`, used for
+    evaluation)."""
     from alignkit.rewards.combine import whiten
 
-    raw = torch.tensor([x.reward for x in score(samples, reward_fn)], dtype=torch.float32)
+    raw = torch.tensor([x.reward for x in samples], dtype=torch.float32)
     out = torch.tensor(whiten(raw.tolist())) if cfg.whiten or cfg.kind == "combined" else raw.clone()
     if cfg.clip > 0:
         out = out.clamp(-cfg.clip, cfg.clip)
@@ -77,24 +88,58 @@ def collect_batch(generator: Generator, tokenizer, prompts: list[str], params: S
     """`params.n` replies per user prompt text (`stages.collect`) and their tensor batch
     (`rollout.batch.assemble`); returns (batch, samples)."""
     samples = collect(generator, tokenizer, prompts, params, iteration=iteration)
+    return _assemble(tokenizer, prompts, samples), samples
+
+
+def collect_shared(generator: Generator, tokenizer, prompts: list[str], params: SamplingParams, reward_fn: RewardFn,
+                   shard_size: int, iteration: int = 0) -> tuple[dict, list[Sample], list[dict]]:
+    """`collect_batch` over every process: the prompts in shards of `shard_size` (shard i sampled
+    with `shard_seed(params.seed, i)`, so shard 0 keeps the seed), each sampled and scored (raw
+    rewards, `stages.score`) by one process, the k-th of N taking shards k, k+N, ...; the scored
+    samples are gathered onto every process in shard order and the batch is assembled from them,
+    so it does not depend on the process count. Returns (batch, samples, one record a shard:
+    `shard`, `rank` that sampled it, `first` prompt, `prompts`, `samples`, `digest`)."""
+    starts = list(range(0, len(prompts), shard_size))
+
+    def sample_shard(i: int) -> dict:
+        start = starts[i]
+        got = score(collect(generator, tokenizer, prompts[start:start + shard_size], replace(params, seed=shard_seed(params.seed, i)),
+                            iteration=iteration), reward_fn)
+        for x in got:
+            x.prompt_index += start
+        return {"shard": i, "rank": distributed.rank(), "first": start, "prompts": len(prompts[start:start + shard_size]),
+                "samples": len(got), "digest": sample_digest(got), "got": got}
+
+    shards = distributed.map_shared(sample_shard, len(starts))
+    samples = [x for shard in shards for x in shard.pop("got")]
+    return _assemble(tokenizer, prompts, samples), samples, shards
+
+
+def _assemble(tokenizer, prompts: list[str], samples: list[Sample]) -> dict:
     prompt_ids = tokenizer([prompt_text(tokenizer, user_prompt(p)) for p in prompts], add_special_tokens=False)["input_ids"]
-    batch = assemble([prompt_ids[x.prompt_index] for x in samples], [x.token_ids for x in samples], tokenizer.pad_token_id)
-    return batch, samples
+    return assemble([prompt_ids[x.prompt_index] for x in samples], [x.token_ids for x in samples], tokenizer.pad_token_id)
 
 
 @torch.no_grad()
-def per_token(fn: Callable[[dict], torch.Tensor | tuple], batch: dict, chunk: int):
+def per_token(fn: Callable[[dict], torch.Tensor | tuple], batch: dict, chunk: int, shared: bool = False):
     """fn(sub-batch) -> [b, t] (or a tuple of them) over row chunks of `chunk`, reassembled to
-    [B, T] on the CPU (zero padded)."""
+    [B, T] on the CPU (zero padded). `shared`: every process calls it on the same batch, each
+    computes its share of the chunks (`distributed.map_shared`) and all get the whole result."""
     B, T = batch["response_ids"].shape
-    outs: list[torch.Tensor] | None = None
-    for start in range(0, B, chunk):
-        rows = list(range(start, min(B, start + chunk)))
-        parts = fn(select_rows(batch, rows))
-        parts = parts if isinstance(parts, tuple) else (parts,)
-        outs = outs or [torch.zeros(B, T) for _ in parts]
+    starts = list(range(0, B, chunk))
+
+    def run(i: int) -> tuple:
+        parts = fn(select_rows(batch, list(range(starts[i], min(B, starts[i] + chunk)))))
+        return tuple(p.float().cpu() for p in (parts if isinstance(parts, tuple) else (parts,)))
+
+    if shared:
+        results = distributed.map_shared(run, len(starts))
+    else:
+        results = [run(i) for i in range(len(starts))]
+    outs = [torch.zeros(B, T) for _ in results[0]]
+    for start, parts in zip(starts, results):
         for out, part in zip(outs, parts):
-            out[start:start + len(rows), :part.shape[1]] = part.float().cpu()
+            out[start:start + part.shape[0], :part.shape[1]] = part
     return outs[0] if len(outs) == 1 else tuple(outs)
 
 
@@ -178,11 +223,12 @@ def mean_stats(stats: list[dict]) -> dict:
     return out
 
 
-def trim_samples(path, iteration: int) -> None:
-    """On resume: drop sample rows written after the checkpoint's iteration."""
+def trim_samples(path, iteration: int, iteration_of: Callable[[dict], int] = lambda row: row["iteration"]) -> None:
+    """On resume: drop rows (samples, or shard records) written after the checkpoint's iteration
+    (all of them at iteration 0)."""
     path = Path(path)
     if path.is_file():
-        rows = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["iteration"] <= iteration]
+        rows = [ln for ln in path.read_text().splitlines() if ln and iteration_of(json.loads(ln)) <= iteration]
         path.write_text("".join(ln + "\n" for ln in rows))
 
 

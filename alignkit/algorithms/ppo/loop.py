@@ -22,6 +22,15 @@ samples to samples.jsonl; evaluates held-out reward and KL every `eval.every` it
 (optional early stopping); and checkpoints the loop state every `train.save_every` iterations
 (iteration, the KL controller's state, early-stopping state; the engine adds RNG states).
 
+Launched as several processes (`engine/distributed.py`), the processes sample and score the
+iteration's prompts shard by shard (shards of sampling.batch_size prompts, each with its own
+seed, so that the rollouts do not depend on the process count: `common.collect_shared`; spread
+over N processes when prompts_per_iteration >= N × sampling.batch_size), gather them in shard
+order, share out the no-grad passes by row chunks, and compute the shaped scores and advantages
+over the whole batch, the same on every process; the engine then shares out each minibatch's
+micro-batches. The main process evaluates and writes every file; `shards.jsonl` records which
+process sampled each shard of each iteration, with digests of the shards and of the pool.
+
 Memory (N = parameters of the model; fp32 weights 4N bytes, gradients 4N, AdamW moments 8N) and
 compute (passes of the model per micro-batch of training, and per iteration without gradient):
 
@@ -55,12 +64,13 @@ from typing import Callable
 import torch
 
 from alignkit.algorithms.ppo.actor_critic import build_actor_critic, trainable_parameters
-from alignkit.algorithms.ppo.common import (KLConfig, PromptsConfig, PTXConfig, RewardConfig, RLEvalConfig, collect_batch,
+from alignkit.algorithms.ppo.common import (KLConfig, PromptsConfig, PTXConfig, RewardConfig, RLEvalConfig, collect_shared,
                                            early_stop, mean_stats, measure_policy, per_token, prompts_for,
-                                           ptx_stream, shaped_scores, trim_samples, warn_runaway)
-from alignkit.algorithms.sampling.stages import write_samples
+                                           ptx_stream, shape_scores, trim_samples, warn_runaway)
+from alignkit.algorithms.sampling.stages import record_shards, write_samples
 from alignkit.config import opt
 from alignkit.data.io import write_skipped
+from alignkit.engine import distributed
 from alignkit.engine.config import PPOTrainConfig
 from alignkit.engine.trainer import Engine, to_device
 from alignkit.losses.ppo import (AdaptiveKLController, FixedKLController, explained_variance, grpo_advantages,
@@ -186,12 +196,13 @@ def kl_controller(cfg: KLConfig, saved: dict | None = None):
 
 
 def recompute(ac, engine: Engine, cfg: PPOConfig, batch: dict) -> dict:
-    """Without gradient, in row chunks of sampling.batch_size: the actor's old log-probs and entropy
+    """Without gradient, in row chunks of sampling.batch_size shared out between the processes (every
+    process gets the whole batch's numbers): the actor's old log-probs and entropy
     (never the sampler's numbers), the reference's log-probs, with a critic the old values (else
     None), and the k1 KL per reply, Σ_t log π_old − log π_ref (logged, comparable across runs)."""
     def no_grad(fn):
         with torch.no_grad(), engine.autocast():
-            return per_token(lambda b: fn(to_device(b, engine.device)), batch, cfg.sampling.batch_size)
+            return per_token(lambda b: fn(to_device(b, engine.device)), batch, cfg.sampling.batch_size, shared=True)
 
     ac.eval()
     temperature = cfg.sampling.temperature
@@ -332,19 +343,25 @@ def run(cfg: PPOConfig, reward_fn=None) -> dict:
                      skipped) if cfg.ptx.coef > 0 else None
     step_fn = make_step(ac, cfg, kl_ctl)
     run_dir = Path(cfg.train.output_dir)
-    write_skipped(run_dir, skipped)
+    main = distributed.is_main()
+    if main:
+        write_skipped(run_dir, skipped)
     generator = make_generator(ac.policy, tokenizer, cfg.sampling.batch_size, "bf16" if bf16 else None,
                                cfg.sampling.backend)
 
-    def evaluate(iteration: int) -> dict:
-        if not heldout:
-            return {}
+    def measure() -> dict:
         ac.eval()
         temperature = cfg.sampling.temperature
         with torch.no_grad(), engine.autocast():
-            result = measure_policy(generator, tokenizer, heldout, reward_fn, cfg.sampling.params(cfg.eval.seed, n=1),
-                                    lambda b: ac.policy_logprobs(b, temperature)[0], lambda b: ac.reference_logprobs(b, temperature),
-                                    cfg.sampling.batch_size, engine.device)
+            return measure_policy(generator, tokenizer, heldout, reward_fn, cfg.sampling.params(cfg.eval.seed, n=1),
+                                  lambda b: ac.policy_logprobs(b, temperature)[0], lambda b: ac.reference_logprobs(b, temperature),
+                                  cfg.sampling.batch_size, engine.device)
+
+    def evaluate(iteration: int) -> dict:
+        """Held-out reward and KL, measured by the main process; every process gets them."""
+        if not heldout:
+            return {}
+        result = distributed.broadcast(distributed.on_main(measure))
         engine.log({"iteration": iteration, **result}, prefix="eval/")
         log.info("eval @ %d: reward %.3f, KL %.2f", iteration, result["reward"], result["kl"])
         return result
@@ -353,18 +370,21 @@ def run(cfg: PPOConfig, reward_fn=None) -> dict:
         engine.save({**state, "kl": kl_ctl.state_dict()})
 
     with engine.metrics.closing_on_error():  # a run that fails closes its trackers, as fit does
+        if main:  # a new run's shard records start afresh; a resumed one's keep those up to its checkpoint
+            trim_samples(run_dir / "shards.jsonl", state["iteration"], lambda row: int(row["phase"].split("-")[1]))
         if state["iteration"] == 0:
             early_stop(evaluate(0), state, 0)
-        else:
+        elif main:
             trim_samples(run_dir / "samples.jsonl", state["iteration"])
         stop = False
         while state["iteration"] < cfg.iterations and not stop:
             it, start = state["iteration"], time.perf_counter()
             seed = cfg.train.seed * 1_000_003 + it
             prompts = prompts_for(train_prompts, it, cfg.prompts_per_iteration, cfg.train.seed)
-            batch, completions = collect_batch(generator, tokenizer, prompts, cfg.sampling.params(seed), it + 1)
-            gen_s = time.perf_counter() - start
-            scores, raw = shaped_scores(reward_fn, completions, cfg.reward)
+            batch, completions, shards = collect_shared(generator, tokenizer, prompts, cfg.sampling.params(seed), reward_fn,
+                                                        cfg.sampling.batch_size, it + 1)
+            gen_s = time.perf_counter() - start  # sampling and scoring
+            scores, raw = shape_scores(completions, cfg.reward)
             mask = batch["response_mask"]
             old = recompute(ac, engine, cfg, batch)
             rewards, kl_seq = kl_penalized_rewards(scores, old["old_logp"], old["ref_logp"], mask,
@@ -378,7 +398,9 @@ def run(cfg: PPOConfig, reward_fn=None) -> dict:
             kl_ctl.update(kl_seq.mean().item(), rows)
             state["iteration"] = it + 1
             log_iteration(engine, row, state, cfg)
-            if cfg.samples_every and (it % cfg.samples_every == 0 or it + 1 == cfg.iterations):
+            if main:
+                record_shards(run_dir / "shards.jsonl", f"iteration-{it + 1}", shards, completions)
+            if main and cfg.samples_every and (it % cfg.samples_every == 0 or it + 1 == cfg.iterations):
                 write_samples(run_dir / "samples.jsonl", completions[:4], mode="a", kl=old["kl"][:4])
             if cfg.eval.every and (it + 1) % cfg.eval.every == 0 and it + 1 < cfg.iterations:
                 stop = early_stop(evaluate(it + 1), state, cfg.eval.patience)
@@ -387,6 +409,7 @@ def run(cfg: PPOConfig, reward_fn=None) -> dict:
         final = evaluate(state["iteration"])
         checkpoint()
     engine.metrics.close()  # every row is logged
-    path = save_model(ac.policy_model(), tokenizer, run_dir / "final", merge_lora=cfg.train.merge_lora)
+    path = distributed.on_main(lambda: save_model(ac.policy_model(), tokenizer, run_dir / "final", merge_lora=cfg.train.merge_lora))
+    path = path or run_dir / "final"
     return {"iterations": state["iteration"], "early_stopped": stop, "beta": kl_ctl.beta, "best_eval_reward": state["best"],
             **{f"eval/{k}": v for k, v in final.items()}, "final_model": str(path)}
