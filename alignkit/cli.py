@@ -39,7 +39,7 @@ COMMANDS = {
 }
 
 # commands that train data-parallel when launched as several processes (torchrun, accelerate launch)
-DATA_PARALLEL = ("sft", "rm", "dpo")
+DATA_PARALLEL = ("sft", "rm", "dpo", "rs", "raft", "rft", "rest", "rest-em", "ppo")
 
 # tools that take their own arguments (argparse) instead of a recipe: name -> (module with main(argv), description)
 TOOLS = {
