@@ -61,6 +61,46 @@ def test_gather_logprobs_ignore_index_and_shape_error():
         ops.gather_logprobs(torch.randn(2, 5), torch.zeros(3, dtype=torch.long))
 
 
+@pytest.mark.parametrize("chunk_size,temperature", [(1, 1.0), (3, 0.7), (64, 1.0)])
+def test_linear_logprobs_equals_materialised_head(chunk_size, temperature):
+    """Values and both gradients equal the plain head + log-softmax in float64, with ignored
+    labels, a chunk that does not divide N and a temperature."""
+    g = torch.Generator().manual_seed(4)
+    hidden = torch.randn(7, 6, generator=g, dtype=torch.float64)
+    weight = torch.randn(13, 6, generator=g, dtype=torch.float64)
+    labels = torch.tensor([0, 12, -100, 5, 5, -100, 3])
+    upstream = torch.randn(7, generator=g, dtype=torch.float64)
+    h1, w1 = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    out = ops.linear_logprobs(h1, w1, labels, chunk_size=chunk_size, temperature=temperature)
+    (out * upstream).sum().backward()
+    h2, w2 = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    logp = torch.log_softmax(h2 @ w2.T / temperature, -1).gather(-1, labels.clamp(min=0)[:, None]).squeeze(-1)
+    ref = torch.where(labels >= 0, logp, torch.zeros_like(logp))
+    (ref * upstream).sum().backward()
+    assert out.dtype == torch.float32 and out[2] == 0 and out[5] == 0
+    torch.testing.assert_close(out, ref.float(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(h1.grad, h2.grad, rtol=0, atol=1e-6)  # softmax maths in float32
+    torch.testing.assert_close(w1.grad, w2.grad, rtol=0, atol=1e-6)
+    assert torch.all(h1.grad[2] == 0)
+
+
+def test_linear_logprobs_frozen_weight_and_bf16_autocast():
+    """A weight without gradient gets none; under bf16 autocast the product runs in bf16 like
+    nn.Linear's, so the values match the plain head's under autocast to float32 rounding."""
+    g = torch.Generator().manual_seed(5)
+    hidden = torch.randn(9, 16, generator=g).requires_grad_(True)
+    weight = torch.randn(40, 16, generator=g) / 4
+    labels = torch.randint(0, 40, (9,), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ops.linear_logprobs(hidden, weight, labels, chunk_size=4)
+        ref = ops.gather_logprobs(torch.nn.functional.linear(hidden, weight), labels)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+    out.sum().backward()
+    assert hidden.grad.dtype == torch.float32 and torch.any(hidden.grad != 0)
+    with pytest.raises(ValueError, match=r"must be \[N, H\]"):
+        ops.linear_logprobs(torch.randn(2, 3, 4), weight, torch.zeros(2, 3, dtype=torch.long))
+
+
 def test_entropy_from_logits():
     # uniform over V = 8 -> H = log 8 = 2.0794
     torch.testing.assert_close(

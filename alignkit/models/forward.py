@@ -11,7 +11,7 @@ import torch
 
 from alignkit.data.chat import IGNORE
 from alignkit.models.segment_attention import segment_layout, segmented
-from alignkit.ops import gather_logprobs
+from alignkit.ops import gather_logprobs, linear_logprobs
 
 
 def unwrap(model):
@@ -23,6 +23,27 @@ PACKED_SEGMENTS = True
 """Run a packed row of several examples (`data.collate.packed_row`) as a batch of its examples
 (`segment_attention`) when that scores fewer (query, key) pairs than the row's dense [L, L] mask;
 False: always the dense mask (what benchmarks/sft_vs_trl.py compares against)."""
+
+
+FUSED_HEAD = True
+"""Run the output head and the log-softmax together, a chunk of rows at a time
+(`ops.linear_logprobs`), so the [tokens, vocab] logits and their gradient are never held whole;
+False: the head's full logits, then `ops.gather_logprobs` (what benchmarks/head_memory.py
+compares against)."""
+
+
+def head_logprobs(lm, hidden: torch.Tensor, targets: torch.Tensor, chunk_size: int = 512,
+                  temperature: float = 1.0) -> torch.Tensor:
+    """log π(target) [N] at the hidden states [N, H] through the output head of `lm` (a
+    transformers causal LM), with logits divided by `temperature`. A plain bias-free linear head
+    takes the fused path (`FUSED_HEAD`); any other head (a LoRA-wrapped one) the plain one."""
+    head = lm.get_output_embeddings()
+    if FUSED_HEAD and type(head) is torch.nn.Linear and head.bias is None:
+        return linear_logprobs(hidden, head.weight, targets, chunk_size, temperature)
+    logits = head(hidden)
+    if temperature != 1.0:
+        logits = logits / temperature
+    return gather_logprobs(logits, targets, chunk_size=chunk_size)
 
 
 def decoder_hidden(model, batch: dict) -> torch.Tensor:
@@ -53,13 +74,11 @@ def target_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mask, nxt[mask]
 
 
-def target_logprobs(model, batch: dict, chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+def target_logprobs(model, batch: dict, chunk_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probs of every target token, flat [N], and the [B, L-1] mask that says where they sit."""
     hidden = decoder_hidden(model, batch)
     mask, targets = target_positions(batch["labels"])
-    picked = hidden[:, :-1][mask]
-    logits = unwrap(model).get_output_embeddings()(picked)
-    return gather_logprobs(logits, targets, chunk_size=chunk_size), mask
+    return head_logprobs(unwrap(model), hidden[:, :-1][mask], targets, chunk_size), mask
 
 
 def group_visibility(group_ids: torch.Tensor, parts: torch.Tensor) -> torch.Tensor:
@@ -95,17 +114,16 @@ def group_hidden(decoder, row: dict) -> torch.Tensor:
     return decoder(**inputs, attention_mask=visible).last_hidden_state
 
 
-def group_token_logprobs(model, batch: dict, chunk_size: int = 1024) -> torch.Tensor:
+def group_token_logprobs(model, batch: dict, chunk_size: int = 512) -> torch.Tensor:
     """Log-probs of every target token of a prompt-sharing row (`data.packing.group_row`, batch
     size 1), flat [N] in row order (`batch["segments"]` gives each one's response). The output
     head runs on target positions only."""
     lm = unwrap(model)
     hidden = group_hidden(lm.get_decoder(), batch)
-    logits = lm.get_output_embeddings()(hidden[0, batch["source"]])
-    return gather_logprobs(logits, batch["targets"], chunk_size=chunk_size)
+    return head_logprobs(lm, hidden[0, batch["source"]], batch["targets"], chunk_size)
 
 
-def group_logprobs(model, batch: dict, chunk_size: int = 1024) -> torch.Tensor:
+def group_logprobs(model, batch: dict, chunk_size: int = 512) -> torch.Tensor:
     """Summed target log-probs of every response of a prompt-sharing row: a tensor [num_responses]."""
     logps = group_token_logprobs(model, batch, chunk_size)
     total = batch["lengths"].shape[0]

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from alignkit.models.forward import group_hidden, unwrap
+from alignkit.models.forward import group_hidden, head_logprobs, unwrap
 from alignkit.models.load import (
     LoraConfig,
     ModelConfig,
@@ -45,7 +45,7 @@ from alignkit.models.load import (
     load_tokenizer,
     resolve_model_path,
 )
-from alignkit.ops import entropy_from_logits, gather_logprobs
+from alignkit.ops import entropy_from_logits
 from alignkit.rollout.batch import shared_prefix_row
 
 log = logging.getLogger("alignkit")
@@ -96,14 +96,15 @@ def response_logprobs(model, batch: dict, temperature: float = 1.0, entropy: boo
 def _logprobs(lm: nn.Module, hidden: torch.Tensor, batch: dict, temperature: float, entropy: bool):
     """`response_logprobs` from the hidden states `_hidden` returned."""
     mask = batch["response_mask"].bool()
-    logits = lm.get_output_embeddings()(hidden[mask])
-    if temperature != 1.0:
-        logits = logits / temperature
+    picked = hidden[mask]
     logp = hidden.new_zeros(mask.shape, dtype=torch.float32)
-    logp = logp.masked_scatter(mask, gather_logprobs(logits, batch["response_ids"][mask], chunk_size=CHUNK))
+    logp = logp.masked_scatter(mask, head_logprobs(lm, picked, batch["response_ids"][mask], CHUNK, temperature))
     ent = None
-    if entropy:
-        ent = torch.zeros_like(logp).masked_scatter(mask, entropy_from_logits(logits.detach(), chunk_size=CHUNK))
+    if entropy:  # for the logs only: no graph, and CHUNK rows of logits at a time
+        head = lm.get_output_embeddings()
+        with torch.no_grad():
+            ent = torch.cat([logp.new_zeros(0)] + [entropy_from_logits(head(rows) / temperature) for rows in picked.split(CHUNK)])
+        ent = torch.zeros_like(logp).masked_scatter(mask, ent)
     return logp, ent
 
 
