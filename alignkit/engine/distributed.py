@@ -28,6 +28,7 @@ no process group is made.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 from typing import Callable, TypeVar
@@ -68,6 +69,16 @@ def start(device: torch.device) -> None:
     _state = PartialState(cpu=device.type == "cpu")
     if not is_main():
         logging.getLogger("alignkit").setLevel(logging.WARNING)
+    if dist.is_initialized() and dist.get_backend() == "gloo":
+        atexit.register(_leave)
+
+
+def _leave() -> None:
+    """Leave the gloo group while the interpreter is still whole: gloo's worker threads torn down
+    during interpreter finalization can abort the process at exit ("terminate called without an
+    active exception") after a run that succeeded. Local to this process: no collective."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def barrier() -> None:
