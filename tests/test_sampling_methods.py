@@ -121,6 +121,26 @@ def test_rejection_sampling_on_preference_prompts_with_the_gold_reward(answering
         assert not any(k.endswith("_acc") or k.startswith(("pass@", "maj@")) for k in r)
 
 
+def test_rejection_sampling_with_the_greedy_reply_among_the_candidates(answering_model, tmp_path, capsys):
+    """`greedy=true`: each prompt's greedy reply joins its K samples, so the chosen reply's
+    reward is at least the greedy reply's on every prompt, and the pool says how many were kept."""
+    out = tmp_path / "rs_greedy"
+    result = cli(["rs", f"model.path={answering_model}", f"train.output_dir={out}", "train.lr=1e-3", "iterations=1",
+                  "temperatures=[1.0]", "temperature_prompts=4", "task.source=preferences", "task.train=6", "task.heldout=4",
+                  "reward.kind=gold", "min_reward=null", "greedy=true"]
+                 + [a for a in COMMON if not a.startswith("task.")], capsys)
+    pool = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    greedy = {x["prompt"]: x for x in pool if x["source"].endswith("-greedy")}
+    assert len(greedy) == 6 and len(pool) == 6 * 5  # K = 4 samples and the greedy reply per prompt
+    best = {p: max(x["reward"] for x in pool if x["prompt"] == p) for p in greedy}
+    assert all(best[p] >= greedy[p]["reward"] for p in greedy)
+    row = result["iterations"][1]
+    # ties go to the earliest candidate, a sample: the greedy reply is kept where it beats all K
+    beats = sum(all(x["reward"] < greedy[p]["reward"] for x in pool if x["prompt"] == p and x is not greedy[p])
+                for p in greedy)
+    assert row["kept"] == 6 and row["kept_greedy"] == beats
+
+
 @pytest.mark.parametrize("selection,online", [("local", True), ("global", False)])
 def test_raft(answering_model, tmp_path, capsys, selection, online):
     out = tmp_path / "raft"

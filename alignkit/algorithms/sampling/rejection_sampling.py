@@ -4,7 +4,10 @@ Iteration i:
   1. temperature: sample K responses for a few prompts at each candidate temperature and keep
      the one with the highest mean best-of-K reward (Llama 2 re-tunes T every iteration);
   2. collect: K responses per training prompt from the newest model (or from `sampler_model`:
-     distillation, sample with model A and train model B), scored by the reward;
+     distillation, sample with model A and train model B), scored by the reward; with `greedy`,
+     also that model's greedy reply, so the selected reply never scores below it (a small model's
+     samples can be worse than its greedy reply: then best-of-K alone fine-tunes it on replies
+     worse than its own);
   3. select: for every prompt the best response among the samples of ALL iterations so far
      (pooling avoids the regressions of last-iteration-only bags), dropping prompts whose best
      is below `min_reward`;
@@ -54,6 +57,7 @@ class RSConfig:
     temperatures: list[float] = opt(factory=lambda: [0.7], help="candidate temperatures besides sampling.temperature, "
                                                                 "re-tuned every iteration")
     temperature_prompts: int = opt(32, "training prompts used to pick the temperature")
+    greedy: bool = opt(False, "add the sampling model's greedy reply to every prompt's candidates")
     pool: bool = opt(True, "select among the samples of all iterations (false: the newest only)")
     pool_files: list[str] = opt(factory=list, help="samples.jsonl files of earlier rs runs (an iterative pipeline): their "
                                                    "samples are scored again by this run's reward and join the pool")
@@ -91,14 +95,18 @@ def run(cfg: RSConfig) -> dict:
     for it in range(1, cfg.iterations + 1):
         sampler = teacher if teacher is not None else job.policy
         t, t_scores = pick_temperature(job, sampler, prompts[: cfg.temperature_prompts], reward_fn, cfg.train.seed + 100 * it, it)
-        new = job.sample(sampler, prompts, reward_fn, cfg.train.seed + it, temperature=t, iteration=it,
-                         source=cfg.sampler_model or f"iter-{it - 1}")
+        source = cfg.sampler_model or f"iter-{it - 1}"
+        new = job.sample(sampler, prompts, reward_fn, cfg.train.seed + it, temperature=t, iteration=it, source=source)
+        if cfg.greedy:
+            new += job.sample(sampler, prompts, reward_fn, cfg.train.seed + it, temperature=0.0, iteration=it,
+                              source=f"{source}-greedy", n=1)
         pool = pool + new if cfg.pool else new
         chosen = best_per_prompt(pool)
         if cfg.min_reward is not None:
             chosen = above_threshold(chosen, cfg.min_reward)
         info = {"temperature": t, **{f"best_of_k@T={k}": v for k, v in t_scores.items()},
                 "sample_reward": reward_stats(new)["mean"], "kept": len(chosen),
+                **({"kept_greedy": sum(x.source.endswith("-greedy") for x in chosen)} if cfg.greedy else {}),
                 "kept_from_older": sum(x.iteration < it for x in chosen)}
         log.info("iteration %d: %s", it, info)
         if not chosen:
