@@ -80,7 +80,17 @@ def test_best_of_n_gold_reward_on_preference_prompts(answering_model, tmp_path, 
     assert rows[1]["max_reward"] >= rows[0]["max_reward"] and -3.5 <= rows[0]["median_reward"] <= 2.0
 
 
-def test_rest_em_logs_accuracy_pass_and_maj(answering_model, tmp_path, capsys):
+def test_rest_em_logs_accuracy_pass_and_maj(answering_model, tmp_path, capsys, monkeypatch):
+    from alignkit.algorithms.sampling.frame import SamplingRun
+
+    trained, train = [], SamplingRun.train
+
+    def record(job, *a, **k):  # each M-step's model, as it was trained
+        out = train(job, *a, **k)
+        trained.append({n: t.detach().clone() for n, t in job.policy.state_dict().items()})
+        return out
+
+    monkeypatch.setattr(SamplingRun, "train", record)
     out = tmp_path / "rest_em"
     result = cli(["rest-em", f"model.path={answering_model}", f"train.output_dir={out}", "train.lr=1e-3", "train.epochs=2",
                   "iterations=2", "stop_when_worse=false", "metrics.eval_samples=4", "metrics.ks=[1,2,4]",
@@ -94,6 +104,12 @@ def test_rest_em_logs_accuracy_pass_and_maj(answering_model, tmp_path, capsys):
     assert (out / "iter-1" / "metrics.jsonl").is_file() and (out / "final" / "model.safetensors").is_file()
     assert "| iteration |" in (out / "table.md").read_text()
     assert result["best_iteration"] in (0, 1, 2)
+    # final/ is the best iteration's model (read back from its stored train stage, or the start)
+    from safetensors.torch import load_file
+
+    final = load_file(out / "final" / "model.safetensors")
+    expected = trained[result["best_iteration"] - 1] if result["best_iteration"] else load_file(f"{answering_model}/model.safetensors")
+    assert len(trained) == 2 and final.keys() <= expected.keys() and all(torch.equal(final[k], expected[k]) for k in final)
 
 
 def test_rejection_sampling_pools_iterations(answering_model, tmp_path, capsys):
@@ -229,6 +245,34 @@ def test_built_in_task_negative_results_knob(allow_negative):
     answers = [int(task.answer_for(p)) for p in task.train + task.val + task.heldout]
     assert len(answers) == 270
     assert any(a < 0 for a in answers) == allow_negative
+
+
+def test_rest_em_final_model_is_an_earlier_best_iteration_read_back(answering_model, tmp_path, capsys, monkeypatch):
+    """The best iteration's model is not kept in memory through later M-steps: when validation
+    falls, final/ is the best iteration's stored model read back, equal to what it trained."""
+    from safetensors.torch import load_file
+
+    from alignkit.algorithms.sampling.frame import SamplingRun
+
+    trained, train, evaluate = [], SamplingRun.train, SamplingRun.evaluate
+
+    def record(job, *a, **k):
+        out = train(job, *a, **k)
+        trained.append({n: t.detach().clone() for n, t in job.policy.state_dict().items()})
+        return out
+
+    def falling(job, *a, **k):  # validation accuracy 0.5 at the start, 1.0 after iteration 1, 0.0 after 2
+        return {**evaluate(job, *a, **k), "val_acc": [0.5, 1.0, 0.0][len(trained)]}
+
+    monkeypatch.setattr(SamplingRun, "train", record)
+    monkeypatch.setattr(SamplingRun, "evaluate", falling)
+    out = tmp_path / "rest_em"
+    result = cli(["rest-em", f"model.path={answering_model}", f"train.output_dir={out}", "train.lr=1e-3", "train.epochs=1",
+                  "iterations=2", "stop_when_worse=false"] + COMMON, capsys)
+    assert result["best_iteration"] == 1 and len(trained) == 2
+    final = load_file(out / "final" / "model.safetensors")
+    assert all(torch.equal(final[k], trained[0][k]) for k in final)
+    assert not all(torch.equal(final[k], trained[1][k]) for k in final)
 
 
 def test_rest_em_e_step_rounds_stop_sampling_solved_problems(answering_model, tmp_path, capsys):

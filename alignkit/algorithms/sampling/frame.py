@@ -29,9 +29,9 @@ import logging
 import shutil
 import sys
 import time
+from pathlib import Path
 from contextlib import contextmanager
 from dataclasses import asdict, replace
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -205,6 +205,12 @@ class SamplingRun:
         scoring.end(ok=todo > 0)
         return samples
 
+    def load_policy(self, path: Path | None):
+        """A policy read again: a train stage's stored model (`trained_dir`), or the initial
+        model when `path` is None."""
+        model = self.cfg.model if path is None else replace(self.cfg.model, path=str(path), lora=None, quantization="none")
+        return load_model(model, train=False)[0].to(self.device)
+
     def continue_from(self, policy):
         """The model that trains on from `policy` (with a fresh LoRA adapter when LoRA is on)."""
         return policy if self.cfg.model.lora is None else add_lora(policy, self.cfg.model.lora)
@@ -219,9 +225,10 @@ class SamplingRun:
         if distributed.broadcast((folder / "stage.json").is_file()):
             del model
             stored = json.loads((folder / "stage.json").read_text())
-            self.policy = load_model(replace(cfg.model, path=str(folder / "model"), lora=None, quantization="none"), train=False)[0].to(self.device)
+            self.policy = self.load_policy(folder / "model")
             own = folder / f"rng-{distributed.rank()}.pt"  # another process's RNG state, beside the main one's rng.pt
             set_rng_state(torch.load(own if own.is_file() else folder / "rng.pt", weights_only=False))
+            self.trained_dir = folder / "model"
             log.info("train (%s): the trained model is read from %s", name, folder)
             return stored["metrics"]
         train_cfg = replace(cfg.train, output_dir=str(self.run_dir / name))
@@ -239,6 +246,7 @@ class SamplingRun:
             p.what = f"train ({name}, {epochs} epoch(s) of {len(data)} examples)"
             p.update(len(data) * epochs)
         self.policy = model.merge_and_unload() if hasattr(model, "peft_config") else model
+        self.trained_dir = folder / "model"
         rngs = distributed.gather(rng_state())
         if self.main:
             save_model(self.policy, self.tokenizer, folder / "model")

@@ -110,7 +110,8 @@ def run(cfg: RestEMConfig) -> dict:
     reward = task.verifier("binary")
     if (base := job.baseline()) is not None:
         log.info("base: %s", base)
-    best_val, best_policy, best_iteration = job.rows[0]["val_acc"] if job.rows else -1.0, job.policy, 0
+    # the best iteration's model stays on disk (its stored train stage), not in memory beside the M-step's
+    best_val, best_dir, best_iteration = job.rows[0]["val_acc"] if job.rows else -1.0, None, 0
     for it in range(1, cfg.iterations + 1):
         # E-step: sample from the current policy, keep the correct responses.
         t0 = time.time()
@@ -142,11 +143,13 @@ def run(cfg: RestEMConfig) -> dict:
         job.log_row(it, row)
         log.info("iteration %d: %s", it, row)
         if row["val_acc"] >= best_val:  # ties go to the later iteration (trained on more correct samples)
-            best_val, best_policy, best_iteration = row["val_acc"], job.policy, it
+            best_val, best_dir, best_iteration = row["val_acc"], job.trained_dir, it
         elif cfg.stop_when_worse:
             log.info("validation accuracy fell (%.3f < %.3f): stopping after iteration %d", row["val_acc"], best_val, it)
             break
     best_row = next((r for r in job.rows if r["iteration"] == best_iteration), job.rows[-1] if job.rows else {})
+    newest = job.rows[-1]["iteration"] if job.rows else 0
+    best_policy = job.policy if job.policy is not None and best_iteration == newest else job.load_policy(best_dir)
     return job.finish(best_policy, f"ReST-EM on {len(task.train)} problems, N={cfg.sampling.n}, "
                                    f"T={cfg.sampling.temperature} (best iteration: {best_iteration})",
                       {"best_iteration": best_iteration, "heldout_acc": best_row.get("heldout_acc"), "iterations": job.rows})
