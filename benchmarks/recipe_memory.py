@@ -8,10 +8,13 @@ from wait4) when it exits. One JSON line per recipe goes to --out, and a markdow
     python benchmarks/recipe_memory.py --out /tmp/mem.jsonl                 # every recipe, full runs
     python benchmarks/recipe_memory.py --only sft dpo --short               # shortened runs
     python benchmarks/recipe_memory.py --only sft -- train.max_steps=3      # extra overrides for each
+    python benchmarks/recipe_memory.py --short --jobs 2                     # two at a time, 1 thread each
 
 `--short` adds each recipe's SHORT overrides: fewer steps or iterations with the same shapes
 (batch, sequence lengths, sample counts per prompt), so the same per-step peak is reached sooner.
-A recipe's run directory is --work/NAME (runs/ by default, where the recipes write).
+A recipe's run directory is --work/NAME (runs/ by default, where the recipes write). With --jobs
+N, N recipes run at once with os.cpu_count() // N torch threads each (--threads sets it); their
+wall times then say nothing, and peak RSS hardly depends on the thread count.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,8 +47,8 @@ SHORT = {
     "ppo_llama2": ["iterations=2", "eval.every=0"],
     "grpo": ["iterations=2", "eval.every=0"],
     "rs": ["iterations=1"],
-    "raft": ["iterations=1"],
-    "rest": ["iterations=1"],
+    "raft": ["stages=1"],
+    "rest": ["thresholds=[0.25]"],
     "rest_em": ["iterations=1"],
 }
 
@@ -66,8 +70,16 @@ def rss_kib(pid: int) -> int:
     return total
 
 
-def run_recipe(name: str, extra: list[str], work: Path, log_dir: Path) -> dict:
+THREADS_KEY = {"best_of_n": "threads", "llama2_chat": "threads", "eval": None, "generate": None}  # else train.threads
+
+
+def run_recipe(name: str, extra: list[str], work: Path, log_dir: Path, threads: int | None = None) -> dict:
     cmd = [sys.executable, "-m", "alignkit", COMMANDS[name], f"recipes/{name}.yaml", *extra]
+    env = dict(os.environ)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+        key = THREADS_KEY.get(name, "train.threads")
+        cmd += [f"{key}={threads}"] if key else []
     if name == "generate":
         cmd.append(f"output={work / name / 'samples.jsonl'}")
     else:
@@ -75,7 +87,7 @@ def run_recipe(name: str, extra: list[str], work: Path, log_dir: Path) -> dict:
     log_path = log_dir / f"{name}.log"
     start = time.perf_counter()
     with open(log_path, "w") as log:
-        child = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+        child = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
         phase = {"line": ""}
         samples: list[tuple[float, int, str]] = []
 
@@ -111,6 +123,8 @@ def main() -> None:
     ap.add_argument("--short", action="store_true", help="add each recipe's SHORT overrides")
     ap.add_argument("--work", default="runs", help="parent of the run directories")
     ap.add_argument("--out", default="/tmp/recipe_memory.jsonl")
+    ap.add_argument("--jobs", type=int, default=1, help="recipes run at once")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads per recipe (default: the recipe's; with --jobs N, cores / N)")
     ap.add_argument("overrides", nargs="*", help="extra overrides for every recipe (after --)")
     args = ap.parse_args()
     names = args.only or [n for n in COMMANDS if n not in ("flan_study", "llama2_chat")]
@@ -118,12 +132,18 @@ def main() -> None:
     log_dir.mkdir(parents=True, exist_ok=True)
     print("| recipe | peak RSS (GiB) | phase at the peak | wall (min) | exit |")
     print("|---|---|---|---|---|")
-    for name in names:
+    threads = args.threads or (max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None)
+    lock = threading.Lock()
+
+    def one(name: str) -> None:
         extra = (SHORT.get(name, []) if args.short else []) + args.overrides
-        r = run_recipe(name, extra, Path(args.work).resolve(), log_dir)
-        with open(args.out, "a") as f:
+        r = run_recipe(name, extra, Path(args.work).resolve(), log_dir, threads)
+        with lock, open(args.out, "a") as f:
             f.write(json.dumps(r) + "\n")
-        print(f"| {name} | {r['peak_rss_gib']:.2f} | {r['phase_at_peak'][:80]} | {r['wall_min']:.1f} | {r['rc']} |", flush=True)
+            print(f"| {name} | {r['peak_rss_gib']:.2f} | {r['phase_at_peak'][:80]} | {r['wall_min']:.1f} | {r['rc']} |", flush=True)
+
+    with ThreadPoolExecutor(args.jobs) as pool:
+        list(pool.map(one, names))
 
 
 if __name__ == "__main__":
