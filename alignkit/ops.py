@@ -36,6 +36,22 @@ __all__ = [
 # ---------------------------------------------------------------------------
 
 
+def _chunked_logprobs(rows: Callable[[int, int], torch.Tensor], labels: torch.Tensor, chunk_size: int):
+    """(log p(label) [N] float32, 0 where label < 0; logsumexp [N]; labels clamped to >= 0 as
+    [N, 1]; the valid mask [N]), from `rows(a, b)`: float32 logits of rows a..b-1, one chunk at a time."""
+    n = labels.shape[0]
+    valid = labels >= 0
+    safe = torch.where(valid, labels, torch.zeros_like(labels)).unsqueeze(-1)
+    out = torch.empty(n, dtype=torch.float32, device=labels.device)
+    lse = torch.empty(n, dtype=torch.float32, device=labels.device)
+    for start in range(0, n, chunk_size):
+        stop = min(start + chunk_size, n)
+        chunk = rows(start, stop)
+        lse[start:stop] = torch.logsumexp(chunk, dim=-1)
+        out[start:stop] = chunk.gather(-1, safe[start:stop]).squeeze(-1) - lse[start:stop]
+    return torch.where(valid, out, torch.zeros_like(out)), lse, safe, valid
+
+
 class _GatherLogprobs(torch.autograd.Function):
     """log softmax(logits)[label] row by row, in chunks of rows.
 
@@ -46,17 +62,7 @@ class _GatherLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, chunk_size: int):  # type: ignore[override]
-        n = logits.shape[0]
-        valid = labels >= 0
-        safe = torch.where(valid, labels, torch.zeros_like(labels)).unsqueeze(-1)
-        out = torch.empty(n, dtype=torch.float32, device=logits.device)
-        lse = torch.empty(n, dtype=torch.float32, device=logits.device)
-        for start in range(0, n, chunk_size):
-            stop = min(start + chunk_size, n)
-            rows = logits[start:stop].float()
-            lse[start:stop] = torch.logsumexp(rows, dim=-1)
-            out[start:stop] = rows.gather(-1, safe[start:stop]).squeeze(-1) - lse[start:stop]
-        out = torch.where(valid, out, torch.zeros_like(out))
+        out, lse, safe, valid = _chunked_logprobs(lambda a, b: logits[a:b].float(), labels, chunk_size)
         ctx.save_for_backward(logits, safe, valid, lse)
         ctx.chunk_size = chunk_size
         return out
@@ -116,19 +122,11 @@ class _LinearLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, chunk_size: int, temperature: float):  # type: ignore[override]
-        n = hidden.shape[0]
-        valid = labels >= 0
-        safe = torch.where(valid, labels, torch.zeros_like(labels)).unsqueeze(-1)
-        out = torch.empty(n, dtype=torch.float32, device=hidden.device)
-        lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
-        for start in range(0, n, chunk_size):
-            stop = min(start + chunk_size, n)
-            rows = _scaled_logits(hidden[start:stop], weight, temperature)
-            lse[start:stop] = torch.logsumexp(rows, dim=-1)
-            out[start:stop] = rows.gather(-1, safe[start:stop]).squeeze(-1) - lse[start:stop]
+        out, lse, safe, valid = _chunked_logprobs(lambda a, b: _scaled_logits(hidden[a:b], weight, temperature),
+                                                  labels, chunk_size)
         ctx.save_for_backward(hidden, weight, safe, valid, lse)
         ctx.chunk_size, ctx.temperature = chunk_size, temperature
-        return torch.where(valid, out, torch.zeros_like(out))
+        return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
