@@ -59,12 +59,6 @@ class RewardConfig(TaskRewardConfig):
     missing_eos_penalty: float = opt(0.0, "subtract this from the score of a response cut at max_new_tokens")
 
 
-def shaped_scores(reward_fn: RewardFn, samples: list[Sample], cfg: RewardConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Score the samples (`stages.score`); returns (scores after whitening/clipping/penalties, raw
-    scores), float32 [N] in sample order (`shape_scores`)."""
-    return shape_scores(score(samples, reward_fn), cfg)
-
-
 def shape_scores(samples: list[Sample], cfg: RewardConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """(scores after whitening/clipping/penalties, raw scores) of scored samples, float32 [N] in
     sample order. Whitening (reward.whiten, or kind=combined) uses the population std, as Llama
