@@ -73,18 +73,20 @@ def save_checkpoint(root: Path, step: int, model, optimizer, loop_state: dict, k
     """Write checkpoint `step-NNNNNNN` under `root` atomically and prune old ones (`keep` newest;
     0 = all). `tensors`: the loop's own tensors (early stopping's best weights), returned by
     `load_checkpoint` under "tensors". `rngs`: every process's RNG states in rank order when
-    several train together (this process's alone by default). A write that fails raises
-    CheckpointWriteError and leaves the previous checkpoint and `latest` intact."""
+    several train together (this process's alone by default). `model` and `optimizer` may be given
+    as their trainable weights and state dict (gathered from FSDP shards). A write that fails
+    raises CheckpointWriteError and leaves the previous checkpoint and `latest` intact."""
     root.mkdir(parents=True, exist_ok=True)
     _remove_leftovers(root)
     final = root / f"step-{step:07d}"
     tmp = None
     try:
         tmp = temp_dir(root)
-        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+        save_file(model if isinstance(model, dict) else trainable_state(model), str(tmp / "trainable.safetensors"))
         rngs = rngs or [rng_state()]
         others = {"process_rngs": rngs[1:]} if len(rngs) > 1 else {}
-        torch.save({"optimizer": optimizer.state_dict(), "rng": rngs[0], **others, "tensors": tensors or {}}, tmp / "state.pt")
+        optimizer = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
+        torch.save({"optimizer": optimizer, "rng": rngs[0], **others, "tensors": tensors or {}}, tmp / "state.pt")
         (tmp / "loop.json").write_text(json.dumps({"step": step, **loop_state}))
         for name in FILES:  # on disk before the rename makes them a checkpoint (a machine crash too)
             _fsync(tmp / name)
@@ -140,7 +142,9 @@ def latest_checkpoint(root: Path) -> Path | None:
 
 def load_checkpoint(path: Path, model, optimizer, rank: int = 0, world_size: int = 1) -> dict:
     """Restore weights, optimizer and the RNG states of process `rank` of `world_size`; return the
-    loop state (with 'step', and the loop's own `tensors` saved with it under "tensors")."""
+    loop state (with 'step', and the loop's own `tensors` saved with it under "tensors"). With
+    `optimizer` None the optimizer's state is returned under "optimizer" instead (FSDP loads it
+    once the model is sharded)."""
     weights = load_file(str(path / "trainable.safetensors"))
     params = dict(model.named_parameters())
     missing = [n for n in weights if n not in params]
@@ -153,10 +157,12 @@ def load_checkpoint(path: Path, model, optimizer, rank: int = 0, world_size: int
         for name, tensor in weights.items():
             params[name].copy_(tensor)
     state = torch.load(path / "state.pt", weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optimizer"])
     rngs = [state["rng"], *state.get("process_rngs", [])]
     if len(rngs) != world_size:
         log.warning("%s was written by %d process(es), resumed by %d: every process takes the main one's random "
                     "state, so random draws (dropout) differ from the uninterrupted run", path, len(rngs), world_size)
     set_rng_state(rngs[rank] if len(rngs) == world_size else rngs[0])
-    return {**json.loads((path / "loop.json").read_text()), "tensors": state.get("tensors", {})}
+    return {**json.loads((path / "loop.json").read_text()), "tensors": state.get("tensors", {}),
+            **({"optimizer": state["optimizer"]} if optimizer is None else {})}

@@ -6,7 +6,8 @@ a command is one of these classes:
 | class                | commands                   | adds to the one below it                              |
 |----------------------|----------------------------|-------------------------------------------------------|
 | LoopConfig           | (base)                     | optimizer, schedule, precision, device, seed, metrics |
-| StageConfig          | (base)                     | epochs, max_steps, grad_accum, packed micro-batches   |
+| StageConfig          | (base)                     | epochs, max_steps, grad_accum, packed micro-batches,  |
+|                      |                            | fsdp                                                  |
 | CheckpointConfig     | dpo's reference_train      | save_every, keep_checkpoints (resumes with `train`)   |
 | SamplingTrainConfig  | rs raft rft rest rest-em   | CheckpointConfig + resume, batch_size (packing=pad)   |
 | TrainConfig          | dpo rrhf                   | resume, merge_lora                                    |
@@ -81,6 +82,8 @@ class StageConfig(LoopConfig):
     max_tokens_per_batch: int = opt(2048, "tokens per packed micro-batch row (packing mode)")
     log_every: int = opt(1, "write metrics every N steps")
     progress: bool = opt(True, "show a progress bar")
+    fsdp: bool = opt(False, "launched as several processes: shard the model, its gradients and optimizer state over "
+                            "them (FSDP2, engine/distributed.py) instead of a whole copy each")
 
     def __post_init__(self):
         super().__post_init__()

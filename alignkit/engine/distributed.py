@@ -15,6 +15,20 @@ another in a step (or none), and the engine divides by the step's units only onc
 summed over the processes. So the global batch, accumulation and schedule mean what they mean
 in one process.
 
+Fully sharded (`train.fsdp=true`, `shard`): torch's FSDP2 (`fully_shard`) on each decoder layer
+and on the root, so each process holds 1/N of the parameters, gradients and optimizer state and
+all-gathers a unit's parameters when it runs. The step function runs as a registered forward
+method of the root (`register_fsdp_forward_method`), so the root's all-gather and reduce-scatter
+hooks fire although the step calls the decoder and heads directly. Every process runs as many
+passes in a step (one short of micro-batches runs another's with its loss times zero); gradients
+accumulate locally and the step's last backward sums them (reduce-scatter, SUM, no averaging)
+into each process's shard before the engine's one division by the summed units. Evaluation on
+the main process runs with every unit gathered on every process (`gathered`); checkpoints hold
+the gathered weights and optimizer state, numbered as one process numbers them, and a run
+resumes from them at the same process count; when training ends the model becomes a plain module on
+every process again (`unsharded_copy`), which the main process saves as final/ alone. Works on
+gloo (CPU) and nccl; a run equals one process's to float rounding.
+
 Sampling (`map_shared`): a call's prompts are cut into shards whose size and seeds do not depend
 on the process count; each process samples and scores its shards (the k-th of N takes shards
 k, k+N, ...), and the scored shards are gathered in shard order onto every process, which then
@@ -29,12 +43,19 @@ no process group is made.
 from __future__ import annotations
 
 import atexit
+import contextlib
+import copy
 import logging
 import os
+import types
 from typing import Callable, TypeVar
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
+from torch.distributed.tensor import DTensor
 
 T = TypeVar("T")
 _state = None  # accelerate's PartialState once this process has joined the group
@@ -157,3 +178,102 @@ def sum_gradients(params: list[torch.nn.Parameter]) -> None:
             p.grad = torch.zeros_like(p)
     for work in [dist.all_reduce(p.grad, async_op=True) for p in live]:
         work.wait()
+
+
+def shard(model) -> torch.nn.Module:
+    """Shard `model` in place with FSDP2 (`torch.distributed.fsdp.fully_shard`) over the launch's
+    processes: each decoder layer (the classes its `_no_split_modules` names) is one unit, the
+    root (embeddings, final norm, output or score head, a peft wrapper) another. Gradients are
+    summed, not averaged, by the reduce-scatter (the engine divides by the step's units).
+
+    The step functions call the decoder and the heads directly, not `model.forward`, so the root's
+    hooks (all-gather before, reduce-scatter in backward) run around `model.alignkit_step(step_fn,
+    batch) = step_fn(batch)`, registered as a forward method (`register_fsdp_forward_method`);
+    the layers' hooks run as the decoder calls them.
+
+    Returns a copy of the unsharded model whose parameters are on the meta device (no storage),
+    for `unsharded_copy`."""
+    names = getattr(model, "_no_split_modules", None)
+    if not names:
+        raise ValueError(f"train.fsdp: {type(model).__name__} names no decoder layer class (_no_split_modules)")
+    skeleton = copy.deepcopy(model, {id(p): torch.nn.Parameter(p.detach().to("meta"), requires_grad=p.requires_grad)
+                                     for p in model.parameters()})
+    for module in model.modules():
+        if type(module).__name__ in names:
+            fully_shard(module, reshard_after_forward=True)
+    fully_shard(model, reshard_after_forward=False)  # the root's parameters stay gathered until backward, as by default
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)  # a plain SUM: gloo has no PREMUL_SUM
+    model.alignkit_step = types.MethodType(lambda self, step_fn, batch: step_fn(batch), model)
+    register_fsdp_forward_method(model, "alignkit_step")
+    return skeleton
+
+
+def local(value: torch.Tensor) -> torch.Tensor:
+    """A replicated or partial DTensor (a gradient norm under FSDP) as a plain tensor; others as they are."""
+    return value.full_tensor() if isinstance(value, DTensor) else value
+
+
+@contextlib.contextmanager
+def gathered(model):
+    """Every FSDP unit of the sharded `model` gathered whole on every process for the duration,
+    and kept so after forward passes: one process can then run the model alone (an evaluation on
+    the main process, between optimizer steps) without collectives. Every process enters and
+    leaves it; on leaving, the units are sharded again and the forward passes' traces that FSDP
+    keeps for the next backward (the order it prefetches in) are dropped (`reset_iter_state`),
+    which would otherwise differ between the processes."""
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for unit in units:
+        unit.unshard()
+        unit.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.set_reshard_after_forward(unit is not model, recurse=False)
+        model.reset_iter_state()
+
+
+def trainable_weights(model) -> dict[str, torch.Tensor]:
+    """The full trainable weights of a sharded `model` on the main process's CPU ({} on the others;
+    every process calls it)."""
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {n: full[n] for n, p in model.named_parameters() if p.requires_grad} if full else {}
+
+
+def _param_names(model, optimizer) -> list[str]:
+    """The names of the optimizer's parameters, in the order `optimizer.state_dict()` numbers them."""
+    name = {id(p): n for n, p in model.named_parameters()}
+    return [name[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
+def optimizer_state(model, optimizer) -> dict:
+    """The full state of the optimizer of a sharded `model`, numbered as `optimizer.state_dict()`
+    numbers parameters (a one-process checkpoint's), on the main process's CPU ({} on the others;
+    every process calls it)."""
+    full = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not full:
+        return {}
+    index = {n: i for i, n in enumerate(_param_names(model, optimizer))}
+    return {"state": {index[n]: s for n, s in full["state"].items()}, "param_groups": optimizer.state_dict()["param_groups"]}
+
+
+def load_optimizer_state(model, optimizer, state: dict) -> None:
+    """Shard a full optimizer state (`optimizer_state`'s, or a one-process checkpoint's; every
+    process holds it) into the optimizer of a sharded `model`."""
+    names = _param_names(model, optimizer)
+    full = {"state": {names[int(i)]: s for i, s in state["state"].items()},
+            "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]}
+    set_optimizer_state_dict(model, optimizer, full, options=StateDictOptions(full_state_dict=True))
+
+
+def unsharded_copy(model, skeleton) -> torch.nn.Module:
+    """`skeleton` (`shard`'s) holding the trained weights of the sharded `model`, on every process:
+    a plain module again, which one process can evaluate and save alone. Every process calls it."""
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    with torch.no_grad():
+        for name, p in skeleton.named_parameters():  # tied parameters once: they stay tied
+            torch.utils.swap_tensors(p, torch.nn.Parameter(full[name], requires_grad=p.requires_grad))
+    return skeleton

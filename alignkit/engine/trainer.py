@@ -11,7 +11,9 @@ Launched as several processes (`engine/distributed.py`), each process back-propa
 of every step's micro-batches (the k-th of N processes takes micro-batches k, k+N, ...); the
 gradients, units and statistics are summed over the processes before the one division, so the
 global batch, accumulation and schedule mean what they mean in one process. Only the main
-process writes metrics.jsonl and checkpoints, and evaluates; the others wait for it.
+process writes metrics.jsonl and checkpoints, and evaluates; the others wait for it. With
+`train.fsdp` the model is sharded over the processes (FSDP2) from the optimizer's creation to
+the end of `fit` (`distributed.shard`).
 """
 
 from __future__ import annotations
@@ -98,7 +100,9 @@ class Engine:
         self.model = model.to(self.device)
         self.total_steps = max(1, total_steps)
         self.run_dir = Path(cfg.output_dir)
-        self.optimizer = make_optimizer(model, cfg)
+        # FSDP (train.fsdp) under a launch of several processes; the optimizer is built on the shards
+        self.sharded = getattr(cfg, "fsdp", False) and distributed.world_size() > 1
+        self.optimizer = None if self.sharded else make_optimizer(model, cfg)
         self.step = 0
         self.loop_state: dict = {}
         self.tensors: dict[str, torch.Tensor] = {}  # the loop's own tensors of the checkpoint resumed from
@@ -119,7 +123,14 @@ class Engine:
             np.random.seed(cfg.seed)
             if resume:
                 log.warning("resume requested but %s has no checkpoint; starting fresh", self.run_dir / "checkpoints")
-        distributed.broadcast_parameters([p for g in self.optimizer.param_groups for p in g["params"]])
+        distributed.broadcast_parameters([p for p in model.parameters() if p.requires_grad])
+        if self.sharded:
+            self._skeleton = distributed.shard(self.model)
+            log.info("FSDP: the model's parameters, gradients and optimizer state are sharded over %d processes",
+                     distributed.world_size())
+            self.optimizer = make_optimizer(self.model, cfg)
+            if checkpoint is not None:
+                distributed.load_optimizer_state(self.model, self.optimizer, self.loop_state.pop("optimizer"))
         keep = self.loop_state.pop("metrics_lines", None) if checkpoint is not None else None
         if checkpoint is not None and keep is None and self.main:  # an older alignkit's checkpoint: the rows up to its step
             keep = sum(1 for row in read_metrics(self.run_dir) if row.get("step", 0) <= self.step)
@@ -139,19 +150,26 @@ class Engine:
         Returns the summed statistics, or None when a loss was not finite (gradients cleared).
         """
         mine = {"units": 0.0, "loss": 0.0, "tokens": 0, "sums": {}, "bad": None}
-        for batch in itertools.islice(micro_batches, distributed.rank(), None, distributed.world_size()):
-            batch = to_device(batch, self.device)
-            with self.autocast():
-                loss, units, metric_sums = step_fn(batch)
-            if not torch.isfinite(loss.detach()):
-                mine["bad"] = f"loss is {loss.item()}"
-                break
-            loss.backward()
+
+        def add(batch: dict, loss: torch.Tensor, units: float, metric_sums: dict) -> None:
             mine["units"] += units
             mine["loss"] += loss.item()
             mine["tokens"] += int(batch["input_ids"].numel()) if "input_ids" in batch else 0
             for k, v in metric_sums.items():
                 mine["sums"][k] = mine["sums"].get(k, 0.0) + float(v)
+
+        if self.sharded:
+            self._accumulate_sharded(list(micro_batches), step_fn, mine, add)
+        else:
+            for batch in itertools.islice(micro_batches, distributed.rank(), None, distributed.world_size()):
+                batch = to_device(batch, self.device)
+                with self.autocast():
+                    loss, units, metric_sums = step_fn(batch)
+                if not torch.isfinite(loss.detach()):
+                    mine["bad"] = f"loss is {loss.item()}"
+                    break
+                loss.backward()
+                add(batch, loss, units, metric_sums)
         every = distributed.gather(mine)
         self._bad = next((p["bad"] for p in every if p["bad"]), None)
         if self._bad is not None:
@@ -163,11 +181,35 @@ class Engine:
                 sums[k] = sums.get(k, 0.0) + v
         if total_units <= 0:
             raise ValueError("a training step had no units to learn from (no target tokens or pairs)")
-        distributed.sum_gradients([p for g in self.optimizer.param_groups for p in g["params"]])
+        if not self.sharded:  # FSDP's reduce-scatter summed them
+            distributed.sum_gradients([p for g in self.optimizer.param_groups for p in g["params"]])
         for p in self._params():
             p.grad.div_(total_units)
         return {"loss": loss_sum / total_units, **{k: v / total_units for k, v in sums.items()},
                 "units": total_units, "tokens": tokens}
+
+    def _accumulate_sharded(self, group: list[dict], step_fn: StepFn, mine: dict, add: Callable) -> None:
+        """`accumulate` under FSDP: the k-th process takes micro-batches k, k+N, ... as without it,
+        but every process runs as many passes (FSDP's all-gathers and reduce-scatters pair up
+        across the processes): one short of micro-batches runs another's once more with its loss
+        times zero. Gradients accumulate unreduced until the step's last pass, whose backward
+        sums them over the processes into each one's shard. A non-finite loss does not end the
+        loop either (the step's gradients are dropped)."""
+        size, me = distributed.world_size(), distributed.rank()
+        passes = -(-len(group) // size)
+        for i in range(passes):
+            index = me + i * size
+            batch = to_device(group[index % len(group)], self.device)
+            self.model.set_requires_gradient_sync(i == passes - 1)
+            with self.autocast():
+                loss, units, metric_sums = self.model.alignkit_step(step_fn, batch)
+            if index >= len(group):
+                loss = loss * 0.0
+            elif not torch.isfinite(loss.detach()):
+                mine["bad"] = mine["bad"] or f"loss is {loss.item()}"
+            else:
+                add(batch, loss, units, metric_sums)
+            loss.backward()
 
     def _params(self) -> list:
         return [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
@@ -180,7 +222,7 @@ class Engine:
         if stats is None:
             return self._nonfinite(self._bad)
         clip = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(self._params(), clip)
+        norm = distributed.local(torch.nn.utils.clip_grad_norm_(self._params(), clip))
         if not torch.isfinite(norm):
             return self._nonfinite(f"gradient norm is {norm.item()}")
         lr = self.cfg.lr * lr_factor(self.step, self.total_steps, self.cfg)
@@ -219,24 +261,39 @@ class Engine:
         """Checkpoint the model, optimizer, RNG states and `loop_state`, with the number of lines
         metrics.jsonl holds now: a run that resumes from it drops every row logged after it (the
         final evaluation logged after the last checkpoint, half a line cut by a kill). With several
-        processes the main one writes it, with every process's RNG states; the others wait."""
+        processes the main one writes it, with every process's RNG states; the others wait. Under
+        FSDP every process first gathers the full weights and optimizer state onto the main one's
+        CPU: the checkpoint is the one a run without FSDP writes."""
         rngs = distributed.gather(rng_state())
+        weights, optimizer = ((distributed.trainable_weights(self.model), distributed.optimizer_state(self.model, self.optimizer))
+                              if self.sharded else (self.model, self.optimizer))
         if self.main:
-            self.last_checkpoint = save_checkpoint(self.run_dir / "checkpoints", self.step, self.model, self.optimizer,
+            self.last_checkpoint = save_checkpoint(self.run_dir / "checkpoints", self.step, weights, optimizer,
                                                    {**loop_state, "metrics_lines": self.metrics.lines()},
                                                    self.cfg.keep_checkpoints, tensors, rngs)
         self.last_checkpoint = distributed.broadcast(self.last_checkpoint)
 
+    def unshard(self) -> None:
+        """After training under FSDP: `model` becomes a plain module holding the whole trained
+        model on every process (`distributed.unsharded_copy`), which the main process saves
+        (final/) alone and the sampling methods sample with. Without FSDP, nothing. (Objects
+        built on the sharded model before, a reward model's scorer, keep the sharded one.)"""
+        if self.sharded:
+            self.model = distributed.unsharded_copy(self.model, self._skeleton)
+            self.sharded = False
+
     def evaluate(self, eval_fn: Callable | None) -> dict:
-        """`eval_fn(model)` on the main process; every process gets its result."""
+        """`eval_fn(model)` on the main process; every process gets its result. Under FSDP every
+        process gathers the whole model for it (`distributed.gathered`)."""
         if eval_fn is None:
             return {}
         result = None
-        if self.main:
-            self.model.eval()
-            with torch.no_grad(), self.autocast():
-                result = eval_fn(self.model)
-            self.model.train()
+        with distributed.gathered(self.model) if self.sharded else contextlib.nullcontext():
+            if self.main:
+                self.model.eval()
+                with torch.no_grad(), self.autocast():
+                    result = eval_fn(self.model)
+                self.model.train()
         result = distributed.broadcast(result)
         self.log(result, prefix="eval/")
         return result
@@ -300,7 +357,8 @@ def fit(engine: Engine, step_fn: StepFn, epoch_batches: Callable[[int], list[dic
     micro-batches run out or the last step is taken; then `early_stopping` (if any) validates and
     may stop training, as may `max_epochs` (epochs run at most, even when steps remain); its
     counters and best weights are part of every checkpoint too. With `checkpoints=False` nothing
-    is saved (a caller that re-runs the whole fit from its inputs).
+    is saved (a caller that re-runs the whole fit from its inputs). Under FSDP, `engine.model` is
+    a plain module again once fit returns (`Engine.unshard`), after the final evaluation.
     """
     cfg = engine.cfg
     epoch = engine.loop_state.get("epoch", 0)
@@ -345,4 +403,5 @@ def fit(engine: Engine, step_fn: StepFn, epoch_batches: Callable[[int], list[dic
     if checkpoints:
         save()
     final_eval = engine.evaluate(eval_fn)
+    engine.unshard()
     return {**last, **{f"eval/{k}": v for k, v in final_eval.items()}}
