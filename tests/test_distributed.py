@@ -59,9 +59,9 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def _launch(launcher: str, args: list[str], script: str | None = None, ok: bool = True) -> None:
+def _launch(launcher: str, args: list[str], script: str | None = None, ok: bool = True) -> str:
     """`alignkit <args>` as 2 processes started by torchrun or accelerate launch (`script`: a file
-    run instead of `-m alignkit`; `ok=False`: the launch is expected to fail)."""
+    run instead of `-m alignkit`; `ok=False`: the launch is expected to fail); their stderr."""
     if launcher == "torchrun":
         start = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     else:  # without GPUs, accelerate starts several processes only with --multi_gpu
@@ -71,6 +71,7 @@ def _launch(launcher: str, args: list[str], script: str | None = None, ok: bool 
     proc = subprocess.run([*start, *([script] if script else ["-m", "alignkit"]), *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
     assert (proc.returncode == 0) == ok, proc.stderr[-4000:]
+    return proc.stderr
 
 
 def _rows(run_dir: Path) -> list[dict]:

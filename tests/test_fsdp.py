@@ -1,0 +1,79 @@
+"""Fully sharded data parallelism (`train.fsdp=true`, engine/distributed.py): `alignkit sft` and
+`dpo` launched as 2 processes on CPU (gloo, one thread each) with the model sharded by torch's
+FSDP2 end with the weights of one process given the same global batch, within atol 1e-5 in fp32
+(the processes sum their gradients in another order than one process does), and log the same
+rows. Their checkpoints hold the gathered weights and optimizer state, numbered as one process
+numbers them; a 2-process FSDP run resumed from its checkpoint equals the uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from safetensors.torch import load_file
+
+from alignkit.cli import main
+from test_distributed import ATOL, COMMON, _launch, _rows, _same_run, _sft, _weights, tiny_dir  # noqa: F401 (a fixture)
+
+FSDP = "train.fsdp=true"
+SHARDED = "FSDP: the model's parameters, gradients and optimizer state are sharded over 2 processes"
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.float() - b.float()).abs().max().item()
+
+
+def test_sft_fsdp_equals_one_process_and_resumes(tiny_dir, tmp_path):
+    args = _sft(tiny_dir)
+    assert main([*args, f"train.output_dir={tmp_path / 'one'}"]) == 0
+    assert SHARDED in _launch("torchrun", [*args, FSDP, f"train.output_dir={tmp_path / 'two'}"])
+    _same_run(tmp_path / "one", tmp_path / "two")
+
+    # the checkpoint: whole weights and optimizer state, as one process writes them
+    one, two = (tmp_path / d / "checkpoints" / "step-0000003" for d in ("one", "two"))
+    w1, w2 = (load_file(str(d / "trainable.safetensors")) for d in (one, two))
+    assert w1.keys() == w2.keys() and max(_close(w1[k], w2[k]) for k in w1) <= ATOL
+    s1, s2 = (torch.load(d / "state.pt", weights_only=False) for d in (one, two))
+    o1, o2 = s1["optimizer"], s2["optimizer"]
+    assert o1["param_groups"] == o2["param_groups"] and o1["state"].keys() == o2["state"].keys()
+    for i, state in o1["state"].items():
+        assert state.keys() == o2["state"][i].keys()
+        assert all(_close(v, o2["state"][i][k]) <= ATOL for k, v in state.items()), i
+    assert len(s2["process_rngs"]) == 1
+
+    # stopped after its checkpoint at step 2, then resumed under FSDP
+    constant = ["train.schedule=constant", "train.warmup_steps=0", "train.warmup_ratio=0", FSDP]
+    _launch("torchrun", [*args, *constant, f"train.output_dir={tmp_path / 'whole'}"])
+    _launch("torchrun", [*args, *constant, "train.max_steps=2", f"train.output_dir={tmp_path / 'cut'}"])
+    _launch("torchrun", [*args, *constant, f"train.output_dir={tmp_path / 'cut'}", "--resume"])
+    whole, cut = _weights(tmp_path / "whole"), _weights(tmp_path / "cut")
+    assert max(_close(whole[k], cut[k]) for k in whole) == 0.0
+    assert _rows(tmp_path / "whole") == _rows(tmp_path / "cut")
+
+
+def test_dpo_fsdp_equals_one_process(tiny_dir, tmp_path):
+    """10 pairs, a row each: the 4th step has one micro-batch, which the second process runs
+    again with its loss times zero (FSDP's collectives pair up across the processes)."""
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"What is {i} + {i}?", "chosen": f"It is {2 * i}.",
+                                         "rejected": f"Maybe {2 * i + 1}, or so."}) + "\n" for i in range(10)))
+    args = ["dpo", f"model.path={tiny_dir}", f"data.path={pairs}", "train.max_steps=4", "train.max_tokens_per_batch=64",
+            "eval.problems=0", "beta=0.5", *COMMON]
+    assert main([*args, f"train.output_dir={tmp_path / 'one'}"]) == 0
+    assert SHARDED in _launch("torchrun", [*args, FSDP, f"train.output_dir={tmp_path / 'two'}"])
+    _same_run(tmp_path / "one", tmp_path / "two", steps=4)
+
+
+def test_rm_lora_fsdp_by_accelerate_launch_equals_one_process(tiny_dir, tmp_path):
+    """A LoRA reward model (frozen and trained parameters in one FSDP unit), evaluated on the
+    main process during training (every process gathers the whole model for it) and after."""
+    args = ["rm", f"model.path={tiny_dir}", "train.max_steps=3", "train.eval_every=2", "data.builtin_pairs=24",
+            "data.builtin_eval_pairs=8", "eval_pairs=8", "train.max_tokens_per_batch=160", "data.max_length=96",
+            "model.lora={r: 4, alpha: 8}", *COMMON]
+    assert main([*args, f"train.output_dir={tmp_path / 'one'}"]) == 0
+    assert SHARDED in _launch("accelerate", [*args, FSDP, f"train.output_dir={tmp_path / 'two'}"])
+    _same_run(tmp_path / "one", tmp_path / "two")
+    rows = [r for r in _rows(tmp_path / "two") if "eval/accuracy" in r]
+    assert [r["step"] for r in rows] == [2, 3]  # during training (step 2) and after the last step
+    assert (tmp_path / "two" / "eval" / "report.json").is_file()
