@@ -77,3 +77,17 @@ def test_rm_lora_fsdp_by_accelerate_launch_equals_one_process(tiny_dir, tmp_path
     rows = [r for r in _rows(tmp_path / "two") if "eval/accuracy" in r]
     assert [r["step"] for r in rows] == [2, 3]  # during training (step 2) and after the last step
     assert (tmp_path / "two" / "eval" / "report.json").is_file()
+
+
+def test_fsdp_refuses_early_stopping_before_training():
+    """ReST-EM's validation keeps the best epoch's whole weights; a sharded model has only its
+    shards, so `fit` refuses the pair before any step."""
+    from types import SimpleNamespace
+
+    import pytest
+
+    from alignkit.engine.trainer import EarlyStopping, fit
+
+    engine = SimpleNamespace(cfg=SimpleNamespace(), sharded=True)
+    with pytest.raises(ValueError, match="train.fsdp does not keep early stopping"):
+        fit(engine, lambda batch: None, lambda epoch: [], early_stopping=EarlyStopping(lambda model: {"reward": 0.0}))

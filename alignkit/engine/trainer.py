@@ -361,6 +361,9 @@ def fit(engine: Engine, step_fn: StepFn, epoch_batches: Callable[[int], list[dic
     a plain module again once fit returns (`Engine.unshard`), after the final evaluation.
     """
     cfg = engine.cfg
+    if engine.sharded and early_stopping is not None:  # its best weights would be this process's shards
+        raise ValueError("train.fsdp does not keep early stopping's best weights (ReST-EM's validation, task.val > 0): "
+                         "set task.val=0 or train without train.fsdp")
     epoch = engine.loop_state.get("epoch", 0)
     index = engine.loop_state.get("index", 0)
     if early_stopping is not None and engine.loop_state.get("early_stopping") is not None:
