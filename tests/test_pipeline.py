@@ -75,6 +75,8 @@ def test_the_loop_runs_every_stage_and_prints_one_table(recipe, tmp_path, capsys
     ppo_cfg = json.loads((out / "ppo" / "config.json").read_text())
     assert ppo_cfg["model"]["path"] == str(out / "rs-1" / "final")
     assert ppo_cfg["reward"]["helpful_path"] == str(out / "rm-helpful-1" / "final")
+    # every stage saved checkpoints (save_every: 1); an ended stage's are removed, its final/ stays
+    assert not list(out.glob("*/checkpoints")) and all((out / s / "final").is_dir() for s in ("sft", "ppo", "gatt"))
     # a re-run of a finished pipeline runs nothing and prints the same table
     assert main(["pipeline", recipe, f"output_dir={out}"]) == 0
     assert _result(out)["ran"] == [] and (out / "table.md").read_text() == table
@@ -146,3 +148,19 @@ def test_stage_fingerprints_and_merged_sections(tmp_path):
     resumed.run("a", {"k": 2}, [], fn)
     resumed.run("b", {"k": 1}, ["a"], fn)
     assert calls[4:] == [("b", True)] and resumed.ran == ["b"]  # same fingerprint: resumed inside the stage
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_an_ended_command_stage_drops_its_checkpoints_unless_kept(tmp_path, keep):
+    from alignkit.algorithms.sft import SFTConfig
+
+    def command(cfg):  # stands in for a command: checkpoints while it runs, final/ when it ends
+        (Path(cfg.train.output_dir) / "checkpoints" / "step-1").mkdir(parents=True)
+        (Path(cfg.train.output_dir) / "final").mkdir()
+        return {"loss": 1.0}
+
+    stages = Stages(tmp_path, keep_checkpoints=keep)
+    cfg = SFTConfig()
+    cfg.train.output_dir = str(tmp_path / "sft")
+    assert stages.command("sft", cfg, [], command)["loss"] == 1.0
+    assert (tmp_path / "sft" / "checkpoints").is_dir() == keep and (tmp_path / "sft" / "final").is_dir()

@@ -86,6 +86,7 @@ class PipelineConfig:
     gatt: bool = opt(True, "Ghost Attention SFT of the final model, evaluated turn by turn against the SFT model")
     precision: str = opt("auto", "fp32, bf16 (autocast) or auto (bf16 where the CPU/GPU computes it natively): every stage")
     threads: int = opt(0, "torch CPU threads of every stage (0 = default)")
+    keep_checkpoints: bool = opt(False, "keep an ended stage's checkpoints/ (they only serve to resume it when killed)")
     data: PipelineDataConfig = opt(factory=PipelineDataConfig, help="the built-in data of the loop")
     comparisons: ComparisonsConfig = opt(factory=ComparisonsConfig, help="iterative reward modelling: new comparisons per iteration")
     eval: PipelineEvalConfig = opt(factory=PipelineEvalConfig, help="the evaluation after every stage")
@@ -127,7 +128,7 @@ class Llama2Chat:
         from alignkit.algorithms.sft import SFTConfig
 
         self.cfg, self.root = cfg, Path(cfg.output_dir)
-        self.stages = Stages(self.root)
+        self.stages = Stages(self.root, cfg.keep_checkpoints)
         self.precision = resolve_precision(cfg.precision)
         at = lambda name: self.root / name
         data = self.root / "data"

@@ -8,7 +8,10 @@ stage. A stage whose config changed, or one of whose inputs changed, gets anothe
 folder is removed and it runs again, and so, through their fingerprints, do the stages after it.
 A stage that started (`pipeline-started.json` with the same fingerprint) but did not end was
 killed: it runs again with its command's `train.resume`, so it goes on from its own checkpoints
-or stored phases instead of starting over.
+or stored phases instead of starting over. A command stage that ends removes its `checkpoints/`
+(they serve only to resume it, and an ended stage never runs again with the same fingerprint)
+unless the pipeline keeps them: a full fine-tune's two kept checkpoints are ~3 GB on the default
+model.
 """
 
 from __future__ import annotations
@@ -54,8 +57,9 @@ class Stages:
     """The stages of one run directory, run in call order. `results[name]` holds each stage's
     result once it is done (run or read back)."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, keep_checkpoints: bool = False):
         self.root = Path(root)
+        self.keep_checkpoints = keep_checkpoints
         self.prints: dict[str, str] = {}
         self.results: dict[str, dict] = {}
         self.ran: list[str] = []  # stages this process ran (the others were read back)
@@ -99,6 +103,9 @@ class Stages:
         def go(folder: Path, resume: bool) -> dict:
             if resume and (folder / "result.json").is_file():  # killed after the command finished
                 return json.loads((folder / "result.json").read_text())
-            return run(replace(cfg, train=replace(cfg.train, resume=resume)))
+            result = run(replace(cfg, train=replace(cfg.train, resume=resume)))
+            if not self.keep_checkpoints:
+                shutil.rmtree(folder / "checkpoints", ignore_errors=True)
+            return result
 
         return self.run(name, description, inputs, go)
