@@ -34,17 +34,31 @@ def test_layout_hand_example():
     assert row["input_ids"].tolist() == [[3, 4, 7, 8, 9, 6]]
     visible = group_visibility(row["group_ids"], row["parts"])[0, 0]
     layout = segment_layout(visible, _segments(row))
-    # segments: root (0, 1), prompt (2), reply (3, 4), reply (5); padded to 2 queries
-    assert layout.queries.tolist() == [[0, 1], [2, 0], [3, 4], [5, 0]]
+    # segments: root (0, 1), prompt (2), reply (3, 4), reply (5); padded to 2 queries, one bucket
+    # (cutting it would save fewer than MIN_SAVING scores)
+    (bucket,) = layout.buckets
+    assert bucket.queries.tolist() == [[0, 1], [2, 0], [3, 4], [5, 0]]
     # keys seen by each segment's last token: the root; root + prompt; root + prompt + reply; root + own reply
-    assert layout.keys.tolist() == [[0, 1, 0, 0, 0], [0, 1, 2, 0, 0], [0, 1, 2, 3, 4], [0, 1, 5, 0, 0]]
+    assert bucket.keys.tolist() == [[0, 1, 0, 0, 0], [0, 1, 2, 0, 0], [0, 1, 2, 3, 4], [0, 1, 5, 0, 0]]
     T, F = True, False
-    assert layout.mask[0, 0].tolist() == [[T, F, F, F, F], [T, T, F, F, F]]
-    assert layout.mask[1, 0].tolist() == [[T, T, T, F, F], [T, F, F, F, F]]  # padding query: key 0 only
-    assert layout.mask[2, 0].tolist() == [[T, T, T, T, F], [T, T, T, T, T]]
-    assert layout.mask[3, 0].tolist() == [[T, T, T, F, F], [T, F, F, F, F]]
+    assert bucket.mask[0, 0].tolist() == [[T, F, F, F, F], [T, T, F, F, F]]
+    assert bucket.mask[1, 0].tolist() == [[T, T, T, F, F], [T, F, F, F, F]]  # padding query: key 0 only
+    assert bucket.mask[2, 0].tolist() == [[T, T, T, T, F], [T, T, T, T, T]]
+    assert bucket.mask[3, 0].tolist() == [[T, T, T, F, F], [T, F, F, F, F]]
     assert layout.inverse.tolist() == [0, 1, 2, 4, 5, 6]
-    assert not layout.pays  # 4 x 2 x 5 scores > 6 x 6
+    assert not layout.pays  # 4 x 2 x 5 scores > 0.75 x 6 x 6
+
+
+def test_buckets_cut_long_segments_from_short_ones():
+    from alignkit.models.segment_attention import _buckets
+
+    # two 300-token prompts, four 4-token replies that see their prompt: one bucket would score
+    # 6 x 300 x 304; cut: 2 x 300 x 300 + 4 x 4 x 304
+    assert _buckets([300, 4, 4, 300, 4, 4], [300, 304, 304, 300, 304, 304]) == [[0, 3], [1, 2, 4, 5]]
+    # similar sizes: no cut saves a tenth
+    assert _buckets([60, 64, 58, 62], [60, 64, 58, 62]) == [[0, 1, 2, 3]]
+    # three sizes: cut twice
+    assert _buckets([400, 150, 150, 10], [400, 150, 150, 160]) == [[0], [1, 2], [3]]
 
 
 def test_segments_equal_the_dense_mask_in_values_and_gradients():
@@ -70,7 +84,7 @@ def test_segments_equal_the_dense_mask_in_values_and_gradients():
 
 
 def test_a_costlier_batching_falls_back_to_the_dense_mask():
-    # one long prompt, one short reply: 2 segments x 30 queries x 32 keys > 32 x 32
+    # one long prompt, one short reply: 30 x 30 + 3 x 33 scores > 0.75 x 33 x 33
     prompt = list(range(20, 50))
     row = group_row([Group(prompt, [[60, 61, 62]], [[60, 61, 62]])])
     visible = group_visibility(row["group_ids"], row["parts"])
@@ -80,6 +94,37 @@ def test_a_costlier_batching_falls_back_to_the_dense_mask():
         hidden = group_hidden(model.get_decoder(), row)
         alone = model.get_decoder()(input_ids=torch.tensor([prompt + [60, 61]])).last_hidden_state
     torch.testing.assert_close(hidden, alone, rtol=1e-5, atol=1e-5)
+
+
+def test_long_prompts_with_short_replies_run_in_buckets_equal_to_the_dense_mask():
+    """HH-style rows (two groups of a 300-token prompt and two 4-token replies): the prompts run
+    as one bucket through SDPA (segment_attention.SDPA_SCORES), the replies as another through
+    explicit products; the same hidden states and gradients as the dense mask (float64)."""
+    from alignkit.models import segment_attention
+
+    groups = [Group([20 + (7 * t + g) % 200 for t in range(300)], [[5, 6, 7, 8], [9, 10, 11, 12]], [[5, 6, 7, 8], [9, 10, 11, 12]])
+              for g in range(2)]
+    row = group_row(groups)
+    visible = group_visibility(row["group_ids"], row["parts"])
+    layout = segment_layout(visible[0, 0], _segments(row))
+    assert layout.pays and [b.mask.shape[0] for b in layout.buckets] == [2, 4]
+    assert layout.buckets[0].mask.shape[2] * layout.buckets[0].mask.shape[3] >= segment_attention.SDPA_SCORES
+    results = []
+    for dense in (False, True):
+        model = tiny_model(3).double()
+        decoder = model.get_decoder()
+        if dense:
+            hidden = decoder(input_ids=row["input_ids"], position_ids=row["position_ids"],
+                             attention_mask=visible, use_cache=False).last_hidden_state
+        else:
+            hidden = group_hidden(decoder, row)
+        (hidden * torch.linspace(-1, 1, hidden.shape[-1], dtype=torch.float64)).sum().backward()
+        results.append((hidden.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (h_seg, g_seg), (h_dense, g_dense) = results
+    torch.testing.assert_close(h_seg, h_dense, rtol=1e-10, atol=1e-10)
+    assert g_seg.keys() == g_dense.keys() and len(g_seg) > 0
+    for name in g_seg:
+        torch.testing.assert_close(g_seg[name], g_dense[name], rtol=1e-9, atol=1e-10)
 
 
 def test_a_packed_row_of_examples_gives_the_dense_masks_logprobs_and_gradients(monkeypatch):

@@ -41,7 +41,7 @@ import torch
 from alignkit.data.collate import pack_groups
 from alignkit.data.packing import group_row, scoring_group
 from alignkit.data.records import Message, user_prompt
-from alignkit.models.forward import group_visibility, unwrap
+from alignkit.models.forward import group_hidden, unwrap
 from alignkit.precision import resolve_precision
 from alignkit.models.load import DTYPES, ModelConfig, ModelError, add_lora, load_pretrained, load_tokenizer, resolve_model_path
 from alignkit.rewards.combine import sigmoid
@@ -74,14 +74,10 @@ def sequence_rewards(model, batch: dict) -> torch.Tensor:
     """Reward of every response in a row of scoring groups (`data.packing.group_row` with
     `keep_last`), float32 [N], in row order.
 
-    The backbone runs once over the row; the `score` head only sees each response's last token."""
+    The backbone runs once over the row (`forward.group_hidden`: segment by segment when that
+    scores fewer pairs than the dense mask); the `score` head only sees each response's last token."""
     rm = unwrap(model)
-    hidden = rm.model(
-        input_ids=batch["input_ids"],
-        attention_mask=group_visibility(batch["group_ids"], batch["parts"]),
-        position_ids=batch["position_ids"],
-        use_cache=False,
-    ).last_hidden_state
+    hidden = group_hidden(rm.model, batch)
     return rm.score(hidden[0, batch["ends"]]).squeeze(-1).float()
 
 
