@@ -133,13 +133,18 @@ def test_rm_two_processes_by_accelerate_launch_equal_one(tiny_dir, tmp_path):
     assert (tmp_path / "two" / "eval" / "report.json").is_file()  # the main process's final evaluation
 
 
-def test_dpo_two_processes_equal_one(tiny_dir, tmp_path):
-    """10 pairs, a row each: the 4th step has one micro-batch, and the second process none."""
+def _dpo(tiny_dir: str, tmp_path) -> list[str]:
+    """DPO on 10 pairs, a row each, for 4 steps: the 4th step has one micro-batch."""
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps({"prompt": f"What is {i} + {i}?", "chosen": f"It is {2 * i}.",
                                          "rejected": f"Maybe {2 * i + 1}, or so."}) + "\n" for i in range(10)))
-    args = ["dpo", f"model.path={tiny_dir}", f"data.path={pairs}", "train.max_steps=4", "train.max_tokens_per_batch=64",
+    return ["dpo", f"model.path={tiny_dir}", f"data.path={pairs}", "train.max_steps=4", "train.max_tokens_per_batch=64",
             "eval.problems=0", "beta=0.5", *COMMON]
+
+
+def test_dpo_two_processes_equal_one(tiny_dir, tmp_path):
+    """10 pairs, a row each: the 4th step has one micro-batch, and the second process none."""
+    args = _dpo(tiny_dir, tmp_path)
     assert main([*args, f"train.output_dir={tmp_path / 'one'}"]) == 0
     _launch("torchrun", [*args, f"train.output_dir={tmp_path / 'two'}"])
     _same_run(tmp_path / "one", tmp_path / "two", steps=4)

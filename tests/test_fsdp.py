@@ -8,13 +8,21 @@ numbers them; a 2-process FSDP run resumed from its checkpoint equals the uninte
 
 from __future__ import annotations
 
-import json
-
 import torch
 from safetensors.torch import load_file
+from test_distributed import (  # noqa: F401 (a fixture)
+    ATOL,
+    COMMON,
+    _dpo,
+    _launch,
+    _rows,
+    _same_run,
+    _sft,
+    _weights,
+    tiny_dir,
+)
 
 from alignkit.cli import main
-from test_distributed import ATOL, COMMON, _launch, _rows, _same_run, _sft, _weights, tiny_dir  # noqa: F401 (a fixture)
 
 FSDP = "train.fsdp=true"
 SHARDED = "FSDP: the model's parameters, gradients and optimizer state are sharded over 2 processes"
@@ -55,11 +63,7 @@ def test_sft_fsdp_equals_one_process_and_resumes(tiny_dir, tmp_path):
 def test_dpo_fsdp_equals_one_process(tiny_dir, tmp_path):
     """10 pairs, a row each: the 4th step has one micro-batch, which the second process runs
     again with its loss times zero (FSDP's collectives pair up across the processes)."""
-    pairs = tmp_path / "pairs.jsonl"
-    pairs.write_text("".join(json.dumps({"prompt": f"What is {i} + {i}?", "chosen": f"It is {2 * i}.",
-                                         "rejected": f"Maybe {2 * i + 1}, or so."}) + "\n" for i in range(10)))
-    args = ["dpo", f"model.path={tiny_dir}", f"data.path={pairs}", "train.max_steps=4", "train.max_tokens_per_batch=64",
-            "eval.problems=0", "beta=0.5", *COMMON]
+    args = _dpo(tiny_dir, tmp_path)
     assert main([*args, f"train.output_dir={tmp_path / 'one'}"]) == 0
     assert SHARDED in _launch("torchrun", [*args, FSDP, f"train.output_dir={tmp_path / 'two'}"])
     _same_run(tmp_path / "one", tmp_path / "two", steps=4)

@@ -27,6 +27,27 @@ def _row() -> dict:
     return group_row(groups, root=[10, 11, 12, 13])
 
 
+def _assert_segments_equal_dense(row: dict) -> None:
+    """group_hidden on `row` gives the dense visibility mask's hidden states and gradients."""
+    visible = group_visibility(row["group_ids"], row["parts"])
+    results = []
+    for dense in (False, True):
+        model = tiny_model(3).double()  # float64: the two orders of summation agree to ~1e-12
+        decoder = model.get_decoder()
+        if dense:
+            hidden = decoder(input_ids=row["input_ids"], position_ids=row["position_ids"],
+                             attention_mask=visible, use_cache=False).last_hidden_state
+        else:
+            hidden = group_hidden(decoder, row)
+        (hidden * torch.linspace(-1, 1, hidden.shape[-1], dtype=torch.float64)).sum().backward()
+        results.append((hidden.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (h_seg, g_seg), (h_dense, g_dense) = results
+    torch.testing.assert_close(h_seg, h_dense, rtol=1e-10, atol=1e-10)
+    assert g_seg.keys() == g_dense.keys() and len(g_seg) > 0
+    for name in g_seg:
+        torch.testing.assert_close(g_seg[name], g_dense[name], rtol=1e-9, atol=1e-10)
+
+
 def test_layout_hand_example():
     # root [0, 1] | group 0: prompt [2], reply [3, 4] | group 1: reply [5]
     groups = [Group([7], [[8, 9, 1]], [[8, 9, 1]]), Group([], [[6, 1]], [[6, 1]])]
@@ -65,22 +86,7 @@ def test_segments_equal_the_dense_mask_in_values_and_gradients():
     row = _row()
     visible = group_visibility(row["group_ids"], row["parts"])
     assert segment_layout(visible[0, 0], _segments(row)).pays  # the segmented path is the one tested
-    results = []
-    for dense in (False, True):
-        model = tiny_model(3).double()  # float64: the two orders of summation agree to ~1e-12
-        decoder = model.get_decoder()
-        if dense:
-            hidden = decoder(input_ids=row["input_ids"], position_ids=row["position_ids"],
-                             attention_mask=visible, use_cache=False).last_hidden_state
-        else:
-            hidden = group_hidden(decoder, row)
-        (hidden * torch.linspace(-1, 1, hidden.shape[-1], dtype=torch.float64)).sum().backward()
-        results.append((hidden.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
-    (h_seg, g_seg), (h_dense, g_dense) = results
-    torch.testing.assert_close(h_seg, h_dense, rtol=1e-10, atol=1e-10)
-    assert g_seg.keys() == g_dense.keys() and len(g_seg) > 0
-    for name in g_seg:
-        torch.testing.assert_close(g_seg[name], g_dense[name], rtol=1e-9, atol=1e-10)
+    _assert_segments_equal_dense(row)
 
 
 def test_a_costlier_batching_falls_back_to_the_dense_mask():
@@ -109,22 +115,7 @@ def test_long_prompts_with_short_replies_run_in_buckets_equal_to_the_dense_mask(
     layout = segment_layout(visible[0, 0], _segments(row))
     assert layout.pays and [b.mask.shape[0] for b in layout.buckets] == [2, 4]
     assert layout.buckets[0].mask.shape[2] * layout.buckets[0].mask.shape[3] >= segment_attention.SDPA_SCORES
-    results = []
-    for dense in (False, True):
-        model = tiny_model(3).double()
-        decoder = model.get_decoder()
-        if dense:
-            hidden = decoder(input_ids=row["input_ids"], position_ids=row["position_ids"],
-                             attention_mask=visible, use_cache=False).last_hidden_state
-        else:
-            hidden = group_hidden(decoder, row)
-        (hidden * torch.linspace(-1, 1, hidden.shape[-1], dtype=torch.float64)).sum().backward()
-        results.append((hidden.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
-    (h_seg, g_seg), (h_dense, g_dense) = results
-    torch.testing.assert_close(h_seg, h_dense, rtol=1e-10, atol=1e-10)
-    assert g_seg.keys() == g_dense.keys() and len(g_seg) > 0
-    for name in g_seg:
-        torch.testing.assert_close(g_seg[name], g_dense[name], rtol=1e-9, atol=1e-10)
+    _assert_segments_equal_dense(row)
 
 
 def test_a_packed_row_of_examples_gives_the_dense_masks_logprobs_and_gradients(monkeypatch):
