@@ -102,8 +102,9 @@ class Stages:
 
         def go(folder: Path, resume: bool) -> dict:
             if resume and (folder / "result.json").is_file():  # killed after the command finished
-                return json.loads((folder / "result.json").read_text())
-            result = run(replace(cfg, train=replace(cfg.train, resume=resume)))
+                result = json.loads((folder / "result.json").read_text())
+            else:
+                result = run(replace(cfg, train=replace(cfg.train, resume=resume)))
             if not self.keep_checkpoints:
                 shutil.rmtree(folder / "checkpoints", ignore_errors=True)
             return result
