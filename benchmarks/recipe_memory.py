@@ -50,6 +50,13 @@ SHORT = {
     "raft": ["stages=1"],
     "rest": ["thresholds=[0.25]"],
     "rest_em": ["iterations=1"],
+    # fewer problems and one epoch; samples per prompt, decode batch and 512-token rows kept
+    "rft": ["task.train=192", "task.heldout=64", "metrics.train_problems=16", "train.epochs=1"],
+    # one decode batch (16 prompts x 16 samples x 48 tokens) per temperature
+    "best_of_n": ["task.heldout=16"],
+    # the base model's evaluation and one arm (all six families), 4 steps of 2048-token rows;
+    # 32 items per held-out family: one decode batch of eval.batch_size each
+    "flan_study": ["task_counts=[6]", "cot_ablation=false", "train.max_steps=4", "train.save_every=0", "eval.items=32"],
 }
 
 
