@@ -164,3 +164,19 @@ def test_an_ended_command_stage_drops_its_checkpoints_unless_kept(tmp_path, keep
     cfg.train.output_dir = str(tmp_path / "sft")
     assert stages.command("sft", cfg, [], command)["loss"] == 1.0
     assert (tmp_path / "sft" / "checkpoints").is_dir() == keep and (tmp_path / "sft" / "final").is_dir()
+
+
+def test_a_comparison_is_drawn_among_the_replies_the_gold_rules_do_not_tie():
+    import random
+
+    from alignkit.algorithms.pipeline.comparisons import label_pair
+
+    prompt = "What is 12 + 5?"  # gold: 1.5 for a right answer, -1.0 for a wrong one, -1.5 for a refusal
+    right, also_right, wrong = "The answer is 17.", "17", "The answer is 3."
+    for seed in range(8):  # the tie (right, also_right) is never the pair, whatever the draw
+        pair = label_pair(prompt, [right, also_right, wrong], random.Random(seed))
+        assert pair.rejected == wrong and pair.chosen in (right, also_right)
+    assert label_pair(prompt, [right, also_right], random.Random(0)) is None  # all tie: no pair
+    refusal = "I'm sorry, but I can't help with that."
+    pair = label_pair(prompt, [wrong, refusal], random.Random(0))  # n = 2: the pair itself, best first
+    assert (pair.chosen, pair.rejected) == (wrong, refusal)
