@@ -5,9 +5,9 @@ a command is one of these classes:
 
 | class                | commands                   | adds to the one below it                              |
 |----------------------|----------------------------|-------------------------------------------------------|
-| LoopConfig           | (base)                     | optimizer, schedule, precision, device, seed, metrics |
-| StageConfig          | (base)                     | epochs, max_steps, grad_accum, packed micro-batches,  |
+| LoopConfig           | (base)                     | optimizer, schedule, precision, device, seed, metrics,|
 |                      |                            | fsdp                                                  |
+| StageConfig          | (base)                     | epochs, max_steps, grad_accum, packed micro-batches   |
 | CheckpointConfig     | dpo's reference_train      | save_every, keep_checkpoints (resumes with `train`)   |
 | SamplingTrainConfig  | rs raft rft rest rest-em   | CheckpointConfig + resume, batch_size (packing=pad)   |
 | TrainConfig          | dpo rrhf                   | resume, merge_lora                                    |
@@ -50,6 +50,8 @@ class LoopConfig:
     on_nonfinite: str = opt("stop", "stop or skip a step whose loss or gradient is not finite")
     trackers: list[str] = opt(factory=list, help="extra trackers: tensorboard, wandb, mlflow")
     threads: int = opt(0, "torch CPU threads (0 = torch default)")
+    fsdp: bool = opt(False, "launched as several processes: shard the model, its gradients and optimizer state over "
+                            "them (FSDP2, engine/distributed.py) instead of a whole copy each")
 
     def __post_init__(self):
         if self.precision not in ("fp32", "bf16", "auto"):
@@ -82,8 +84,6 @@ class StageConfig(LoopConfig):
     max_tokens_per_batch: int = opt(2048, "tokens per packed micro-batch row (packing mode)")
     log_every: int = opt(1, "write metrics every N steps")
     progress: bool = opt(True, "show a progress bar")
-    fsdp: bool = opt(False, "launched as several processes: shard the model, its gradients and optimizer state over "
-                            "them (FSDP2, engine/distributed.py) instead of a whole copy each")
 
     def __post_init__(self):
         super().__post_init__()
@@ -152,7 +152,9 @@ class SFTTrainConfig(EvalTrainConfig):
 
 @dataclass
 class PPOTrainConfig(Resumable, LoopConfig):
-    """`alignkit ppo`: its iterations set the schedule's length; rollouts are split in rows."""
+    """`alignkit ppo`: its iterations set the schedule's length; rollouts are split in rows. With
+    `fsdp` the actor-critic is sharded for the updates and gathered whole on every process for
+    sampling and the no-grad passes (algorithms/ppo/loop.py; sampling.backend=hf only)."""
     batch_size: int = opt(8, "rollout rows per micro-batch (a minibatch's micro-batches accumulate into one step)")
     max_tokens_per_batch: int = opt(2048, "tokens per packed row of PPO-ptx SFT data (ptx.coef > 0)")
     save_every: int = opt(0, "checkpoint every N iterations (0 = only at the end)")

@@ -26,8 +26,14 @@ into each process's shard before the engine's one division by the summed units. 
 the main process runs with every unit gathered on every process (`gathered`); checkpoints hold
 the gathered weights and optimizer state, numbered as one process numbers them, and a run
 resumes from them at the same process count; when training ends the model becomes a plain module on
-every process again (`unsharded_copy`), which the main process saves as final/ alone. Works on
-gloo (CPU) and nccl; a run equals one process's to float rounding.
+every process again (`unsharded_copy`), which the main process saves as final/ alone. Every
+training command takes it. PPO (and reinforce, rloo, grpo) shards its actor-critic (the policy,
+a value head, a critic's adapter or backbone; a separate frozen reference stays whole on every
+process) and samples, scores and runs its no-grad passes inside `gathered`, each process its own
+share; its micro-batch parts (policy, critic, PPO-ptx) come in the same order on every process.
+Works on gloo (CPU) and nccl; a run equals one process's to float rounding (tests/test_fsdp.py:
+sft, dpo, a LoRA rm, and PPO with a LoRA critic of its own adapter, resumed too, as 2 CPU
+processes on gloo).
 
 Sampling (`map_shared`): a call's prompts are cut into shards whose size and seeds do not depend
 on the process count; each process samples and scores its shards (the k-th of N takes shards
@@ -182,9 +188,11 @@ def sum_gradients(params: list[torch.nn.Parameter]) -> None:
 
 def shard(model) -> torch.nn.Module:
     """Shard `model` in place with FSDP2 (`torch.distributed.fsdp.fully_shard`) over the launch's
-    processes: each decoder layer (the classes its `_no_split_modules` names) is one unit, the
-    root (embeddings, final norm, output or score head, a peft wrapper) another. Gradients are
-    summed, not averaged, by the reduce-scatter (the engine divides by the step's units).
+    processes: each decoder layer (the classes that `_no_split_modules` of the model or of its
+    submodules names: PPO's actor-critic holds a policy, and maybe a critic backbone of another
+    architecture) is one unit, the root (embeddings, final norm, output or score head, a value
+    head, a peft wrapper) another. Gradients are summed, not averaged, by the reduce-scatter (the
+    engine divides by the step's units).
 
     The step functions call the decoder and the heads directly, not `model.forward`, so the root's
     hooks (all-gather before, reduce-scatter in backward) run around `model.alignkit_step(step_fn,
@@ -192,12 +200,14 @@ def shard(model) -> torch.nn.Module:
     the layers' hooks run as the decoder calls them.
 
     Returns a copy of the unsharded model whose parameters are on the meta device (no storage),
-    for `unsharded_copy`."""
-    names = getattr(model, "_no_split_modules", None)
+    for `unsharded_copy`; modules the root holds outside its tree (PPO's frozen reference) are
+    shared with it, not copied."""
+    names = {n for m in model.modules() for n in getattr(m, "_no_split_modules", None) or ()}
     if not names:
         raise ValueError(f"train.fsdp: {type(model).__name__} names no decoder layer class (_no_split_modules)")
-    skeleton = copy.deepcopy(model, {id(p): torch.nn.Parameter(p.detach().to("meta"), requires_grad=p.requires_grad)
-                                     for p in model.parameters()})
+    memo = {id(m): m for m in vars(model).values() if isinstance(m, torch.nn.Module)}
+    memo.update({id(p): torch.nn.Parameter(p.detach().to("meta"), requires_grad=p.requires_grad) for p in model.parameters()})
+    skeleton = copy.deepcopy(model, memo)
     for module in model.modules():
         if type(module).__name__ in names:
             fully_shard(module, reshard_after_forward=True)
@@ -208,6 +218,13 @@ def shard(model) -> torch.nn.Module:
             module.set_force_sum_reduction_for_comms(True)  # a plain SUM: gloo has no PREMUL_SUM
     model.alignkit_step = types.MethodType(lambda self, step_fn, batch: step_fn(batch), model)
     register_fsdp_forward_method(model, "alignkit_step")
+    # FSDP takes the first unit whose forward runs for the root: run the root's now, or a layer that
+    # runs first (PPO samples before its first step) would become one. Its parameters go back to
+    # shards at once: the optimizer is built on the parameters registered now.
+    with torch.no_grad():
+        model.alignkit_step(lambda batch: None, None)
+    model.reshard()
+    model.reset_iter_state()
     return skeleton
 
 
@@ -219,11 +236,13 @@ def local(value: torch.Tensor) -> torch.Tensor:
 @contextlib.contextmanager
 def gathered(model):
     """Every FSDP unit of the sharded `model` gathered whole on every process for the duration,
-    and kept so after forward passes: one process can then run the model alone (an evaluation on
-    the main process, between optimizer steps) without collectives. Every process enters and
-    leaves it; on leaving, the units are sharded again and the forward passes' traces that FSDP
-    keeps for the next backward (the order it prefetches in) are dropped (`reset_iter_state`),
-    which would otherwise differ between the processes."""
+    and kept so after forward passes: each process can then run the model alone without
+    collectives (an evaluation on the main process between optimizer steps; PPO's sampling and
+    no-grad passes, a different number on each process). Every process enters and leaves it; on
+    leaving, the units are sharded again (the optimizer works on the shards, and a checkpoint reads
+    them) and the forward passes' traces that FSDP keeps for the next backward (the order it
+    prefetches in) are dropped (`reset_iter_state`), which would otherwise differ between the
+    processes."""
     units = [m for m in model.modules() if isinstance(m, FSDPModule)]
     for unit in units:
         unit.unshard()
@@ -233,6 +252,7 @@ def gathered(model):
     finally:
         for unit in units:
             unit.set_reshard_after_forward(unit is not model, recurse=False)
+            unit.reshard()
         model.reset_iter_state()
 
 

@@ -13,7 +13,7 @@ gradients, units and statistics are summed over the processes before the one div
 global batch, accumulation and schedule mean what they mean in one process. Only the main
 process writes metrics.jsonl and checkpoints, and evaluates; the others wait for it. With
 `train.fsdp` the model is sharded over the processes (FSDP2) from the optimizer's creation to
-the end of `fit` (`distributed.shard`).
+`unshard` (the end of `fit`, or of PPO's iterations) (`distributed.shard`).
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ class Engine:
         self.total_steps = max(1, total_steps)
         self.run_dir = Path(cfg.output_dir)
         # FSDP (train.fsdp) under a launch of several processes; the optimizer is built on the shards
-        self.sharded = getattr(cfg, "fsdp", False) and distributed.world_size() > 1
+        self.sharded = cfg.fsdp and distributed.world_size() > 1
         self.optimizer = None if self.sharded else make_optimizer(model, cfg)
         self.step = 0
         self.loop_state: dict = {}
@@ -276,11 +276,18 @@ class Engine:
     def unshard(self) -> None:
         """After training under FSDP: `model` becomes a plain module holding the whole trained
         model on every process (`distributed.unsharded_copy`), which the main process saves
-        (final/) alone and the sampling methods sample with. Without FSDP, nothing. (Objects
+        (final/) alone and the sampling methods sample with (PPO takes its actor-critic back from
+        `engine.model`). Without FSDP, nothing. (Objects
         built on the sharded model before, a reward model's scorer, keep the sharded one.)"""
         if self.sharded:
             self.model = distributed.unsharded_copy(self.model, self._skeleton)
             self.sharded = False
+
+    def gathered(self):
+        """A context in which every process holds the whole model (`distributed.gathered` under
+        FSDP; nothing to do without it), so each can run forward passes of its own: evaluations,
+        PPO's sampling and no-grad passes. Every process enters it."""
+        return distributed.gathered(self.model) if self.sharded else contextlib.nullcontext()
 
     def evaluate(self, eval_fn: Callable | None) -> dict:
         """`eval_fn(model)` on the main process; every process gets its result. Under FSDP every
@@ -288,7 +295,7 @@ class Engine:
         if eval_fn is None:
             return {}
         result = None
-        with distributed.gathered(self.model) if self.sharded else contextlib.nullcontext():
+        with self.gathered():
             if self.main:
                 self.model.eval()
                 with torch.no_grad(), self.autocast():
