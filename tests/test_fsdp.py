@@ -8,6 +8,9 @@ numbers them; a 2-process FSDP run resumed from its checkpoint equals the uninte
 
 from __future__ import annotations
 
+import re
+
+import pytest
 import torch
 from safetensors.torch import load_file
 from test_distributed import (  # noqa: F401 (a fixture)
@@ -23,6 +26,7 @@ from test_distributed import (  # noqa: F401 (a fixture)
 )
 
 from alignkit.cli import main
+from alignkit.engine.logging import read_metrics
 
 FSDP = "train.fsdp=true"
 SHARDED = "FSDP: the model's parameters, gradients and optimizer state are sharded over 2 processes"
@@ -81,6 +85,52 @@ def test_rm_lora_fsdp_by_accelerate_launch_equals_one_process(tiny_dir, tmp_path
     rows = [r for r in _rows(tmp_path / "two") if "eval/accuracy" in r]
     assert [r["step"] for r in rows] == [2, 3]  # during training (step 2) and after the last step
     assert (tmp_path / "two" / "eval" / "report.json").is_file()
+
+
+def _ppo(tiny_dir) -> list[str]:
+    """PPO with a LoRA critic of its own adapter (a policy part and a critic part per row chunk):
+    4 prompts × 2 replies an iteration in shards of 2 prompts (one a process), minibatches of 3
+    replies in chunks of 1, so a minibatch's second round of chunks has one chunk for 2 processes
+    and the second process runs pad parts."""
+    return ["ppo", f"model.path={tiny_dir}", "reward.kind=function", "reward.function=tests.test_distributed:lowercase_letters",
+            "prompts_per_iteration=4", "sampling.batch_size=2", "sampling.n=2", "sampling.max_new_tokens=8", "minibatch_size=3",
+            "train.batch_size=1", "ppo_epochs=1", "prompts.train=8", "prompts.heldout=2", "eval.every=0", "critic_trunk=own",
+            "train.lr=1e-3", "train.threads=1", "samples_every=1", "train.save_every=1",
+            "vf_clip=0"]  # the value clip's share counts float ties (value == old value at an iteration's first step)
+
+
+def test_ppo_fsdp_equals_one_process_and_resumes(tiny_dir, tmp_path):
+    """Sampling, scoring and the no-grad passes run with the model gathered on every process, so
+    the 2 processes sample the pool one process samples (test_distributed's PPO test); the
+    updates run sharded. Final weights within ATOL of one process's, the same rows; stopped after
+    its checkpoint at iteration 1 and resumed under FSDP, it ends where the uninterrupted run does."""
+    args = _ppo(tiny_dir)
+    assert main([*args, "iterations=2", f"train.output_dir={tmp_path / 'one'}"]) == 0
+    assert SHARDED in _launch("torchrun", [*args, "iterations=2", FSDP, f"train.output_dir={tmp_path / 'two'}"])
+    a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    assert a.keys() == b.keys() and max(_close(a[k], b[k]) for k in a) <= ATOL
+    rows_one, rows_two = _ppo_rows(tmp_path / "one"), _ppo_rows(tmp_path / "two")
+    assert [r.get("iteration") for r in rows_two] == [None, 1, 2, None] and [sorted(r) for r in rows_one] == [sorted(r) for r in rows_two]
+    for r1, r2 in zip(rows_one, rows_two):
+        for k, v in r1.items():
+            assert v == pytest.approx(r2[k], rel=1e-4, abs=1e-5), (r1["step"], k)  # KL: a sum of differences
+
+    _launch("torchrun", [*args, "iterations=1", FSDP, f"train.output_dir={tmp_path / 'cut'}"])
+    _launch("torchrun", [*args, "iterations=2", FSDP, f"train.output_dir={tmp_path / 'cut'}", "--resume"])
+    cut = _weights(tmp_path / "cut")
+    assert max(_close(b[k], cut[k]) for k in b) == 0.0
+    iterations = [[r for r in _ppo_rows(d) if "iteration" in r] for d in (tmp_path / "two", tmp_path / "cut")]
+    assert iterations[0] == iterations[1]  # (the cut run's final evaluation, at iteration 1, stays in its log)
+
+
+def _ppo_rows(run_dir) -> list[dict]:
+    timings = re.compile(r"(^|/)(step_s|gen_s|iteration_s)$|per_s$")
+    return [{k: v for k, v in r.items() if not timings.search(k)} for r in read_metrics(run_dir)]
+
+
+def test_ppo_fsdp_refuses_vllm_before_loading_a_model(capsys):
+    assert main(["ppo", "model.path=/nonexistent", FSDP, "sampling.backend=vllm"]) == 1  # a config error, as any other
+    assert "train.fsdp cannot sample with sampling.backend=vllm" in capsys.readouterr().err
 
 
 def test_fsdp_refuses_early_stopping_before_training():

@@ -29,7 +29,10 @@ over N processes when prompts_per_iteration >= N × sampling.batch_size), gather
 order, share out the no-grad passes by row chunks, and compute the shaped scores and advantages
 over the whole batch, the same on every process; the engine then shares out each minibatch's
 micro-batches. The main process evaluates and writes every file; `shards.jsonl` records which
-process sampled each shard of each iteration, with digests of the shards and of the pool.
+process sampled each shard of each iteration, with digests of the shards and of the pool. With
+`train.fsdp` the engine shards the actor-critic (FSDP2) for the updates; sampling, scoring, the
+no-grad passes and evaluations run inside `engine.gathered()`, the whole model on every process,
+and the micro-batches' parts come in the same order on every process (`micro_batches`).
 
 Memory (N = parameters of the model; fp32 weights 4N bytes, gradients 4N, AdamW moments 8N) and
 compute (passes of the model per micro-batch of training, and per iteration without gradient):
@@ -129,7 +132,9 @@ ALGORITHMS = {  # the family, one method a row
 class PPOConfig:
     model: ModelConfig = opt(factory=lambda: ModelConfig(lora=LoraConfig()), help="the policy to train (and reference)")
     train: PPOTrainConfig = opt(factory=lambda: PPOTrainConfig(output_dir="runs/ppo", lr=5e-5, schedule="constant", warmup_ratio=0.0,
-                                                               weight_decay=0.0), help="optimizer, micro-batches and checkpoints")
+                                                               weight_decay=0.0),
+                                help="optimizer, micro-batches, checkpoints, and fsdp: the actor-critic sharded over the "
+                                     "processes for the updates, gathered whole on each for sampling and no-grad passes")
     prompts: PromptsConfig = opt(factory=PromptsConfig, help="training and held-out prompts")
     reward: RewardConfig = opt(factory=RewardConfig, help="the reward")
     algorithm: str = opt("ppo", "ppo (critic + GAE), reinforce (batch-mean baseline), rloo (leave-one-out over k samples), grpo")
@@ -181,6 +186,10 @@ class PPOConfig:
             raise ValueError(f"ratio_cap must be 0 (off) or >= 1, not {self.ratio_cap!r}")
         if self.loss_reduction not in ("token", "sequence"):
             raise ValueError(f"loss_reduction must be token or sequence, not {self.loss_reduction!r}")
+        if self.train.fsdp and self.sampling.backend == "vllm":
+            raise ValueError("train.fsdp cannot sample with sampling.backend=vllm: its engine takes the policy's whole "
+                             "weights from the model, and under FSDP each process holds only its shard of them; use "
+                             "sampling.backend=hf")
 
     @property
     def method(self) -> Algorithm:
@@ -229,20 +238,33 @@ def units_of(cfg: PPOConfig, mask: torch.Tensor) -> float:
     return float(mask.sum()) if cfg.loss_reduction == "token" else float(mask.shape[0])
 
 
-def micro_batches(batch: dict, rows: torch.Tensor, cfg: PPOConfig, critic: bool, ptx) -> list[dict]:
+def micro_batches(batch: dict, rows: torch.Tensor, cfg: PPOConfig, critic: bool, ptx, processes: int = 1,
+                  fsdp: bool = False) -> list[dict]:
     """The engine's micro-batches for one minibatch. Each row chunk is a "policy" part and, with a
     critic of its own trunk, a "critic" part (and a "ptx" part): each part runs its own forward
     and backward, so activation memory peaks at one model pass (a shared-trunk critic is trained
     inside the policy part). Only policy parts carry units; the engine divides the summed gradient
-    by them, which gives exactly ∇(policy + vf_coef·value (+ γ_ptx·NLL))."""
+    by them, which gives exactly ∇(policy + vf_coef·value (+ γ_ptx·NLL)).
+
+    The chunks come in rounds of `processes`: a round's policy parts, then its critic parts, then
+    its ptx parts. The engine gives the k-th of N processes micro-batches k, k+N, ..., so each
+    takes one chunk of a round, part after part (in one process: chunk after chunk). Under FSDP
+    every process must run the same part at each pass (the part decides which units are gathered
+    and which parameters get gradients, and FSDP's collectives pair up across the processes), so
+    a round short of chunks is filled with "pad" parts: copies of its first chunk's that count
+    for nothing."""
+    size = cfg.train.batch_size
+    chunks = [select_rows(batch, rows[i:i + size]) for i in range(0, len(rows), size)]
     out = []
-    for i in range(0, len(rows), cfg.train.batch_size):
-        chunk = select_rows(batch, rows[i:i + cfg.train.batch_size])
-        out.append({**chunk, "part": "policy"})
+    for first in range(0, len(chunks), processes):
+        round_ = chunks[first:first + processes]
+        kinds = [[{**chunk, "part": "policy"} for chunk in round_]]
         if critic:
-            out.append({**chunk, "part": "critic"})
+            kinds.append([{**chunk, "part": "critic"} for chunk in round_])
         if ptx is not None:
-            out.append({"part": "ptx", "batch": next(ptx), "weight": units_of(cfg, chunk["response_mask"])})
+            kinds.append([{"part": "ptx", "batch": next(ptx), "weight": units_of(cfg, chunk["response_mask"])} for chunk in round_])
+        for parts in kinds:
+            out += parts + ([{"part": "pad", "of": parts[0]}] * (processes - len(parts)) if fsdp else [])
     return out
 
 
@@ -254,6 +276,8 @@ def make_step(ac, cfg: PPOConfig, kl_ctl):
         return cfg.vf_coef * vl.mean() * units, {"vf_loss": vl.mean().item() * units, "vf_clip_frac": vm["vf_clip_frac"].item() * units}
 
     def step(mb: dict):
+        if mb["part"] == "pad":  # a pass that FSDP needs every process to run (micro_batches)
+            return step(mb["of"])[0] * 0.0, 0.0, {}
         if mb["part"] == "ptx":  # InstructGPT's PPO-ptx: γ_ptx × token-mean NLL, weighted like its rollout chunk
             logps, _ = target_logprobs(ac.policy, mb["batch"])
             nll, _ = ptx_loss(logps[None], torch.ones_like(logps[None]))
@@ -291,7 +315,8 @@ def train_on(engine: Engine, ac, step_fn, batch: dict, cfg: PPOConfig, seed: int
     for _ in range(cfg.ppo_epochs):
         order = torch.randperm(rows, generator=order_gen)
         for s in range(0, rows, cfg.minibatch_size):
-            micro = micro_batches(batch, order[s:s + cfg.minibatch_size], cfg, ac.critic is not None and not ac.shared_trunk, ptx)
+            micro = micro_batches(batch, order[s:s + cfg.minibatch_size], cfg, ac.critic is not None and not ac.shared_trunk, ptx,
+                                  distributed.world_size(), engine.sharded)
             stats.append(engine.train_step(micro, step_fn))
             state["ptx_index"] += sum(m["part"] == "ptx" for m in micro)
     return stats
@@ -346,8 +371,11 @@ def run(cfg: PPOConfig, reward_fn=None) -> dict:
     main = distributed.is_main()
     if main:
         write_skipped(run_dir, skipped)
+    # Under FSDP the policy's parameters are shards, swapped for gathered copies inside engine.gathered()
+    # only: the sampler decodes through the adapters then, not through a merged twin made once, which
+    # would keep the parameters it was made with.
     generator = make_generator(ac.policy, tokenizer, cfg.sampling.batch_size, "bf16" if bf16 else None,
-                               cfg.sampling.backend)
+                               cfg.sampling.backend, **({"merge_lora": False} if engine.sharded else {}))
 
     def measure() -> dict:
         ac.eval()
@@ -361,7 +389,8 @@ def run(cfg: PPOConfig, reward_fn=None) -> dict:
         """Held-out reward and KL, measured by the main process; every process gets them."""
         if not heldout:
             return {}
-        result = distributed.broadcast(distributed.on_main(measure))
+        with engine.gathered():
+            result = distributed.broadcast(distributed.on_main(measure))
         engine.log({"iteration": iteration, **result}, prefix="eval/")
         log.info("eval @ %d: reward %.3f, KL %.2f", iteration, result["reward"], result["kl"])
         return result
@@ -381,12 +410,13 @@ def run(cfg: PPOConfig, reward_fn=None) -> dict:
             it, start = state["iteration"], time.perf_counter()
             seed = cfg.train.seed * 1_000_003 + it
             prompts = prompts_for(train_prompts, it, cfg.prompts_per_iteration, cfg.train.seed)
-            batch, completions, shards = collect_shared(generator, tokenizer, prompts, cfg.sampling.params(seed), reward_fn,
-                                                        cfg.sampling.batch_size, it + 1)
-            gen_s = time.perf_counter() - start  # sampling and scoring
+            with engine.gathered():  # under FSDP each process samples and runs its share of the no-grad passes alone
+                batch, completions, shards = collect_shared(generator, tokenizer, prompts, cfg.sampling.params(seed), reward_fn,
+                                                            cfg.sampling.batch_size, it + 1)
+                gen_s = time.perf_counter() - start  # sampling and scoring
+                old = recompute(ac, engine, cfg, batch)
             scores, raw = shape_scores(completions, cfg.reward)
             mask = batch["response_mask"]
-            old = recompute(ac, engine, cfg, batch)
             rewards, kl_seq = kl_penalized_rewards(scores, old["old_logp"], old["ref_logp"], mask,
                                                    0.0 if cfg.method.kl_in_loss else kl_ctl.beta, cfg.kl.estimator)
             advantages, returns = compute_advantages(cfg, rewards, old["old_values"], mask)
@@ -409,6 +439,8 @@ def run(cfg: PPOConfig, reward_fn=None) -> dict:
         final = evaluate(state["iteration"])
         checkpoint()
     engine.metrics.close()  # every row is logged
+    engine.unshard()  # under FSDP: the whole trained actor-critic on every process again
+    ac = engine.model
     path = distributed.on_main(lambda: save_model(ac.policy_model(), tokenizer, run_dir / "final", merge_lora=cfg.train.merge_lora))
     path = path or run_dir / "final"
     return {"iterations": state["iteration"], "early_stopped": stop, "beta": kl_ctl.beta, "best_eval_reward": state["best"],
