@@ -142,6 +142,6 @@ def test_fsdp_refuses_early_stopping_before_training():
 
     from alignkit.engine.trainer import EarlyStopping, fit
 
-    engine = SimpleNamespace(cfg=SimpleNamespace(), sharded=True)
+    engine = SimpleNamespace(cfg=SimpleNamespace(), sharded=True, zero=None)
     with pytest.raises(ValueError, match="train.fsdp does not keep early stopping"):
         fit(engine, lambda batch: None, lambda epoch: [], early_stopping=EarlyStopping(lambda model: {"reward": 0.0}))

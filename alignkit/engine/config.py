@@ -6,7 +6,7 @@ a command is one of these classes:
 | class                | commands                   | adds to the one below it                              |
 |----------------------|----------------------------|-------------------------------------------------------|
 | LoopConfig           | (base)                     | optimizer, schedule, precision, device, seed, metrics,|
-|                      |                            | fsdp                                                  |
+|                      |                            | fsdp, deepspeed                                       |
 | StageConfig          | (base)                     | epochs, max_steps, grad_accum, packed micro-batches   |
 | CheckpointConfig     | dpo's reference_train      | save_every, keep_checkpoints (resumes with `train`)   |
 | SamplingTrainConfig  | rs raft rft rest rest-em   | CheckpointConfig + resume, batch_size (packing=pad)   |
@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from alignkit.config import at_least, in_range, opt, positive
+from alignkit.engine import zero
 from alignkit.precision import resolve_precision
 
 TRACKERS = ("tensorboard", "wandb", "mlflow")
@@ -52,6 +53,9 @@ class LoopConfig:
     threads: int = opt(0, "torch CPU threads (0 = torch default)")
     fsdp: bool = opt(False, "launched as several processes: shard the model, its gradients and optimizer state over "
                             "them (FSDP2, engine/distributed.py) instead of a whole copy each")
+    deepspeed: str = opt("", "launched as several processes: a DeepSpeed config (JSON) whose ZeRO stage partitions the "
+                             "optimizer state, gradients (stage 2) and parameters (stage 3) over them; batch, optimizer, "
+                             "schedule, clipping and precision stay alignkit's keys (engine/zero.py)")
 
     def __post_init__(self):
         if self.precision not in ("fp32", "bf16", "auto"):
@@ -72,6 +76,13 @@ class LoopConfig:
         unknown = [t for t in self.trackers if t not in TRACKERS]
         if unknown:
             raise ValueError(f"trackers: unknown tracker {unknown[0]!r} (expected {', '.join(TRACKERS)})")
+        if self.deepspeed:
+            if self.fsdp:
+                raise ValueError("train.fsdp and train.deepspeed both shard the model: choose one")
+            if self.on_nonfinite == "skip":
+                raise ValueError("train.deepspeed: on_nonfinite=skip is not supported (DeepSpeed holds the step's "
+                                 "gradients); use on_nonfinite=stop")
+            zero.check(self.deepspeed, self.max_grad_norm)
 
 
 @dataclass
@@ -96,6 +107,12 @@ class StageConfig(LoopConfig):
 class Resumable:
     """The `resume` key (`--resume`) of a command that continues a killed run."""
     resume: bool = opt(False, "continue the killed run in output_dir from its newest checkpoint (or stored phase)")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.resume and self.deepspeed:
+            raise ValueError("train.deepspeed cannot resume a run yet (its checkpoints are the ones a run without it "
+                             "writes: resume without train.deepspeed, at the same process count)")
 
 
 
@@ -165,3 +182,6 @@ class PPOTrainConfig(Resumable, LoopConfig):
         super().__post_init__()
         at_least(self, 1, "batch_size", "max_tokens_per_batch")
         at_least(self, 0, "save_every", "keep_checkpoints")
+        if self.deepspeed and zero.check(self.deepspeed, self.max_grad_norm) == 3:
+            raise ValueError("train.deepspeed: ppo samples with the model between its updates, which ZeRO stage 3 "
+                             "partitions over the processes: use stage 1 or 2 (or train.fsdp)")

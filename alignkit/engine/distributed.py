@@ -199,15 +199,11 @@ def shard(model) -> torch.nn.Module:
     batch) = step_fn(batch)`, registered as a forward method (`register_fsdp_forward_method`);
     the layers' hooks run as the decoder calls them.
 
-    Returns a copy of the unsharded model whose parameters are on the meta device (no storage),
-    for `unsharded_copy`; modules the root holds outside its tree (PPO's frozen reference) are
-    shared with it, not copied."""
+    Returns the unsharded model's `skeleton`, for `unsharded_copy`."""
     names = {n for m in model.modules() for n in getattr(m, "_no_split_modules", None) or ()}
     if not names:
         raise ValueError(f"train.fsdp: {type(model).__name__} names no decoder layer class (_no_split_modules)")
-    memo = {id(m): m for m in vars(model).values() if isinstance(m, torch.nn.Module)}
-    memo.update({id(p): torch.nn.Parameter(p.detach().to("meta"), requires_grad=p.requires_grad) for p in model.parameters()})
-    skeleton = copy.deepcopy(model, memo)
+    bare = skeleton(model)
     for module in model.modules():
         if type(module).__name__ in names:
             fully_shard(module, reshard_after_forward=True)
@@ -225,7 +221,24 @@ def shard(model) -> torch.nn.Module:
         model.alignkit_step(lambda batch: None, None)
     model.reshard()
     model.reset_iter_state()
-    return skeleton
+    return bare
+
+
+def skeleton(model) -> torch.nn.Module:
+    """A copy of `model` whose parameters are on the meta device (no storage), taken before its
+    parameters are sharded, for `filled`; modules the root holds outside its tree (PPO's frozen
+    reference) are shared with it, not copied."""
+    memo = {id(m): m for m in vars(model).values() if isinstance(m, torch.nn.Module)}
+    memo.update({id(p): torch.nn.Parameter(p.detach().to("meta"), requires_grad=p.requires_grad) for p in model.parameters()})
+    return copy.deepcopy(model, memo)
+
+
+def filled(bare: torch.nn.Module, full: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """`bare` (`skeleton`'s) holding the whole parameters `full` (by name): a plain module."""
+    with torch.no_grad():
+        for name, p in bare.named_parameters():  # tied parameters once: they stay tied
+            torch.utils.swap_tensors(p, torch.nn.Parameter(full[name], requires_grad=p.requires_grad))
+    return bare
 
 
 def local(value: torch.Tensor) -> torch.Tensor:
@@ -289,11 +302,8 @@ def load_optimizer_state(model, optimizer, state: dict) -> None:
     set_optimizer_state_dict(model, optimizer, full, options=StateDictOptions(full_state_dict=True))
 
 
-def unsharded_copy(model, skeleton) -> torch.nn.Module:
-    """`skeleton` (`shard`'s) holding the trained weights of the sharded `model`, on every process:
-    a plain module again, which one process can evaluate and save alone. Every process calls it."""
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
-    with torch.no_grad():
-        for name, p in skeleton.named_parameters():  # tied parameters once: they stay tied
-            torch.utils.swap_tensors(p, torch.nn.Parameter(full[name], requires_grad=p.requires_grad))
-    return skeleton
+def unsharded_copy(model, bare) -> torch.nn.Module:
+    """`bare` (`shard`'s skeleton) holding the trained weights of the sharded `model`, on every
+    process: a plain module again, which one process can evaluate and save alone. Every process
+    calls it."""
+    return filled(bare, get_model_state_dict(model, options=StateDictOptions(full_state_dict=True)))

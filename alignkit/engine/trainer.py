@@ -13,7 +13,8 @@ gradients, units and statistics are summed over the processes before the one div
 global batch, accumulation and schedule mean what they mean in one process. Only the main
 process writes metrics.jsonl and checkpoints, and evaluates; the others wait for it. With
 `train.fsdp` the model is sharded over the processes (FSDP2) from the optimizer's creation to
-`unshard` (the end of `fit`, or of PPO's iterations) (`distributed.shard`).
+`unshard` (the end of `fit`, or of PPO's iterations) (`distributed.shard`); with `train.deepspeed`
+DeepSpeed's ZeRO partitions it over them for that time (`zero.py`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from alignkit.engine import distributed
 from alignkit.engine.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint
 from alignkit.engine.config import LoopConfig, StageConfig
 from alignkit.engine.logging import MetricsLogger, log, read_metrics
+from alignkit.engine.zero import Zero
 
 StepFn = Callable[[dict], "tuple[torch.Tensor, float, dict[str, float]]"]
 
@@ -100,9 +102,11 @@ class Engine:
         self.model = model.to(self.device)
         self.total_steps = max(1, total_steps)
         self.run_dir = Path(cfg.output_dir)
-        # FSDP (train.fsdp) under a launch of several processes; the optimizer is built on the shards
-        self.sharded = cfg.fsdp and distributed.world_size() > 1
-        self.optimizer = None if self.sharded else make_optimizer(model, cfg)
+        # FSDP (train.fsdp) or DeepSpeed (train.deepspeed) under a launch of several processes: every
+        # process runs as many passes a step. FSDP's optimizer is built on the shards.
+        self.sharded = (cfg.fsdp or bool(cfg.deepspeed)) and distributed.world_size() > 1
+        self.optimizer = None if self.sharded and cfg.fsdp else make_optimizer(model, cfg)
+        self.zero: Zero | None = None
         self.step = 0
         self.loop_state: dict = {}
         self.tensors: dict[str, torch.Tensor] = {}  # the loop's own tensors of the checkpoint resumed from
@@ -124,7 +128,10 @@ class Engine:
             if resume:
                 log.warning("resume requested but %s has no checkpoint; starting fresh", self.run_dir / "checkpoints")
         distributed.broadcast_parameters([p for p in model.parameters() if p.requires_grad])
-        if self.sharded:
+        if self.sharded and cfg.deepspeed:
+            self.zero = Zero(self.model, self.optimizer, cfg.deepspeed, cfg.max_grad_norm)
+            log.info("DeepSpeed ZeRO stage %d over %d processes", self.zero.stage, distributed.world_size())
+        elif self.sharded:
             self._skeleton = distributed.shard(self.model)
             log.info("FSDP: the model's parameters, gradients and optimizer state are sharded over %d processes",
                      distributed.world_size())
@@ -183,33 +190,39 @@ class Engine:
             raise ValueError("a training step had no units to learn from (no target tokens or pairs)")
         if not self.sharded:  # FSDP's reduce-scatter summed them
             distributed.sum_gradients([p for g in self.optimizer.param_groups for p in g["params"]])
-        for p in self._params():
-            p.grad.div_(total_units)
+        if self.zero is None:  # DeepSpeed holds the gradients: its step divides them (Zero.step)
+            for p in self._params():
+                p.grad.div_(total_units)
         return {"loss": loss_sum / total_units, **{k: v / total_units for k, v in sums.items()},
                 "units": total_units, "tokens": tokens}
 
     def _accumulate_sharded(self, group: list[dict], step_fn: StepFn, mine: dict, add: Callable) -> None:
-        """`accumulate` under FSDP: the k-th process takes micro-batches k, k+N, ... as without it,
-        but every process runs as many passes (FSDP's all-gathers and reduce-scatters pair up
-        across the processes): one short of micro-batches runs another's once more with its loss
-        times zero. Gradients accumulate unreduced until the step's last pass, whose backward
-        sums them over the processes into each one's shard. A non-finite loss does not end the
-        loop either (the step's gradients are dropped)."""
+        """`accumulate` under FSDP or DeepSpeed: the k-th process takes micro-batches k, k+N, ...
+        as without them, but every process runs as many passes (the all-gathers and reductions
+        pair up across the processes): one short of micro-batches runs another's once more with
+        its loss times zero. Under FSDP gradients accumulate unreduced until the step's last pass,
+        whose backward sums them over the processes into each one's shard; ZeRO reduces them into
+        its partitions as it goes (zero.py). A non-finite loss does not end the loop either (the
+        step's gradients are dropped)."""
         size, me = distributed.world_size(), distributed.rank()
         passes = -(-len(group) // size)
         for i in range(passes):
             index = me + i * size
             batch = to_device(group[index % len(group)], self.device)
-            self.model.set_requires_gradient_sync(i == passes - 1)
+            if self.zero is None:
+                self.model.set_requires_gradient_sync(i == passes - 1)
             with self.autocast():
-                loss, units, metric_sums = self.model.alignkit_step(step_fn, batch)
+                loss, units, metric_sums = (self.zero.forward if self.zero else self.model.alignkit_step)(step_fn, batch)
             if index >= len(group):
                 loss = loss * 0.0
             elif not torch.isfinite(loss.detach()):
                 mine["bad"] = mine["bad"] or f"loss is {loss.item()}"
             else:
                 add(batch, loss, units, metric_sums)
-            loss.backward()
+            if self.zero is not None:
+                self.zero.backward(loss)
+            else:
+                loss.backward()
 
     def _params(self) -> list:
         return [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
@@ -221,18 +234,23 @@ class Engine:
         stats = self.accumulate(micro_batches, step_fn)
         if stats is None:
             return self._nonfinite(self._bad)
-        clip = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
-        norm = distributed.local(torch.nn.utils.clip_grad_norm_(self._params(), clip))
-        if not torch.isfinite(norm):
-            return self._nonfinite(f"gradient norm is {norm.item()}")
         lr = self.cfg.lr * lr_factor(self.step, self.total_steps, self.cfg)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        if self.zero is not None:  # DeepSpeed clips (at train.max_grad_norm) and steps, or skips a non-finite step
+            norm = self.zero.step(stats["units"], lr)
+            if not math.isfinite(norm):
+                return self._nonfinite(f"gradient norm is {norm}")
+        else:
+            clip = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
+            norm = distributed.local(torch.nn.utils.clip_grad_norm_(self._params(), clip)).item()
+            if not math.isfinite(norm):
+                return self._nonfinite(f"gradient norm is {norm}")
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         seconds = time.perf_counter() - start
-        return {**stats, "lr": lr, "grad_norm": norm.item(), "step_s": seconds,
+        return {**stats, "lr": lr, "grad_norm": norm, "step_s": seconds,
                 "tokens_per_s": stats["tokens"] / seconds if seconds > 0 else 0.0}
 
     def _nonfinite(self, what: str) -> dict:
@@ -262,11 +280,15 @@ class Engine:
         metrics.jsonl holds now: a run that resumes from it drops every row logged after it (the
         final evaluation logged after the last checkpoint, half a line cut by a kill). With several
         processes the main one writes it, with every process's RNG states; the others wait. Under
-        FSDP every process first gathers the full weights and optimizer state onto the main one's
-        CPU: the checkpoint is the one a run without FSDP writes."""
+        FSDP or DeepSpeed every process first gathers the full weights and optimizer state onto the
+        main one's CPU: the checkpoint is the one a run without them writes."""
         rngs = distributed.gather(rng_state())
-        weights, optimizer = ((distributed.trainable_weights(self.model), distributed.optimizer_state(self.model, self.optimizer))
-                              if self.sharded else (self.model, self.optimizer))
+        if self.zero is not None:
+            weights, optimizer = self.zero.weights(), self.zero.optimizer_state()
+        elif self.sharded:
+            weights, optimizer = distributed.trainable_weights(self.model), distributed.optimizer_state(self.model, self.optimizer)
+        else:
+            weights, optimizer = self.model, self.optimizer
         if self.main:
             self.last_checkpoint = save_checkpoint(self.run_dir / "checkpoints", self.step, weights, optimizer,
                                                    {**loop_state, "metrics_lines": self.metrics.lines()},
@@ -274,33 +296,39 @@ class Engine:
         self.last_checkpoint = distributed.broadcast(self.last_checkpoint)
 
     def unshard(self) -> None:
-        """After training under FSDP: `model` becomes a plain module holding the whole trained
-        model on every process (`distributed.unsharded_copy`), which the main process saves
-        (final/) alone and the sampling methods sample with (PPO takes its actor-critic back from
-        `engine.model`). Without FSDP, nothing. (Objects
-        built on the sharded model before, a reward model's scorer, keep the sharded one.)"""
-        if self.sharded:
+        """After training under FSDP or DeepSpeed: `model` becomes a plain module holding the whole
+        trained model on every process (`distributed.unsharded_copy`, `Zero.whole`), which the main
+        process saves (final/) alone and the sampling methods sample with (PPO takes its
+        actor-critic back from `engine.model`). Without them, nothing. (Objects built on the
+        sharded model before, a reward model's scorer, keep the sharded one.)"""
+        if self.zero is not None:
+            self.model, self.zero = self.zero.whole(final=True), None
+            self.sharded = False
+        elif self.sharded:
             self.model = distributed.unsharded_copy(self.model, self._skeleton)
             self.sharded = False
 
     def gathered(self):
         """A context in which every process holds the whole model (`distributed.gathered` under
-        FSDP; nothing to do without it), so each can run forward passes of its own: evaluations,
-        PPO's sampling and no-grad passes. Every process enters it."""
-        return distributed.gathered(self.model) if self.sharded else contextlib.nullcontext()
+        FSDP; nothing to do without it, or under ZeRO stages 1 and 2, which keep the parameters
+        whole; PPO, its one user besides `evaluate`, refuses stage 3), so each can run forward
+        passes of its own: evaluations, PPO's sampling and no-grad passes. Every process enters it."""
+        return distributed.gathered(self.model) if self.sharded and self.zero is None else contextlib.nullcontext()
 
     def evaluate(self, eval_fn: Callable | None) -> dict:
         """`eval_fn(model)` on the main process; every process gets its result. Under FSDP every
-        process gathers the whole model for it (`distributed.gathered`)."""
+        process gathers the whole model for it (`distributed.gathered`); under ZeRO stage 3 every
+        process gathers a whole copy of it (`Zero.whole`), dropped afterwards."""
         if eval_fn is None:
             return {}
         result = None
+        model = self.zero.whole() if self.zero is not None else self.model
         with self.gathered():
             if self.main:
-                self.model.eval()
+                model.eval()
                 with torch.no_grad(), self.autocast():
-                    result = eval_fn(self.model)
-                self.model.train()
+                    result = eval_fn(model)
+                model.train()
         result = distributed.broadcast(result)
         self.log(result, prefix="eval/")
         return result
@@ -369,8 +397,9 @@ def fit(engine: Engine, step_fn: StepFn, epoch_batches: Callable[[int], list[dic
     """
     cfg = engine.cfg
     if engine.sharded and early_stopping is not None:  # its best weights would be this process's shards
-        raise ValueError("train.fsdp does not keep early stopping's best weights (ReST-EM's validation, task.val > 0): "
-                         "set task.val=0 or train without train.fsdp")
+        key = "train.deepspeed" if engine.zero is not None else "train.fsdp"
+        raise ValueError(f"{key} does not keep early stopping's best weights (ReST-EM's validation, task.val > 0): "
+                         f"set task.val=0 or train without {key}")
     epoch = engine.loop_state.get("epoch", 0)
     index = engine.loop_state.get("index", 0)
     if early_stopping is not None and engine.loop_state.get("early_stopping") is not None:
