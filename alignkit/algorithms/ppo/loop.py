@@ -186,6 +186,8 @@ class PPOConfig:
             raise ValueError(f"ratio_cap must be 0 (off) or >= 1, not {self.ratio_cap!r}")
         if self.loss_reduction not in ("token", "sequence"):
             raise ValueError(f"loss_reduction must be token or sequence, not {self.loss_reduction!r}")
+        if self.train.deepspeed and self.sampling.backend == "vllm":
+            raise ValueError("train.deepspeed cannot sample with sampling.backend=vllm yet (untested): use sampling.backend=hf")
         if self.train.fsdp and self.sampling.backend == "vllm":
             raise ValueError("train.fsdp cannot sample with sampling.backend=vllm: its engine takes the policy's whole "
                              "weights from the model, and under FSDP each process holds only its shard of them; use "
