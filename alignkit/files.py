@@ -43,6 +43,11 @@ def _umask() -> int:
     return mask
 
 
+def read_jsonl(path: str | Path) -> list[dict]:
+    """The rows of a JSON-lines file this project wrote (blank lines skipped)."""
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line]
+
+
 def write_jsonl_atomic(path: str | Path, rows: Iterable[dict]) -> Path:
     """One JSON object per line (UTF-8, not escaped), written atomically."""
     return write_text_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))

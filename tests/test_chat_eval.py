@@ -132,6 +132,19 @@ def test_evaluate_chat_of_a_model_against_itself(tok):
     assert all((r["safe"] is None) != r["unsafe"] for r in rows)
 
 
+def test_evaluate_chat_takes_the_baselines_replies_from_its_own_evaluation(tok):
+    model, baseline = tiny_model(seed=0).eval(), tiny_model(seed=1).eval()
+    prompts, unsafe, judge = chat_prompts(ChatPromptsConfig(count=6), JudgeConfig())
+    params = SamplingParams(temperature=0.0, max_new_tokens=5)
+    fresh = evaluate_chat(model, tok, baseline, prompts, unsafe, judge, params, "fp32", seed=0)
+    own = evaluate_chat(baseline, tok, baseline, prompts, unsafe, judge, params, "fp32", seed=0)["samples"]
+    reused = evaluate_chat(model, tok, baseline, prompts, unsafe, judge, params, "fp32", seed=0, baseline_samples=own)
+    assert reused["samples"] == fresh["samples"] and reused["baseline_reward"] == fresh["baseline_reward"]
+    assert [r["baseline_reply"] for r in fresh["samples"]] == [r["reply"] for r in own]
+    with pytest.raises(ValueError, match="other prompts"):
+        evaluate_chat(model, tok, baseline, prompts[::-1], unsafe, judge, params, "fp32", seed=0, baseline_samples=own)
+
+
 def test_alignkit_eval_chat_section_writes_chat_json(tmp_path):
     tiny, other = save_tiny(str(tmp_path / "tiny")), save_tiny(str(tmp_path / "other"), seed=1)
     out = tmp_path / "run"

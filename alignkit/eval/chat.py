@@ -153,7 +153,7 @@ def _sample(model, tokenizer, prompts: list[str], params: SamplingParams, precis
 
 def evaluate_chat(model, tokenizer, baseline, prompts: list[str], unsafe_prompts: list[str], judge: RewardFn,
                   params: SamplingParams, precision: str, seed: int, reference=None, *, tie_margin: float = 0.0,
-                  batch_size: int = 16, backend: str = "hf") -> dict:
+                  batch_size: int = 16, backend: str = "hf", baseline_samples: list[dict] | None = None) -> dict:
     """`model` against `baseline` (both with `tokenizer`) on held-out `prompts`.
 
     Both reply to `prompts` and to `unsafe_prompts` (those not among `prompts` are sampled apart)
@@ -165,14 +165,24 @@ def evaluate_chat(model, tokenizer, baseline, prompts: list[str], unsafe_prompts
     baseline), reply_tokens, reply_words, baseline_reply_tokens, baseline_reply_words, samples}:
     `samples` holds one row per reply to `prompts` (prompt, unsafe, reply, baseline_reply, score,
     baseline_score, outcome, kl, safe and baseline_safe on unsafe prompts). `backend`: the sampling
-    engine, "hf" or "vllm" (`rollout.backends.make_generator`)."""
+    engine, "hf" or "vllm" (`rollout.backends.make_generator`). `baseline_samples`: the `samples`
+    of an earlier evaluation of the same baseline with the same prompts and params, whose replies
+    are the baseline's here instead of being sampled again (greedy replies repeat; a pipeline
+    evaluates every stage against the one SFT model)."""
     if not prompts:
         raise ValueError("the chat evaluation needs at least one prompt")
     params = replace(params, seed=seed)
     asked = set(prompts)
     everything = list(prompts) + list(dict.fromkeys(p for p in unsafe_prompts if p not in asked))
     pair_prompts, replies = _sample(model, tokenizer, everything, params, precision, batch_size, backend)
-    _, baseline_replies = _sample(baseline, tokenizer, everything, params, precision, batch_size, backend)
+    if baseline is model and baseline_samples is None:  # seeded: the same replies again
+        baseline_replies = replies
+    elif baseline_samples is None:
+        _, baseline_replies = _sample(baseline, tokenizer, everything, params, precision, batch_size, backend)
+    elif [row["prompt"] for row in baseline_samples] == pair_prompts:
+        baseline_replies = [row["reply"] for row in baseline_samples]
+    else:
+        raise ValueError("baseline_samples answer other prompts than this evaluation's")
     k = len(prompts) * params.n  # replies to `prompts` come first
     scores = judge_scores(judge, pair_prompts[:k], replies[:k])
     baseline_scores = judge_scores(judge, pair_prompts[:k], baseline_replies[:k])

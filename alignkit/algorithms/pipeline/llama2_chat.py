@@ -40,7 +40,7 @@ from alignkit.data.tasks.preferences import (
     pair_rows,
 )
 from alignkit.engine.logging import MetricsLogger
-from alignkit.files import write_jsonl_atomic, write_text_atomic
+from alignkit.files import read_jsonl, write_jsonl_atomic, write_text_atomic
 from alignkit.models.load import ModelConfig, load_model
 from alignkit.precision import resolve_precision
 from alignkit.rewards.gold import gold_pair
@@ -205,7 +205,7 @@ class Llama2Chat:
         pairs, stats = compare_samples(model, tokenizer, prompts, c.sampling, self.precision, self.cfg.data.seed + i)
         cut = len(pairs) - round(len(pairs) * c.newest_eval_fraction)
         write_jsonl_atomic(folder / "newest.jsonl", pair_rows(pairs[cut:]))
-        older = [json.loads(line) for line in earlier.read_text(encoding="utf-8").splitlines()]
+        older = read_jsonl(earlier)
         write_jsonl_atomic(folder / "pairs.jsonl", older + pair_rows(pairs[:cut]))
         return {**stats, "appended": cut, "held_out": len(pairs) - cut}
 
@@ -231,9 +231,11 @@ class Llama2Chat:
         model, tokenizer = self.load(self.stage_model(stage))
         sft = model if stage == "sft" else self.load(self.policy_dir(0))[0]
         prompts, unsafe = self.heldout()
+        # the SFT model's replies are those of its own evaluation (eval-sft), not sampled again
+        sft_samples = None if stage == "sft" else read_jsonl(self.root / "eval-sft" / "samples.jsonl")
         result = evaluate_chat(model, tokenizer, sft, prompts, unsafe, GoldReward(),
                                SamplingParams(temperature=0.0, max_new_tokens=e.max_new_tokens), self.precision,
-                               self.cfg.data.seed, batch_size=e.batch_size)
+                               self.cfg.data.seed, batch_size=e.batch_size, baseline_samples=sft_samples)
         samples = result.pop("samples")
         write_jsonl_atomic(folder / "samples.jsonl", samples)
         result["samples"] = samples[: e.samples]
@@ -295,14 +297,14 @@ class Llama2Chat:
             inputs = [policy, f"rm-helpful-{i}", f"rm-safety-{i}", *[f"rs-{j}" for j in range(1, i)]]
             st.command(f"rs-{i}", self.rs_cfgs[f"rs-{i}"], inputs, rs.run)
             policy = f"rs-{i}"
-            self.row(f"RLHF-V{i} (RS)", st.run(f"eval-{policy}", asdict(cfg.eval), [policy, "sft"],
+            self.row(f"RLHF-V{i} (RS)", st.run(f"eval-{policy}", asdict(cfg.eval), [policy, "eval-sft"],
                                              lambda f, r, p=policy: self.evaluate_policy(p, f, r)), rms)
         if cfg.final != "none":
             inputs = [policy, f"rm-helpful-{cfg.iterations}", f"rm-safety-{cfg.iterations}"] if cfg.final == "ppo" \
                 else [policy, f"comparisons-{cfg.iterations}"]
             st.command(cfg.final, self.final_cfg, inputs, ppo.run if cfg.final == "ppo" else dpo.run)
             policy = cfg.final
-            self.row(cfg.final.upper(), st.run(f"eval-{policy}", asdict(cfg.eval), [policy, "sft"],
+            self.row(cfg.final.upper(), st.run(f"eval-{policy}", asdict(cfg.eval), [policy, "eval-sft"],
                                               lambda f, r, p=policy: self.evaluate_policy(p, f, r)))
         gatt = None
         if self.gatt_cfg is not None:

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from alignkit.algorithms.sampling.stages import Sample
 from alignkit.engine.logging import flatten
-from alignkit.files import write_jsonl_atomic, write_text_atomic
+from alignkit.files import read_jsonl, write_jsonl_atomic, write_text_atomic
 
 log = logging.getLogger("alignkit")
 
@@ -100,4 +100,4 @@ def save_samples(path: Path, samples: list[Sample]) -> None:
 
 
 def load_samples(path: Path) -> list[Sample]:
-    return [Sample(**json.loads(line)) for line in path.read_text(encoding="utf-8").splitlines() if line]
+    return [Sample(**row) for row in read_jsonl(path)]
