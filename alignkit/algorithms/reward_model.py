@@ -30,6 +30,7 @@ from alignkit.data.io import write_skipped
 from alignkit.data.packing import Group, group_row, scoring_group, shuffled
 from alignkit.data.records import PreferencePair
 from alignkit.data.tasks.preferences import build_preferences
+from alignkit.engine import zero
 from alignkit.engine.config import EvalTrainConfig
 from alignkit.engine.distributed import on_main
 from alignkit.engine.trainer import Engine, fit, steps_for
@@ -78,6 +79,9 @@ class RMConfig:
         one_of(self, "data.subset", "all", "safety", "helpfulness")
         at_least(self, 1, "data.builtin_pairs", "data.max_length", "eval_pairs")
         at_least(self, 0, "data.builtin_eval_pairs", "center_coef")
+        if self.train.deepspeed and zero.check(self.train.deepspeed, self.train.max_grad_norm) == 3:
+            raise ValueError("train.deepspeed: rm evaluates through a scorer of the model being trained, whose parameters "
+                             "ZeRO stage 3 partitions over the processes: use stage 1 or 2 (or train.fsdp)")
 
 
 def is_safety_pair(pair: PreferencePair) -> bool:
