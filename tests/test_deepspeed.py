@@ -5,7 +5,10 @@ given the same global batch, within atol 1e-5 in fp32 (measured: 1e-8 for stage 
 stage 3), and log the same rows. Every step has 3 micro-batches, 2 on the main process and 1 on
 the other, which runs a pad pass (ZeRO's collectives pair up across the processes), so a process
 accumulates more than one micro-batch a step and the counts are uneven. Checkpoints hold the
-gathered weights and AdamW state, numbered as one process numbers them. A DeepSpeed config that
+gathered weights and AdamW state, numbered as one process numbers them, and a run stopped after
+its checkpoint at step 2 and resumed under DeepSpeed (stage 2 and stage 3) ends where one process
+does (a constant learning rate after a step of warmup, so that the shorter run's schedule is the
+longer one's). A DeepSpeed config that
 contradicts alignkit's keys, and the combinations not supported, are refused before any model loads.
 
 The first DeepSpeed launch on a machine compiles DeepSpeed's shared-memory collective op for CPU
@@ -39,6 +42,7 @@ from alignkit.cli import main
 pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install 'alignkit[deepspeed]')")
 
 ZERO = "DeepSpeed ZeRO stage {} over 2 processes"
+CONSTANT = ["train.schedule=constant"]
 
 
 def _config(tmp_path, stage: int, **extra) -> str:
@@ -51,14 +55,20 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).abs().max().item()
 
 
-def test_sft_zero2_equals_one_process(tiny_dir, tmp_path):
-    args = _sft(tiny_dir)
+def test_sft_zero2_equals_one_process_and_resumes(tiny_dir, tmp_path):
+    args = [*_sft(tiny_dir), *CONSTANT]
     assert main([*args, f"train.output_dir={tmp_path / 'one'}"]) == 0
-    assert ZERO.format(2) in _launch("torchrun", [*args, _config(tmp_path, 2), f"train.output_dir={tmp_path / 'two'}"])
+    two = [*args, _config(tmp_path, 2), f"train.output_dir={tmp_path / 'two'}"]
+    assert ZERO.format(2) in _launch("torchrun", [*two, "train.max_steps=2"])
+    assert "resumed from" in _launch("torchrun", [*two, "--resume"])
     _same_run(tmp_path / "one", tmp_path / "two")
 
-    # the checkpoint: whole weights and optimizer state, as one process writes them
-    one, two = (tmp_path / d / "checkpoints" / "step-0000003" for d in ("one", "two"))
+    # the checkpoints: whole weights and optimizer state, as one process writes them
+    for step in ("step-0000002", "step-0000003"):
+        _same_checkpoint(tmp_path / "one" / "checkpoints" / step, tmp_path / "two" / "checkpoints" / step)
+
+
+def _same_checkpoint(one, two) -> None:
     w1, w2 = (load_file(str(d / "trainable.safetensors")) for d in (one, two))
     assert w1.keys() == w2.keys() and max(_close(w1[k], w2[k]) for k in w1) <= ATOL
     o1, o2 = (torch.load(d / "state.pt", weights_only=False)["optimizer"] for d in (one, two))
@@ -69,19 +79,26 @@ def test_sft_zero2_equals_one_process(tiny_dir, tmp_path):
 
 
 def test_sft_zero3_by_deepspeed_launcher_equals_one_process(tiny_dir, tmp_path):
-    """Stage 3 partitions the parameters; the model is a plain module again after training, which
-    the main process saves. DeepSpeed's own launcher passes --local_rank to the program unless told
+    """Stage 3 partitions the parameters (and the AdamW state a resumed run loads into them); the
+    model is a plain module again after training, which the main process saves. DeepSpeed's own launcher passes --local_rank to the program unless told
     not to (--no_local_rank); alignkit's command line takes none."""
-    args = _sft(tiny_dir)
+    args = [*_sft(tiny_dir), *CONSTANT]
     assert main([*args, f"train.output_dir={tmp_path / 'one'}"]) == 0
+    two = [*args, _config(tmp_path, 3), f"train.output_dir={tmp_path / 'two'}"]
+    assert ZERO.format(3) in _deepspeed([*two, "train.max_steps=2"])
+    assert "resumed from" in _deepspeed([*two, "--resume"])
+    _same_run(tmp_path / "one", tmp_path / "two")
+    _same_checkpoint(tmp_path / "one" / "checkpoints" / "step-0000003", tmp_path / "two" / "checkpoints" / "step-0000003")
+
+
+def _deepspeed(args: list[str]) -> str:
+    """`alignkit <args>` as 2 processes started by DeepSpeed's launcher; their stderr."""
     start = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(_port()),
              "--no_local_rank", "--module", "alignkit"]
-    proc = subprocess.run([*start, *args, _config(tmp_path, 3), f"train.output_dir={tmp_path / 'two'}"], cwd=REPO,
-                          env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}, capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run([*start, *args], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert ZERO.format(3) in proc.stderr
-    _same_run(tmp_path / "one", tmp_path / "two")
+    return proc.stderr
 
 
 def test_rm_lora_zero2_by_accelerate_launch_equals_one_process(tiny_dir, tmp_path):
@@ -124,7 +141,6 @@ def test_auto_keys_are_filled_in(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["sft", "{config}", "train.fsdp=true"], "train.fsdp and train.deepspeed both shard the model"),
-    (["sft", "{config}", "--resume"], "train.deepspeed cannot resume a run yet"),
     (["sft", "{config}", "train.on_nonfinite=skip"], "train.deepspeed: on_nonfinite=skip is not supported"),
     (["ppo", "{config3}"], "ppo samples with the model between its updates"),
     (["rm", "{config3}"], "rm evaluates through a scorer of the model being trained"),

@@ -108,12 +108,6 @@ class Resumable:
     """The `resume` key (`--resume`) of a command that continues a killed run."""
     resume: bool = opt(False, "continue the killed run in output_dir from its newest checkpoint (or stored phase)")
 
-    def __post_init__(self):
-        super().__post_init__()
-        if self.resume and self.deepspeed:
-            raise ValueError("train.deepspeed cannot resume a run yet (its checkpoints are the ones a run without it "
-                             "writes: resume without train.deepspeed, at the same process count)")
-
 
 
 

@@ -114,8 +114,9 @@ class Engine:
         checkpoint = latest_checkpoint(self.run_dir / "checkpoints") if resume else None
         self.last_checkpoint: Path | None = checkpoint  # the newest this run can continue from (named on a stop)
         if checkpoint is not None:
-            self.loop_state = load_checkpoint(checkpoint, self.model, self.optimizer, distributed.rank(),
-                                              distributed.world_size())
+            # sharded, the optimizer takes its state once the model is sharded (FSDP) or partitioned (DeepSpeed)
+            self.loop_state = load_checkpoint(checkpoint, self.model, None if self.sharded else self.optimizer,
+                                              distributed.rank(), distributed.world_size())
             self.step = self.loop_state.pop("step")
             self.tensors = self.loop_state.pop("tensors")
             log.info("resumed from %s at step %d", checkpoint, self.step)
@@ -131,6 +132,8 @@ class Engine:
         if self.sharded and cfg.deepspeed:
             self.zero = Zero(self.model, self.optimizer, cfg.deepspeed, cfg.max_grad_norm)
             log.info("DeepSpeed ZeRO stage %d over %d processes", self.zero.stage, distributed.world_size())
+            if checkpoint is not None:
+                self.zero.load_optimizer_state(self.loop_state.pop("optimizer"))
         elif self.sharded:
             self._skeleton = distributed.shard(self.model)
             log.info("FSDP: the model's parameters, gradients and optimizer state are sharded over %d processes",

@@ -23,7 +23,9 @@ given the same global batch. A step whose gradient is not finite is skipped by D
 
 A checkpoint holds the whole trainable weights and the AdamW state gathered from the partitions
 (`weights`, `optimizer_state`), numbered as one process numbers them: the checkpoint a run
-without DeepSpeed writes. After training (`whole`), the model is a plain module on every process.
+without DeepSpeed writes. A run resumes from it at the same process count: the weights are loaded
+into the model before DeepSpeed partitions it, the AdamW state into the partitions afterwards
+(`load_optimizer_state`). After training (`whole`), the model is a plain module on every process.
 """
 
 from __future__ import annotations
@@ -151,21 +153,47 @@ class Zero:
 
         return {n: safe_get_full_fp32_param(p).reshape(self._shapes[n]).cpu() for n, p in self._params}
 
+    def _link(self) -> None:
+        """Stages 1 and 2 link each parameter to its part of the optimizer state after the first
+        step's first parameter group only, before the other groups have state: link them all."""
+        from deepspeed.utils import lazy_init_hp_params_optimizer_state
+
+        if self.stage < 3:
+            for params, group in zip(self._group_params, self.optimizer.param_groups):
+                lazy_init_hp_params_optimizer_state(params, group["params"][0], self.optimizer.state)
+
     def optimizer_state(self) -> dict:
         """AdamW's whole state as `optimizer.state_dict()` of one process holds it (every process
         calls it). Every partition takes every step, so one step count serves all parameters."""
-        from deepspeed.utils import lazy_init_hp_params_optimizer_state, safe_get_full_optimizer_state
+        from deepspeed.utils import safe_get_full_optimizer_state
 
-        if self.stage < 3:  # stages 1 and 2 link each parameter to its optimizer state after the first step's first
-            # parameter group only, before the other groups have state: link them all
-            for params, group in zip(self._group_params, self.optimizer.param_groups):
-                lazy_init_hp_params_optimizer_state(params, group["params"][0], self.optimizer.state)
+        self._link()
         step = next(iter(self.optimizer.state.values()))["step"]
         state = {i: {"step": step.detach().clone().cpu(),
                      **{k: safe_get_full_optimizer_state(p, k).reshape(self._shapes[n]).cpu() for k in ("exp_avg", "exp_avg_sq")}}
                  for i, (n, p) in enumerate(self._params)}
         groups = [{**g, **{k: live[k] for k in g if k != "params"}} for g, live in zip(self._groups, self.optimizer.param_groups)]
         return {"state": state, "param_groups": groups}
+
+    def load_optimizer_state(self, state: dict) -> None:
+        """Fill the partitions' AdamW state from a whole one (`optimizer_state`'s, or a run's without
+        DeepSpeed; every process holds it). AdamW makes its state at its first step: it is made here
+        on the partitions DeepSpeed steps, then each parameter's part is copied in."""
+        from deepspeed.utils import safe_set_full_optimizer_state
+
+        step = next(iter(state["state"].values()))["step"]
+        # the flat partitions AdamW steps: stage 3 hands them to it only for the duration of its step
+        flats = (self.engine.optimizer.fp32_partitioned_groups_flat if self.stage == 3
+                 else [group["params"][0] for group in self.optimizer.param_groups])
+        for flat in flats:
+            held = self.optimizer.state[flat]
+            for key in ("exp_avg", "exp_avg_sq"):
+                held.setdefault(key, torch.zeros_like(flat))
+            held["step"] = step.clone().to(flat.device)
+        self._link()
+        for i, (name, p) in enumerate(self._params):
+            for key in ("exp_avg", "exp_avg_sq"):
+                safe_set_full_optimizer_state(p, state["state"][i][key].to(p.device), key)
 
     def whole(self, final: bool = False) -> torch.nn.Module:
         """The model with all its parameters whole on every process (every process calls it): the
