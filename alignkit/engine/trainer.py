@@ -107,6 +107,8 @@ class Engine:
         self.sharded = (cfg.fsdp or bool(cfg.deepspeed)) and distributed.world_size() > 1
         self.optimizer = None if self.sharded and cfg.fsdp else make_optimizer(model, cfg)
         self.zero: Zero | None = None
+        if cfg.deepspeed and not self.sharded:
+            log.warning("train.deepspeed: launched as one process, which trains without DeepSpeed")
         self.step = 0
         self.loop_state: dict = {}
         self.tensors: dict[str, torch.Tensor] = {}  # the loop's own tensors of the checkpoint resumed from
