@@ -191,7 +191,7 @@ class Zero:
                 held.setdefault(key, torch.zeros_like(flat))
             held["step"] = step.clone().to(flat.device)
         self._link()
-        for i, (name, p) in enumerate(self._params):
+        for i, (_, p) in enumerate(self._params):
             for key in ("exp_avg", "exp_avg_sq"):
                 safe_set_full_optimizer_state(p, state["state"][i][key].to(p.device), key)
 
