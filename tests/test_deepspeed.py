@@ -144,6 +144,7 @@ def test_auto_keys_are_filled_in(tmp_path):
     (["sft", "{config}", "train.on_nonfinite=skip"], "train.deepspeed: on_nonfinite=skip is not supported"),
     (["ppo", "{config3}"], "ppo samples with the model between its updates"),
     (["rm", "{config3}"], "rm evaluates through a scorer of the model being trained"),
+    (["rest-em", "recipes/rest_em.yaml", "task.val=8", "{config}"], "train.deepspeed does not keep early stopping's best weights"),
     (["ppo", "{config}", "sampling.backend=vllm"], "train.deepspeed cannot sample with sampling.backend=vllm"),
     (["sft", "train.deepspeed=/nonexistent.json"], "train.deepspeed: no such file: /nonexistent.json"),
     (["sft", "{config0}"], "zero_optimization.stage: must be 1, 2 or 3, not 0"),

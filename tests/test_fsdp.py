@@ -145,3 +145,11 @@ def test_fsdp_refuses_early_stopping_before_training():
     engine = SimpleNamespace(cfg=SimpleNamespace(), sharded=True, zero=None)
     with pytest.raises(ValueError, match="train.fsdp does not keep early stopping"):
         fit(engine, lambda batch: None, lambda epoch: [], early_stopping=EarlyStopping(lambda model: {"reward": 0.0}))
+
+
+def test_rest_em_refuses_fsdp_with_validation_when_the_recipe_is_read(capsys):
+    """The same refusal as `fit`'s, before any model loads or any E-step samples."""
+    from alignkit.cli import main
+
+    assert main(["rest-em", "recipes/rest_em.yaml", "task.val=8", FSDP, "model.path=/nonexistent"]) == 1
+    assert "train.fsdp does not keep early stopping's best weights (the M-step's validation, task.val=8)" in capsys.readouterr().err

@@ -72,6 +72,10 @@ class RestEMConfig:
             if n < 1:
                 raise ValueError(f"e_step_samples[{i}] must be an integer >= 1, got {n!r}")
         one_of(self, "packing", *PACKINGS)
+        sharding = "train.fsdp" if self.train.fsdp else "train.deepspeed" if self.train.deepspeed else ""
+        if sharding and self.task.val > 0:  # refused by fit() too, but only after the first E-step
+            raise ValueError(f"{sharding} does not keep early stopping's best weights (the M-step's validation, "
+                             f"task.val={self.task.val}): set task.val=0 or train without {sharding}")
 
 
 def _correct(samples: list[Sample], cfg: RestEMConfig) -> list[Sample]:
