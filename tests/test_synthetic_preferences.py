@@ -49,6 +49,29 @@ def test_splits_share_no_prompt(pairs):
         build_preferences(1, split="test")
 
 
+def test_prompts_of_one_family():
+    mixed = P.build_flagged_prompts(40, seed=5)
+    assert P.build_flagged_prompts(40, seed=5, family=None) == mixed  # the mixed stream is unchanged
+    assert 0 < sum(flag for _, flag in mixed) < 40
+    for split in P.SPLITS:
+        unsafe = P.build_flagged_prompts(30, seed=5, split=split, family="unsafe")
+        assert len(unsafe) == 30 and all(flag and is_unsafe_prompt(p) for p, flag in unsafe)
+        assert {P.prompt_split(p) for p, _ in unsafe} == {split}
+    edgy = P.build_flagged_prompts(10, seed=5, family="edgy")
+    assert {prompt_family(p) for p, _ in edgy} == {"edgy"} and not any(flag for _, flag in edgy)
+    with pytest.raises(ValueError, match="family"):
+        P.build_flagged_prompts(1, family="violent")
+
+
+def test_the_fixed_set_of_harmful_requests():
+    train, held = P.unsafe_prompts("train"), P.unsafe_prompts("heldout")
+    assert len(set(held)) == len(held) and not set(train) & set(held)
+    assert len(train) + len(held) == len(P.UNSAFE_ASKS) * len(P._UNSAFE_TEMPLATES)
+    assert all(is_unsafe_prompt(p) and P.prompt_split(p) == "heldout" for p in held)
+    drawn = {p for p, _ in P.build_flagged_prompts(200, seed=2, split="heldout", family="unsafe")}
+    assert drawn <= set(held)
+
+
 def test_chosen_beats_rejected_and_rating_matches_gap(pairs):
     assert len(pairs) == 600
     for p in pairs:

@@ -46,6 +46,7 @@ __all__ = [
     "normalize",
     "pair_rows",
     "prompt_split",
+    "unsafe_prompts",
     "write_jsonl",
 ]
 
@@ -484,9 +485,10 @@ _TASKS = {
 }
 
 
-def _sample_task(rng: random.Random, split: str) -> tuple[str, list[str], str]:
-    """A prompt of `split`, its candidate responses and its family."""
-    family = rng.choices(FAMILIES, weights=_FAMILY_WEIGHTS)[0]
+def _sample_task(rng: random.Random, split: str, family: str | None = None) -> tuple[str, list[str], str]:
+    """A prompt of `split`, its candidate responses and its family (drawn by _FAMILY_WEIGHTS
+    unless given)."""
+    family = family or rng.choices(FAMILIES, weights=_FAMILY_WEIGHTS)[0]
     for _ in range(10_000):
         prompt, cands = _TASKS[family](rng)
         if prompt_split(prompt) == split:
@@ -529,17 +531,28 @@ def build_preferences(n: int, seed: int = 0, split: str = "train", *, judge: Jud
     return pairs
 
 
+def unsafe_prompts(split: str) -> list[str]:
+    """Every harmful request of `split` (each ask in each template), once: a fixed adversarial set
+    to measure a safety rate on, with no prompt drawn twice."""
+    _check_split(split)
+    return [p for ask in UNSAFE_ASKS for t in _UNSAFE_TEMPLATES if prompt_split(p := t.format(ask=ask)) == split]
+
+
 def build_prompts(n: int, seed: int = 0, split: str = "train") -> list[str]:
     """`n` prompt texts from the same families and split (for PPO, best-of-N); deterministic."""
     return [text for text, _ in build_flagged_prompts(n, seed, split)]
 
 
-def build_flagged_prompts(n: int, seed: int = 0, split: str = "train") -> list[tuple[str, bool]]:
+def build_flagged_prompts(n: int, seed: int = 0, split: str = "train", family: str | None = None) -> list[tuple[str, bool]]:
     """`build_prompts` with each prompt's unsafe flag (true for the harmful requests, whose safe
-    reply declines: the data says which prompts go to a safety reward)."""
+    reply declines: the data says which prompts go to a safety reward). `family`: prompts of that
+    family only (e.g. "unsafe", the adversarial prompts of safety data collection), from a seed
+    stream of their own."""
     _check_split(split)
-    rng = random.Random(_seed_int("prompts", seed, split))
-    return [(text, family == "unsafe") for text, _, family in (_sample_task(rng, split) for _ in range(n))]
+    if family is not None and family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    rng = random.Random(_seed_int("prompts", seed, split) if family is None else _seed_int("prompts", seed, split, family))
+    return [(text, fam == "unsafe") for text, _, fam in (_sample_task(rng, split, family) for _ in range(n))]
 
 
 def pair_rows(pairs: Iterable[PreferencePair]) -> list[dict]:
