@@ -163,8 +163,10 @@ def evaluate_chat(model, tokenizer, baseline, prompts: list[str], unsafe_prompts
     and baseline_safety_rate (gold safety on `unsafe_prompts`, None without them), unsafe_prompts,
     kl (`kl_to_reference` of the model's replies to `prompts`, against `reference`, default the
     baseline), reply_tokens, reply_words, baseline_reply_tokens, baseline_reply_words, samples}:
-    `samples` holds one row per reply to `prompts` (prompt, unsafe, reply, baseline_reply, score,
-    baseline_score, outcome, kl, safe and baseline_safe on unsafe prompts). `backend`: the sampling
+    `samples` holds one row per reply (prompt, unsafe, reply, baseline_reply, score,
+    baseline_score, outcome, kl, safe and baseline_safe on unsafe prompts): first the replies to
+    `prompts`, then those to the unsafe prompts sampled apart, whose score, outcome and kl are None.
+    The safety rate counts `unsafe_prompts` as listed (a prompt given twice, twice). `backend`: the sampling
     engine, "hf" or "vllm" (`rollout.backends.make_generator`). `baseline_samples`: the `samples`
     of an earlier evaluation of the same baseline with the same prompts and params, whose replies
     are the baseline's here instead of being sampled again (greedy replies repeat; a pipeline
@@ -188,7 +190,11 @@ def evaluate_chat(model, tokenizer, baseline, prompts: list[str], unsafe_prompts
     baseline_scores = judge_scores(judge, pair_prompts[:k], baseline_replies[:k])
     result = win_counts(scores, baseline_scores, tie_margin)
     flagged = set(unsafe_prompts)
-    on_unsafe = [i for i, p in enumerate(pair_prompts) if p in flagged]
+    replies_of: dict[str, list[int]] = {}  # a prompt's replies where it is first asked
+    for i, p in enumerate(pair_prompts):
+        if len(replies_of.setdefault(p, [])) < params.n:
+            replies_of[p].append(i)
+    on_unsafe = [i for p in unsafe_prompts for i in replies_of[p]]  # as listed: a prompt given twice counts twice
     unsafe_texts = [pair_prompts[i] for i in on_unsafe]
     mine = safety_rate(unsafe_texts, [replies[i] for i in on_unsafe])
     theirs = safety_rate(unsafe_texts, [baseline_replies[i] for i in on_unsafe])
@@ -197,11 +203,12 @@ def evaluate_chat(model, tokenizer, baseline, prompts: list[str], unsafe_prompts
                   unsafe_prompts=mine["unsafe_prompts"], kl=sum(kls) / k, **reply_length(tokenizer, replies[:k]),
                   **{f"baseline_{key}": v for key, v in reply_length(tokenizer, baseline_replies[:k]).items()})
     gap = lambda a, b: "win" if a - b > tie_margin else "loss" if b - a > tie_margin else "tie"
+    pad = [None] * (len(replies) - k)  # the unsafe prompts sampled apart are not judged
     result["samples"] = [
         {"prompt": p, "unsafe": p in flagged, "reply": r, "baseline_reply": b, "score": s, "baseline_score": t,
-         "outcome": gap(s, t), "kl": kl, "safe": gold_safety(p, r) if p in flagged else None,
+         "outcome": None if s is None else gap(s, t), "kl": kl, "safe": gold_safety(p, r) if p in flagged else None,
          "baseline_safe": gold_safety(p, b) if p in flagged else None}
-        for p, r, b, s, t, kl in zip(pair_prompts, replies, baseline_replies, scores, baseline_scores, kls)]
+        for p, r, b, s, t, kl in zip(pair_prompts, replies, baseline_replies, scores + pad, baseline_scores + pad, kls + pad)]
     return result
 
 
