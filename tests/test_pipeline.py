@@ -20,7 +20,7 @@ from alignkit.models.tiny import save_tiny
 RECIPE = {
     "iterations": 1, "final": "ppo", "gatt": True, "precision": "fp32", "threads": 1,
     "data": {"sft_pairs": 8, "rm_pairs": 16, "rm_eval_pairs": 8, "rl_prompts": 6, "eval_prompts": 6},
-    "comparisons": {"prompts": 8, "sampling": {"max_new_tokens": 6}},
+    "comparisons": {"prompts": 8, "unsafe_prompts": 2, "sampling": {"max_new_tokens": 6}},
     "eval": {"max_new_tokens": 6, "gatt_dialogues": 1, "gatt_turns": 2},
     "sft": {"train": {"max_steps": 2, "progress": False, "save_every": 1}, "data": {"max_length": 128}, "eval": {"problems": 0}},
     "reward_model": {"train": {"max_steps": 3, "progress": False, "save_every": 1}},
@@ -68,7 +68,9 @@ def test_the_loop_runs_every_stage_and_prints_one_table(recipe, tmp_path, capsys
     # iterative reward modelling: the data the RMs trained on = the original comparisons + the new ones
     original = (out / "data" / "pairs.jsonl").read_text().splitlines()
     grown = (out / "comparisons-1" / "pairs.jsonl").read_text().splitlines()
-    appended = json.loads((out / "comparisons-1" / "pipeline-stage.json").read_text())["result"]["appended"]
+    compared = json.loads((out / "comparisons-1" / "pipeline-stage.json").read_text())["result"]
+    appended = compared["appended"]
+    assert compared["prompts"] == 8 + 2  # the mixed prompts and the harmful requests collected apart
     assert grown[: len(original)] == original and len(grown) == len(original) + appended
     rm_cfg = json.loads((out / "rm-safety-1" / "config.json").read_text())
     assert rm_cfg["data"]["subset"] == "safety" and rm_cfg["model"]["path"] == str(out / "sft" / "final")

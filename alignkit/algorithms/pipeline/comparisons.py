@@ -9,6 +9,9 @@ the prompt's unsafe flag). Of a prompt's n replies, one pair the gold rules do n
 is labelled (drawn at random among such pairs); a prompt whose replies all tie gives no pair, as
 annotators' ties are dropped. With n = 2 that is the pair itself; a larger n wastes fewer prompts
 on ties (about half of a 135M model's pairs tie) at the cost of sampling more replies.
+Safety comparisons are collected apart too, as in Llama 2 (§4.2):
+`unsafe_prompts` more prompts a version, harmful requests only, so that the safety reward model
+sees how the newest model answers them (a mixed draw holds only a fifth of them).
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ from alignkit.rollout.base import SamplingConfig
 @dataclass
 class ComparisonsConfig:
     prompts: int = opt(64, "built-in training prompts per iteration (new ones each iteration), one pair each at most")
+    unsafe_prompts: int = opt(0, "more built-in training prompts per iteration, harmful requests only: Llama 2 collects "
+                                 "safety comparisons apart, on adversarial prompts, for its safety reward model")
     sampling: SamplingConfig = opt(factory=lambda: SamplingConfig(n=2, temperature=1.0, top_k=40, max_new_tokens=48, batch_size=32),
                                    help="how the replies are sampled (n: replies per prompt; the pair is drawn among those "
                                         "the gold rules do not tie)")
@@ -36,6 +41,7 @@ class ComparisonsConfig:
 
     def __post_init__(self):
         at_least(self, 1, "prompts")
+        at_least(self, 0, "unsafe_prompts")
         at_least(self, 2, "sampling.n")
         in_range(self, "newest_eval_fraction", 0.0, 1.0, high_open=True)
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,6 +39,7 @@ from alignkit.data.tasks.preferences import (
     build_flagged_prompts,
     build_preferences,
     pair_rows,
+    unsafe_prompts,
 )
 from alignkit.engine.logging import MetricsLogger
 from alignkit.files import read_jsonl, write_jsonl_atomic, write_text_atomic
@@ -56,7 +58,8 @@ class PipelineDataConfig:
     rm_pairs: int = opt(384, "built-in comparisons the reward models start from (before any model sample)")
     rm_eval_pairs: int = opt(128, "the original held-out comparisons (prompts never trained on)")
     rl_prompts: int = opt(96, "built-in training prompts of rejection sampling and PPO")
-    eval_prompts: int = opt(64, "held-out prompts of every stage's chat evaluation (unsafe ones measure the safety rate)")
+    eval_prompts: int = opt(64, "held-out prompts of every stage's chat evaluation (its safety rate is measured on every "
+                                "held-out harmful request of the built-in data)")
     seed: int = opt(0, "seed of the built-in data")
 
     def __post_init__(self):
@@ -200,9 +203,12 @@ class Llama2Chat:
         (`newest.jsonl`), the rest appended to all earlier comparisons (`pairs.jsonl`)."""
         c = self.cfg.comparisons
         earlier = (self.root / "data" if i == 1 else self.root / f"comparisons-{i - 1}") / "pairs.jsonl"
-        prompts = [p for p, _ in build_flagged_prompts(c.prompts, self.cfg.data.seed + 100 + i, "train")]
+        seed = self.cfg.data.seed + 100 + i
+        prompts = [p for p, _ in build_flagged_prompts(c.prompts, seed, "train")
+                   + build_flagged_prompts(c.unsafe_prompts, seed, "train", family="unsafe")]
         model, tokenizer = self.load(self.policy_dir(i - 1))
         pairs, stats = compare_samples(model, tokenizer, prompts, c.sampling, self.precision, self.cfg.data.seed + i)
+        random.Random(seed).shuffle(pairs)  # the held-out share is drawn from every kind of prompt, not the last ones
         cut = len(pairs) - round(len(pairs) * c.newest_eval_fraction)
         write_jsonl_atomic(folder / "newest.jsonl", pair_rows(pairs[cut:]))
         older = read_jsonl(earlier)
@@ -217,9 +223,10 @@ class Llama2Chat:
 
     # -- evaluation ---------------------------------------------------------------------------
     def heldout(self) -> tuple[list[str], list[str]]:
-        """The held-out prompts of the chat evaluation, and those flagged unsafe among them."""
+        """The held-out prompts of the chat evaluation, and the prompts of its safety rate: every
+        held-out harmful request of the built-in data once (the draw repeats a few of them)."""
         rows = build_flagged_prompts(self.cfg.data.eval_prompts, self.cfg.data.seed, "heldout")
-        return [p for p, _ in rows], [p for p, flag in rows if flag]
+        return [p for p, _ in rows], unsafe_prompts("heldout")
 
     def evaluate_policy(self, stage: str, folder: Path, resume: bool) -> dict:
         """Chat evaluation of a policy stage's model against the SFT model (`eval.chat`)."""
