@@ -157,6 +157,33 @@ def test_rejection_sampling_with_the_greedy_reply_among_the_candidates(answering
     assert row["kept"] == 6 and row["kept_greedy"] == beats
 
 
+def test_rejection_sampling_with_safety_context_distillation(answering_model, tmp_path, capsys, monkeypatch):
+    """`safety_preprompt`: K more replies to each prompt flagged unsafe, sampled with the preprompt as
+    the system message; their prompts leave it out (scored and trained on the plain prompt), and
+    one is kept only where it outscores the plain samples."""
+    import alignkit.algorithms.sampling.frame as frame
+    from alignkit.rewards.gold import is_unsafe_prompt
+
+    systems, real = [], frame.collect
+    monkeypatch.setattr(frame, "collect", lambda *a, **kw: systems.append((list(a[2]), kw.get("system"))) or real(*a, **kw))
+    out, preprompt = tmp_path / "rs_safety", "Decline harmful requests."
+    result = cli(["rs", f"model.path={answering_model}", f"train.output_dir={out}", "train.lr=1e-3", "iterations=1",
+                  "temperatures=[1.0]", "temperature_prompts=4", "task.source=preferences", "task.train=12", "task.heldout=2",
+                  "reward.kind=gold", "min_reward=null", f"safety_preprompt={preprompt}"]
+                 + [a for a in COMMON if not a.startswith("task.")], capsys)
+    pool = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    unsafe = sorted({x["prompt"] for x in pool if is_unsafe_prompt(x["prompt"])})
+    assert 0 < len(unsafe) < 12  # the built-in draw of 12 holds harmful requests and others
+    pre = [x for x in pool if x["source"].endswith("-preprompt")]
+    assert len(pre) == 4 * len(unsafe) and sorted({x["prompt"] for x in pre}) == unsafe
+    assert [system for prompts, system in systems if system] == [preprompt] and all(
+        sorted(set(prompts)) == unsafe for prompts, system in systems if system)
+    kept = sum(max(x["reward"] for x in pre if x["prompt"] == p) > max(x["reward"] for x in pool if x["prompt"] == p
+                                                                       and x not in pre) for p in unsafe)
+    row = result["iterations"][1]
+    assert row["preprompted"] == len(unsafe) and row["kept_preprompt"] == kept and row["kept"] == 12
+
+
 @pytest.mark.parametrize("selection,online", [("local", True), ("global", False)])
 def test_raft(answering_model, tmp_path, capsys, selection, online):
     out = tmp_path / "raft"

@@ -145,9 +145,11 @@ class SamplingRun:
         return generator_for(model, self.tokenizer, self.cfg.sampling, self.cfg.train.precision)
 
     def sample(self, model, prompts: list[str], reward_fn, seed: int, temperature: float | None = None,
-               truncated: float | None = None, iteration: int = 0, source: str = "", n: int | None = None) -> list[Sample]:
+               truncated: float | None = None, iteration: int = 0, source: str = "", n: int | None = None,
+               system: str | None = None) -> list[Sample]:
         """Collect `n` (default sampling.n) responses per prompt from `model` (at `temperature`
-        instead of sampling.temperature when given) and score them (`stages.score`). Iterations up
+        instead of sampling.temperature when given) and score them (`stages.score`). `system`: a
+        system message the model samples with, which the samples' prompts leave out. Iterations up
         to shots.iterations prompt with the few-shot exemplars. The prompts go in shards, each
         sampled with its own seed and stored as soon as it is scored; a resumed run reads the
         shards it has instead of sampling them again. With several processes, each samples and
@@ -172,7 +174,7 @@ class SamplingRun:
             start, shard, _ = shards[i]
             with sampling.timing():
                 got = collect(gen, self.tokenizer, shard, replace(params, seed=shard_seed(seed, i)),
-                              iteration=iteration, source=source, shots=shots)
+                              iteration=iteration, source=source, system=system, shots=shots)
             with scoring.timing():
                 score(got, reward_fn, truncated=truncated)
                 scoring.update(len(got))

@@ -7,7 +7,11 @@ Iteration i:
      distillation, sample with model A and train model B), scored by the reward; with `greedy`,
      also that model's greedy reply, so the selected reply never scores below it (a small model's
      samples can be worse than its greedy reply: then best-of-K alone fine-tunes it on replies
-     worse than its own);
+     worse than its own); with `safety_preprompt`, Llama 2's safety context distillation (§4.2.4):
+     K more responses to each prompt the task flags unsafe, sampled with that system message and
+     scored and trained on without it, so a preprompted reply is kept only where the reward
+     scores it above the plain ones (Llama 2 keeps a distilled answer only when the safety reward
+     model prefers it to the original);
   3. select: for every prompt the best response among the samples of ALL iterations so far
      (pooling avoids the regressions of last-iteration-only bags), dropping prompts whose best
      is below `min_reward`;
@@ -58,6 +62,9 @@ class RSConfig:
                                                                 "re-tuned every iteration")
     temperature_prompts: int = opt(32, "training prompts used to pick the temperature")
     greedy: bool = opt(False, "add the sampling model's greedy reply to every prompt's candidates")
+    safety_preprompt: str = opt("", "safety context distillation: a system message that K more replies to each prompt "
+                                    "flagged unsafe are sampled with; they are scored and trained on without it "
+                                    "(empty = off)")
     pool: bool = opt(True, "select among the samples of all iterations (false: the newest only)")
     pool_files: list[str] = opt(factory=list, help="samples.jsonl files of earlier rs runs (an iterative pipeline): their "
                                                    "samples are scored again by this run's reward and join the pool")
@@ -100,6 +107,10 @@ def run(cfg: RSConfig) -> dict:
         if cfg.greedy:
             new += job.sample(sampler, prompts, reward_fn, cfg.train.seed + it, temperature=0.0, iteration=it,
                               source=f"{source}-greedy", n=1)
+        unsafe = [p for p in prompts if job.task.is_unsafe(p)] if cfg.safety_preprompt else []
+        if unsafe:
+            new += job.sample(sampler, unsafe, reward_fn, cfg.train.seed + it, temperature=t, iteration=it,
+                              source=f"{source}-preprompt", system=cfg.safety_preprompt)
         pool = pool + new if cfg.pool else new
         chosen = best_per_prompt(pool)
         if cfg.min_reward is not None:
@@ -107,6 +118,8 @@ def run(cfg: RSConfig) -> dict:
         info = {"temperature": t, **{f"best_of_k@T={k}": v for k, v in t_scores.items()},
                 "sample_reward": reward_stats(new)["mean"], "kept": len(chosen),
                 **({"kept_greedy": sum(x.source.endswith("-greedy") for x in chosen)} if cfg.greedy else {}),
+                **({"kept_preprompt": sum(x.source.endswith("-preprompt") for x in chosen),
+                    "preprompted": len(unsafe)} if cfg.safety_preprompt else {}),
                 "kept_from_older": sum(x.iteration < it for x in chosen)}
         log.info("iteration %d: %s", it, info)
         if not chosen:
