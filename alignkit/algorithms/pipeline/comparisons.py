@@ -9,9 +9,10 @@ the prompt's unsafe flag). Of a prompt's n replies, one pair the gold rules do n
 is labelled (drawn at random among such pairs); a prompt whose replies all tie gives no pair, as
 annotators' ties are dropped. With n = 2 that is the pair itself; a larger n wastes fewer prompts
 on ties (about half of a 135M model's pairs tie) at the cost of sampling more replies.
-Safety comparisons are collected apart too, as in Llama 2 (§4.2):
-`unsafe_prompts` more prompts a version, harmful requests only, so that the safety reward model
-sees how the newest model answers them (a mixed draw holds only a fifth of them).
+
+Safety comparisons are also collected apart, as in Llama 2 (§4.2): `unsafe_prompts` more prompts
+a version, harmful requests only, so that the safety reward model sees how the newest model
+answers them (a mixed draw holds only a fifth of them).
 """
 
 from __future__ import annotations

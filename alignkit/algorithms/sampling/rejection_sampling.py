@@ -108,6 +108,8 @@ def run(cfg: RSConfig) -> dict:
             new += job.sample(sampler, prompts, reward_fn, cfg.train.seed + it, temperature=0.0, iteration=it,
                               source=f"{source}-greedy", n=1)
         unsafe = [p for p in prompts if job.task.is_unsafe(p)] if cfg.safety_preprompt else []
+        if cfg.safety_preprompt and not unsafe:
+            log.warning("safety_preprompt: no training prompt is flagged unsafe, so none is sampled with it")
         if unsafe:
             new += job.sample(sampler, unsafe, reward_fn, cfg.train.seed + it, temperature=t, iteration=it,
                               source=f"{source}-preprompt", system=cfg.safety_preprompt)
